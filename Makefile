@@ -1,0 +1,27 @@
+# Two commands: `make demo` and `make test`. Both create (or reuse) .venv in the repo and install
+# what they need first. On this project's x86_64 machines torch 2.14.1 / torchvision 0.29.1 install
+# from local wheels; override TORCH_SPEC for another platform (e.g. aarch64: torch==2.9.1 torchvision==0.24.1).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.rlrr-installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,225 @@
+"""Where RLRR goes in timm models, and the model-level API: apply, merge, save and load adapters.
+
+Placement follows RLRR.md section 3 (the official code): RLRR on every attention qkv/proj and MLP
+fc1/fc2 (plus Swin's patch-merging reduction), SSF after each block's two norms and the final norm,
+and, on ViT only, after the patch embedding. Everything else is frozen; the head is trainable and
+starts at zero.
+"""
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from timm.models.swin_transformer import PatchMerging, SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from .layers import RLRRLinear, ScaleShift, fold_bias_into_preceding_norm, merged_linear, merged_scale_shift
+
+ADAPTER_FORMAT = "rlrr.adapter/1"
+
+
+@dataclass(frozen=True)
+class RLRRConfig:
+    """Options of the method.
+
+    init: "official" (the reference's random start, W' != W at step 0) or "identity"
+        (W' = W and SSF = identity at step 0, so features equal the pre-trained backbone's).
+    split_qkv: one input-side vector per q/k/v chunk of the fused qkv layer. None follows the
+        reference: True on ViT (separate q, k, v layers there), False on Swin (fused there).
+    ssf: add the SSF scale/shift after the norms (part of RLRR; off only for ablations).
+    """
+    init: str = "official"
+    split_qkv: Optional[bool] = None
+    ssf: bool = True
+
+    def __post_init__(self):
+        if self.init not in ("official", "identity"):
+            raise ValueError(f"RLRRConfig.init: expected 'official' or 'identity', got {self.init!r}")
+        if self.split_qkv not in (None, True, False):
+            raise ValueError(f"RLRRConfig.split_qkv: expected true, false or null, got {self.split_qkv!r}")
+        if not isinstance(self.ssf, bool):
+            raise ValueError(f"RLRRConfig.ssf: expected true or false, got {self.ssf!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RLRRConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"RLRRConfig: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+
+def _targets(model: nn.Module, config: RLRRConfig) -> tuple[dict[str, int], dict[str, int]]:
+    """({linear path: in_groups}, {SSF base path: channel dim}) for a supported timm model."""
+    linears, ssf = {}, {}
+    if isinstance(model, VisionTransformer):
+        qkv_groups = 1 if config.split_qkv is False else 3
+        if isinstance(getattr(model.patch_embed, "proj", None), nn.Conv2d):
+            ssf["patch_embed.proj"] = 1
+        for i, block in enumerate(model.blocks):
+            if not hasattr(block.attn, "qkv"):
+                raise TypeError(f"blocks.{i}.attn has no fused qkv layer; RLRR supports timm's standard ViT blocks")
+            linears.update({f"blocks.{i}.attn.qkv": qkv_groups, f"blocks.{i}.attn.proj": 1,
+                            f"blocks.{i}.mlp.fc1": 1, f"blocks.{i}.mlp.fc2": 1})
+            ssf.update({f"blocks.{i}.norm1": -1, f"blocks.{i}.norm2": -1})
+        for name in ("norm", "fc_norm"):
+            if isinstance(getattr(model, name), nn.LayerNorm):
+                ssf[name] = -1
+    elif isinstance(model, SwinTransformer):
+        qkv_groups = 3 if config.split_qkv else 1
+        for i, stage in enumerate(model.layers):
+            if isinstance(stage.downsample, PatchMerging):
+                linears[f"layers.{i}.downsample.reduction"] = 1
+            for j, _ in enumerate(stage.blocks):
+                p = f"layers.{i}.blocks.{j}"
+                linears.update({f"{p}.attn.qkv": qkv_groups, f"{p}.attn.proj": 1,
+                                f"{p}.mlp.fc1": 1, f"{p}.mlp.fc2": 1})
+                ssf.update({f"{p}.norm1": -1, f"{p}.norm2": -1})
+        ssf["norm"] = -1
+    else:
+        raise TypeError(f"RLRR supports timm VisionTransformer and SwinTransformer models, "
+                        f"got {type(model).__name__}")
+    return linears, (ssf if config.ssf else {})
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _num_channels(module: nn.Module, channel_dim: int) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    raise TypeError(f"SSF expects a LayerNorm or Conv2d, got {type(module).__name__}")
+
+
+def backbone_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def is_adapted(model: nn.Module) -> bool:
+    return any(isinstance(m, (RLRRLinear, ScaleShift)) for m in model.modules())
+
+
+def apply_rlrr(model: nn.Module, config: Optional[RLRRConfig] = None) -> nn.Module:
+    """Adapt a timm ViT or Swin in place and return it; only adapter vectors and the head train."""
+    config = config or RLRRConfig()
+    if is_adapted(model):
+        raise ValueError("apply_rlrr: the model already has RLRR layers")
+    linears, ssf = _targets(model, config)
+    model.requires_grad_(False)
+    for path, groups in linears.items():
+        _set_submodule(model, path, RLRRLinear(model.get_submodule(path), in_groups=groups, init=config.init))
+    for path, channel_dim in ssf.items():
+        base = model.get_submodule(path)
+        _set_submodule(model, path, ScaleShift(base, _num_channels(base, channel_dim), channel_dim, config.init))
+    head = model.get_classifier()
+    for p in head.parameters():
+        nn.init.zeros_(p)
+        p.requires_grad_(True)
+    model.rlrr_config = config
+    return model
+
+
+@torch.no_grad()
+def merge_rlrr(model: nn.Module) -> nn.Module:
+    """Fold every RLRR/SSF layer into its frozen weights, in place; returns the plain timm model.
+
+    The result has exactly the state_dict keys of ``timm.create_model(<same name>)``. Merging is
+    done in fp32, cast once to each weight's dtype, and refused if anything is non-finite.
+    """
+    if not is_adapted(model):
+        raise ValueError("merge_rlrr: the model has no RLRR layers")
+    # SSF first: a bias-free linear's shift may be folded into the (plain) norm before it.
+    for path, module in list(model.named_modules()):
+        if isinstance(module, ScaleShift):
+            _set_submodule(model, path, merged_scale_shift(module))
+    for path, module in list(model.named_modules()):
+        if isinstance(module, RLRRLinear):
+            merged = merged_linear(module)
+            if module.bias is None:
+                parent = model.get_submodule(path.rpartition(".")[0])
+                if not isinstance(parent, PatchMerging):
+                    raise ValueError(f"merge_rlrr: don't know where to fold the bias shift of bias-free {path}")
+                merged = fold_bias_into_preceding_norm(merged, parent.norm)
+            _set_submodule(model, path, merged)
+    model.requires_grad_(True)
+    if hasattr(model, "rlrr_config"):
+        del model.rlrr_config
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for _, p in trainable_parameters(model))
+
+
+def save_adapter(model: nn.Module, path: str) -> None:
+    """Write the trainable tensors (fp32) and metadata to a safetensors file, atomically."""
+    tensors = {n: p.detach().float().cpu().contiguous() for n, p in trainable_parameters(model)}
+    config = getattr(model, "rlrr_config", None)
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "backbone": backbone_name(model),
+        "num_classes": str(getattr(model, "num_classes", "")),
+        "rlrr_config": json.dumps(config.to_dict() if config else None),
+        "shapes": json.dumps({n: list(t.shape) for n, t in tensors.items()}),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".adapter-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of an adapter file; a clear error if it is not one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors bytes
+        raise ValueError(f"{path}: not a safetensors file ({e})") from None
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{path}: not an rlrr adapter file (metadata format={metadata.get('format')!r}, "
+                         f"expected {ADAPTER_FORMAT!r})")
+    return tensors, metadata
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str) -> dict[str, str]:
+    """Copy an adapter file into an adapted model; every name/shape mismatch is reported at once."""
+    tensors, metadata = read_adapter(path)
+    params = dict(trainable_parameters(model))
+    problems = [f"missing {n} {tuple(p.shape)}" for n, p in params.items() if n not in tensors]
+    problems += [f"unexpected {n} {tuple(t.shape)}" for n, t in tensors.items() if n not in params]
+    problems += [f"shape of {n}: file {tuple(t.shape)} vs model {tuple(params[n].shape)}"
+                 for n, t in tensors.items() if n in params and t.shape != params[n].shape]
+    if problems:
+        raise ValueError(f"{path} (backbone {metadata.get('backbone')}) does not fit "
+                         f"{backbone_name(model)}: {len(problems)} mismatch(es): " + "; ".join(problems))
+    for n, p in params.items():
+        p.copy_(tensors[n])
+    return metadata

@@ -1,0 +1,178 @@
+"""The two RLRR layers (Dong et al., CVPR 2024), each with an exact merge.
+
+RLRRLinear:  W' = W * (1 + s_out s_in^T),  b' = b + f         (RLRR.md section 1)
+ScaleShift:  y = base(x) * gamma + beta  (SSF after a norm or the patch conv; section 2)
+
+RLRRLinear owns the frozen weight and bias of the nn.Linear it replaces (same Parameter objects,
+same names), so DeepSpeed ZeRO-3 gathers them around this module's own forward. ScaleShift calls
+its base module's own forward, as peft's layers do.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RLRRLinear(nn.Module):
+    """A frozen nn.Linear rescaled by W * (1 + s_out s_in^T) with a trainable bias shift.
+
+    ``in_groups`` > 1 gives each contiguous chunk of output rows its own input-side vector:
+    ``in_groups=3`` on timm's fused ``attn.qkv`` equals separate q, k and v layers, as in the
+    official ViT code.
+    """
+
+    def __init__(self, base: nn.Linear, in_groups: int = 1, init: str = "official"):
+        super().__init__()
+        if type(base) is not nn.Linear:
+            raise TypeError(f"RLRRLinear wraps a plain nn.Linear, got {type(base).__name__}")
+        out_features, in_features = base.weight.shape
+        if out_features % in_groups:
+            raise ValueError(f"out_features={out_features} is not divisible by in_groups={in_groups}")
+        self.in_features, self.out_features, self.in_groups = in_features, out_features, in_groups
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dd = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.scale_in = nn.Parameter(torch.empty(in_groups, in_features, **dd))
+        self.scale_out = nn.Parameter(torch.empty(out_features, **dd))
+        self.bias_shift = nn.Parameter(torch.empty(out_features, **dd))
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "official") -> None:
+        # The reference calls kaiming_uniform_ on (1, in) and (out, 1) tensors: fan_in is `in` for
+        # s_in and 1 for s_out, so the bounds are sqrt(6 / in) and sqrt(6).
+        nn.init.uniform_(self.scale_in, -math.sqrt(6.0 / self.in_features), math.sqrt(6.0 / self.in_features))
+        if init == "official":
+            nn.init.uniform_(self.scale_out, -math.sqrt(6.0), math.sqrt(6.0))
+        elif init == "identity":
+            # W' = W at step 0; s_in stays non-zero so s_out receives a gradient.
+            nn.init.zeros_(self.scale_out)
+        else:
+            raise ValueError(f"init must be 'official' or 'identity', got {init!r}")
+        nn.init.zeros_(self.bias_shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * rescale_factor(self.scale_in, self.scale_out)
+        bias = self.bias_shift if self.bias is None else self.bias + self.bias_shift
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, in_groups={self.in_groups}")
+
+
+def rescale_factor(scale_in: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
+    """The (out, in) factor 1 + s_out s_in^T; each row of ``scale_in`` serves an equal chunk of rows."""
+    s_in = scale_in.repeat_interleave(scale_out.shape[0] // scale_in.shape[0], dim=0)
+    return torch.addcmul(torch.ones_like(s_in), scale_out.unsqueeze(1), s_in)
+
+
+class ScaleShift(nn.Module):
+    """SSF: a per-channel affine ``base(x) * scale + shift`` after a frozen module.
+
+    ``channel_dim`` is -1 after a LayerNorm (tokens last) and 1 after the patch convolution (NCHW).
+    """
+
+    def __init__(self, base: nn.Module, num_channels: int, channel_dim: int = -1, init: str = "official"):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.channel_dim = channel_dim
+        dd = dict(device=next(base.parameters()).device, dtype=next(base.parameters()).dtype)
+        self.ssf_scale = nn.Parameter(torch.empty(num_channels, **dd))
+        self.ssf_shift = nn.Parameter(torch.empty(num_channels, **dd))
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "official") -> None:
+        if init == "official":
+            nn.init.normal_(self.ssf_scale, mean=1.0, std=0.02)
+            nn.init.normal_(self.ssf_shift, mean=0.0, std=0.02)
+        elif init == "identity":
+            nn.init.ones_(self.ssf_scale)
+            nn.init.zeros_(self.ssf_shift)
+        else:
+            raise ValueError(f"init must be 'official' or 'identity', got {init!r}")
+
+    def _per_channel(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.channel_dim in (-1, ndim - 1):
+            return t
+        shape = [1] * ndim
+        shape[self.channel_dim] = -1
+        return t.view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y * self._per_channel(self.ssf_scale, y.ndim) + self._per_channel(self.ssf_shift, y.ndim)
+
+
+@torch.no_grad()
+def merged_linear(layer: RLRRLinear) -> nn.Linear:
+    """A plain nn.Linear equal to ``layer``, computed in fp32 and cast back once.
+
+    A bias-free base (Swin's patch-merging reduction) gets a bias from the shift; the caller decides
+    whether it may keep it (see ``fold_bias_into_preceding_norm``).
+    """
+    w32 = layer.weight.float() * rescale_factor(layer.scale_in.float(), layer.scale_out.float())
+    b32 = layer.bias_shift.float() if layer.bias is None else layer.bias.float() + layer.bias_shift.float()
+    _check_finite(w32, b32)
+    out = nn.Linear(layer.in_features, layer.out_features, bias=True,
+                    device=layer.weight.device, dtype=layer.weight.dtype)
+    out.weight.copy_(w32)
+    out.bias.copy_(b32)
+    return out
+
+
+@torch.no_grad()
+def merged_scale_shift(layer: ScaleShift) -> nn.Module:
+    """Fold SSF into its base: a LayerNorm affine or a conv's output channels (fp32, cast once)."""
+    base = layer.base
+    gamma, beta = layer.ssf_scale.float(), layer.ssf_shift.float()
+    if isinstance(base, nn.LayerNorm):
+        if base.weight is None or base.bias is None:
+            raise ValueError("cannot fold SSF into a LayerNorm without elementwise affine weight and bias")
+        weight, bias = base.weight.float() * gamma, base.bias.float() * gamma + beta
+    elif isinstance(base, nn.Conv2d) and layer.channel_dim == 1:
+        if base.bias is None:
+            raise ValueError("cannot fold SSF into a bias-free Conv2d")
+        weight = base.weight.float() * gamma.view(-1, 1, 1, 1)
+        bias = base.bias.float() * gamma + beta
+    else:
+        raise TypeError(f"cannot fold SSF into {type(base).__name__}")
+    _check_finite(weight, bias)
+    base.weight.copy_(weight)
+    base.bias.copy_(bias)
+    return base
+
+
+@torch.no_grad()
+def fold_bias_into_preceding_norm(linear: nn.Linear, norm: nn.LayerNorm) -> nn.Linear:
+    """Turn ``linear(norm(x))`` with a bias into an equal bias-free linear by shifting the norm's bias.
+
+    The norm's output feeds only this linear (Swin patch merging), and W (out x in, out < in) has
+    full row rank, so W delta = b has an exact solution: norm.bias += delta removes b. Solved in
+    float64; refuses to go on if the residual is not negligible.
+    """
+    w = linear.weight.double()
+    b = linear.bias.double()
+    delta = torch.linalg.lstsq(w.cpu(), b.cpu().unsqueeze(1), driver="gelsd").solution.squeeze(1).to(w.device)
+    residual = (w @ delta - b).abs().max().item()
+    if residual > 1e-6 * max(1.0, b.abs().max().item()):
+        raise ValueError(f"cannot fold the bias shift into the preceding norm (residual {residual:.3g}); "
+                         "the merged weight is rank-deficient")
+    norm.bias.copy_(norm.bias.double() + delta)
+    out = nn.Linear(linear.in_features, linear.out_features, bias=False,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    out.weight.copy_(linear.weight)
+    return out
+
+
+def _check_finite(*tensors: torch.Tensor) -> None:
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise ValueError("merge produced non-finite values; refusing to write them into the model")

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+# Minimum versions are the ones the test suite runs on (make test installs exactly these or newer).
+INSTALL_REQUIRES = [
+    "torch>=2.14.1",
+    "torchvision>=0.29.1",
+    "timm>=1.0.31",
+    "deepspeed>=0.19.8",
+    "webdataset>=1.0.2",
+    "torchmetrics>=1.9.0",
+    "tensorboard>=2.21.0",
+    "pyyaml>=6.0.3",
+    "einops>=0.8.2",
+    "safetensors>=0.8.0",
+    "tqdm>=4.70.1",
+    "numpy>=2.0",
+]
+
+setup(
+    name="rlrr",
+    version="0.1.0",
+    description="RLRR (Residual-based Low-Rank Rescaling, CVPR 2024) fine-tuning for timm ViT and Swin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rlrr", "rlrr.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest>=9.0"]},
+)

@@ -173,10 +173,15 @@ def save_adapter(model: nn.Module, path: str) -> None:
     """Write the trainable tensors (fp32) and metadata to a safetensors file, atomically."""
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in trainable_parameters(model)}
     config = getattr(model, "rlrr_config", None)
+    write_adapter(tensors, path, backbone_name(model), getattr(model, "num_classes", None), config)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], path: str, backbone: str, num_classes: Optional[int],
+                  config: Optional[RLRRConfig]) -> None:
     metadata = {
         "format": ADAPTER_FORMAT,
-        "backbone": backbone_name(model),
-        "num_classes": str(getattr(model, "num_classes", "")),
+        "backbone": backbone,
+        "num_classes": json.dumps(num_classes),
         "rlrr_config": json.dumps(config.to_dict() if config else None),
         "shapes": json.dumps({n: list(t.shape) for n, t in tensors.items()}),
     }
@@ -208,18 +213,23 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-@torch.no_grad()
-def load_adapter(model: nn.Module, path: str) -> dict[str, str]:
-    """Copy an adapter file into an adapted model; every name/shape mismatch is reported at once."""
-    tensors, metadata = read_adapter(path)
-    params = dict(trainable_parameters(model))
+def check_adapter_fit(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor], source: str,
+                      target: str) -> None:
+    """One error naming every missing, unexpected and mis-shaped tensor."""
     problems = [f"missing {n} {tuple(p.shape)}" for n, p in params.items() if n not in tensors]
     problems += [f"unexpected {n} {tuple(t.shape)}" for n, t in tensors.items() if n not in params]
     problems += [f"shape of {n}: file {tuple(t.shape)} vs model {tuple(params[n].shape)}"
                  for n, t in tensors.items() if n in params and t.shape != params[n].shape]
     if problems:
-        raise ValueError(f"{path} (backbone {metadata.get('backbone')}) does not fit "
-                         f"{backbone_name(model)}: {len(problems)} mismatch(es): " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit {target}: {len(problems)} mismatch(es): " + "; ".join(problems))
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str) -> dict[str, str]:
+    """Copy an adapter file into an adapted model; every name/shape mismatch is reported at once."""
+    tensors, metadata = read_adapter(path)
+    params = dict(trainable_parameters(model))
+    check_adapter_fit(tensors, params, f"{path} (backbone {metadata.get('backbone')})", backbone_name(model))
     for n, p in params.items():
         p.copy_(tensors[n])
     return metadata

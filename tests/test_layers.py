@@ -1,0 +1,124 @@
+"""RLRRLinear and ScaleShift against direct computations of RLRR.md sections 1 and 2."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from rlrr.layers import RLRRLinear, ScaleShift, fold_bias_into_preceding_norm, merged_linear, merged_scale_shift
+
+
+def _linear(out_f=12, in_f=8, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+def test_rlrr_linear_matches_elementwise_formula():
+    base = _linear()
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = RLRRLinear(base)
+    with torch.no_grad():
+        layer.bias_shift.normal_()
+    x = torch.randn(5, 8)
+    expected = torch.empty(5, 12)
+    s_in, s_out, f = layer.scale_in[0], layer.scale_out, layer.bias_shift
+    for n in range(5):
+        for o in range(12):
+            expected[n, o] = sum(x[n, i] * w0[o, i] * (1 + s_out[o] * s_in[i]) for i in range(8)) + b0[o] + f[o]
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_input_scale_equals_separate_qkv_layers():
+    """in_groups=3 on a fused qkv == three separate layers, each with its own s_in (official ViT)."""
+    base = _linear(out_f=3 * 4, in_f=4)
+    fused = RLRRLinear(base, in_groups=3)
+    x = torch.randn(2, 7, 4)
+    parts = []
+    for g in range(3):
+        rows = slice(4 * g, 4 * (g + 1))
+        w = base.weight[rows] * (1 + fused.scale_out[rows, None] * fused.scale_in[g][None, :])
+        parts.append(x @ w.T + base.bias[rows] + fused.bias_shift[rows])
+    torch.testing.assert_close(fused(x), torch.cat(parts, -1))
+    assert fused.scale_in.shape == (3, 4)
+
+
+def test_official_init_bounds_and_identity_init():
+    layer = RLRRLinear(_linear(out_f=3072, in_f=768))
+    assert layer.scale_in.abs().max() <= math.sqrt(6 / 768) and layer.scale_in.abs().max() > 0.08
+    assert layer.scale_out.abs().max() <= math.sqrt(6) and layer.scale_out.abs().max() > 2.3
+    assert torch.count_nonzero(layer.bias_shift) == 0
+    base = _linear()
+    w0 = base.weight.detach().clone()
+    ident = RLRRLinear(base, init="identity")
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ident(x), x @ w0.T + base.bias)
+    assert torch.count_nonzero(ident.scale_in) > 0  # so s_out receives a gradient
+    with pytest.raises(ValueError, match="init must be"):
+        RLRRLinear(_linear(), init="zeros")
+
+
+def test_only_adapter_vectors_are_trainable_and_receive_gradients():
+    layer = RLRRLinear(_linear())
+    layer(torch.randn(4, 8)).square().sum().backward()
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    for p in (layer.scale_in, layer.scale_out, layer.bias_shift):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # identity start: s_out = 0, so s_in's first gradient is 0 but s_out's is not (training can start)
+    ident = RLRRLinear(_linear(), init="identity")
+    ident(torch.randn(4, 8)).square().sum().backward()
+    assert ident.scale_in.grad.abs().sum() == 0 and ident.scale_out.grad.abs().sum() > 0
+
+
+def test_merged_linear_is_exact_and_bias_free_base_gets_a_bias():
+    layer = RLRRLinear(_linear(bias=False))
+    with torch.no_grad():
+        layer.bias_shift.normal_()
+    x = torch.randn(6, 8)
+    merged = merged_linear(layer)
+    assert type(merged) is nn.Linear and merged.bias is not None
+    torch.testing.assert_close(merged(x), layer(x), atol=1e-6, rtol=1e-5)
+
+
+def test_fold_bias_into_norm_keeps_the_function():
+    norm = nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    lin = nn.Linear(16, 8)
+    x = torch.randn(5, 16)
+    expected = lin(norm(x))
+    bias_free = fold_bias_into_preceding_norm(lin, norm)
+    assert bias_free.bias is None
+    torch.testing.assert_close(bias_free(norm(x)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_non_finite():
+    layer = RLRRLinear(_linear())
+    with torch.no_grad():
+        layer.scale_out[0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        merged_linear(layer)
+
+
+@pytest.mark.parametrize("init", ["official", "identity"])
+def test_scale_shift_on_layernorm_and_conv_folds_exactly(init):
+    norm = nn.LayerNorm(6)
+    ssf = ScaleShift(norm, 6, -1, init)
+    with torch.no_grad():
+        ssf.ssf_scale.normal_(1, 0.3)
+        ssf.ssf_shift.normal_()
+    x = torch.randn(2, 3, 6)
+    expected = nn.functional.layer_norm(x, (6,), norm.weight, norm.bias, norm.eps) * ssf.ssf_scale + ssf.ssf_shift
+    torch.testing.assert_close(ssf(x), expected)
+    out = ssf(x).detach()
+    torch.testing.assert_close(merged_scale_shift(ssf)(x), out, atol=1e-6, rtol=1e-5)
+
+    conv = nn.Conv2d(3, 5, 2, stride=2)
+    ssf = ScaleShift(conv, 5, 1, init)
+    with torch.no_grad():
+        ssf.ssf_scale.normal_(1, 0.3)
+        ssf.ssf_shift.normal_()
+    img = torch.randn(2, 3, 4, 4)
+    expected = conv(img) * ssf.ssf_scale.view(1, 5, 1, 1) + ssf.ssf_shift.view(1, 5, 1, 1)
+    torch.testing.assert_close(ssf(img), expected)
+    torch.testing.assert_close(merged_scale_shift(ssf)(img), expected.detach(), atol=1e-6, rtol=1e-5)

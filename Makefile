@@ -1,6 +1,6 @@
 # Two commands: `make demo` and `make test`. Both create (or reuse) .venv in the repo and install
 # what they need first. On this project's x86_64 machines torch 2.14.1 / torchvision 0.29.1 install
-# from local wheels; override TORCH_SPEC for another platform (e.g. aarch64: torch==2.9.1 torchvision==0.24.1).
+# from local wheels; the tests and demo use Debian's dataset-fashion-mnist (real images, installed with apt); override TORCH_SPEC for another platform (e.g. aarch64: torch==2.9.1 torchvision==0.24.1).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,10 @@ STAMP := $(VENV)/.rlrr-installed
 
 install: $(STAMP)
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
 $(STAMP): setup.py
+	test -d $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[test]'

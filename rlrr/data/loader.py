@@ -1,0 +1,216 @@
+"""Train and eval input pipelines over the shards written by ``tools/make_shards.py``.
+
+Batches are ``(uint8 images NCHW, labels, keys)``; call ``transforms.normalize`` where they land.
+
+Train: every epoch has the same number of batches on every rank (DDP needs it). Shards are
+permuted with (seed, epoch), split by rank, then by worker; a worker whose shards run out tops up by
+resampling shards, so each yields a fixed count. A shuffle buffer mixes samples. Deterministic given
+seed and epoch. Small splits can instead be decoded once and kept in memory as one uint8 tensor
+(``in_memory``): each epoch is then a seeded permutation, batched in this process.
+
+Eval: shard i goes to exactly one (rank, worker) pair, and every sample is seen exactly once: no
+padding, no duplicates (a short last batch instead). In memory, rank r takes samples r::world.
+"""
+import io
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import MANIFEST_FORMAT
+from .transforms import Recipe
+
+IMAGE_KEYS = ("jpg", "png")
+
+
+@dataclass
+class Split:
+    name: str
+    shards: list[str]  # absolute paths
+    num_samples: int
+
+
+class Manifest:
+    def __init__(self, path: str):
+        self.path = path if path.endswith(".json") else os.path.join(path, "manifest.json")
+        self.root = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"shard manifest not found: {self.path} (make it with tools/make_shards.py)")
+        with open(self.path) as f:
+            self.data = json.load(f)
+        if self.data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{self.path}: format {self.data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        self.num_classes = int(self.data["num_classes"])
+        self.class_names = list(self.data["class_names"])
+
+    def split(self, name: str) -> Split:
+        splits = self.data["splits"]
+        if name not in splits:
+            raise KeyError(f"{self.path}: no split {name!r}; splits are {sorted(splits)}")
+        s = splits[name]
+        return Split(name, [os.path.join(self.root, x["path"]) for x in s["shards"]], int(s["num_samples"]))
+
+
+def decode(sample: dict) -> tuple[torch.Tensor, int, str]:
+    """A raw WebDataset sample -> (uint8 CHW RGB image, label, key)."""
+    ext = next((k for k in IMAGE_KEYS if k in sample), None)
+    if ext is None:
+        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no jpg/png image")
+    with Image.open(io.BytesIO(sample[ext])) as pil:
+        image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+    return image, int(sample["cls"]), sample["__key__"]
+
+
+def read_split(shards: list[str]) -> Iterator[tuple[torch.Tensor, int, str]]:
+    return map(decode, wds.tarfile_samples({"url": u} for u in shards))
+
+
+def _seed(*parts) -> int:
+    return random.Random(":".join(map(str, parts))).getrandbits(63)
+
+
+def _generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*parts))
+
+
+def _batches(items, batch_size: int, recipe: Recipe, generator, limit: Optional[int] = None):
+    """Stack resized samples into uint8 batches and augment each batch; a short last batch unless ``limit``."""
+    chunk, n = [], 0
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            yield _stack(chunk, recipe, generator)
+            chunk, n = [], n + 1
+            if limit is not None and n == limit:
+                return
+    if chunk and limit is None:
+        yield _stack(chunk, recipe, generator)
+
+
+def _stack(chunk, recipe, generator):
+    images, labels, keys = zip(*chunk)
+    batch = recipe.augment(torch.stack([recipe.resize(x) for x in images]), generator)
+    return batch, torch.tensor(labels), list(keys)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class TrainStream(IterableDataset):
+    """Fixed-length, resampled-on-exhaustion, shuffled stream of training batches for one rank."""
+
+    def __init__(self, shards, batches_per_worker, batch_size, recipe, rank, world, seed, epoch, buffer=1000):
+        self.shards, self.batches_per_worker, self.batch_size, self.recipe = shards, batches_per_worker, batch_size, recipe
+        self.rank, self.world, self.seed, self.epoch, self.buffer = rank, world, seed, epoch, buffer
+
+    def _urls(self, worker: int, num_workers: int) -> Iterator[str]:
+        order = list(self.shards)
+        random.Random(_seed(self.seed, self.epoch, "shards")).shuffle(order)  # the same on every rank
+        yield from order[self.rank::self.world][worker::num_workers]
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "resample"))
+        while True:
+            yield rng.choice(self.shards)
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
+        samples = wds.shuffle(self.buffer, self.buffer // 4, rng=rng)(
+            wds.tarfile_samples({"url": u} for u in self._urls(worker, num_workers)))
+        yield from _batches(map(decode, samples), self.batch_size, self.recipe,
+                            _generator(self.seed, self.epoch, self.rank, worker, "augment"), self.batches_per_worker)
+
+
+class EvalStream(IterableDataset):
+    """Each shard read by exactly one (rank, worker); every sample exactly once."""
+
+    def __init__(self, shards, batch_size, recipe, rank, world):
+        self.shards, self.batch_size, self.recipe, self.rank, self.world = shards, batch_size, recipe, rank, world
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        mine = self.shards[self.rank::self.world][worker::num_workers]
+        yield from _batches(read_split(mine), self.batch_size, self.recipe, None)
+
+
+class _MemoryEpoch:
+    """One epoch over in-memory uint8 tensors, batched in this process."""
+
+    def __init__(self, images, labels, keys, indices, batch_size, recipe, generator):
+        self.images, self.labels, self.keys, self.indices = images, labels, keys, indices
+        self.batch_size, self.recipe, self.generator = batch_size, recipe, generator
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start:start + self.batch_size]
+            yield (self.recipe.augment(self.images[idx], self.generator), self.labels[idx],
+                   [self.keys[i] for i in idx.tolist()])
+
+
+class SplitLoader:
+    """Builds each epoch's batches for one split on this rank. ``len()`` is the batches per epoch
+    (train: equal on every rank)."""
+
+    def __init__(self, manifest: Manifest, split: str, *, train: bool, batch_size: int, recipe: Recipe,
+                 rank: int = 0, world: int = 1, workers: int = 2, seed: int = 0, in_memory: bool = False,
+                 shuffle_buffer: int = 1000):
+        self.split = manifest.split(split)
+        self.train, self.batch_size, self.recipe = train, batch_size, recipe
+        self.rank, self.world, self.workers, self.seed, self.shuffle_buffer = rank, world, workers, seed, shuffle_buffer
+        self.in_memory = in_memory
+        if train:
+            if self.split.num_samples == 0:
+                raise ValueError(f"split {split} of {manifest.path} is empty")
+            steps = math.ceil(self.split.num_samples / (world * batch_size))
+            # in memory: exactly `steps`; streaming: each worker yields the same share, rounded up
+            self.per_worker = math.ceil(steps / max(1, workers))
+            self.num_batches = steps if in_memory else self.per_worker * max(1, workers)
+        if in_memory:
+            self._load()
+
+    def _load(self):
+        images, labels, keys = [], [], []
+        for image, label, key in read_split(self.split.shards):
+            images.append(self.recipe.resize(image))
+            labels.append(label)
+            keys.append(key)
+        if len(images) != self.split.num_samples:
+            raise ValueError(f"split {self.split.name}: read {len(images)} samples, manifest says {self.split.num_samples}")
+        self.images, self.labels, self.keys = torch.stack(images), torch.tensor(labels), keys
+
+    def __len__(self):
+        if self.train:
+            return self.num_batches
+        if self.in_memory:
+            return math.ceil(len(range(self.rank, self.split.num_samples, self.world)) / self.batch_size)
+        raise TypeError("a streaming eval loader has no fixed length per rank")
+
+    def epoch(self, epoch: int):
+        if self.in_memory:
+            if self.train:
+                # one permutation for all ranks; rank r takes every world-th index, wrapped to equal length
+                order = torch.randperm(self.split.num_samples, generator=_generator(self.seed, epoch))
+                need = self.num_batches * self.batch_size * self.world
+                indices = order.repeat(math.ceil(need / len(order)))[:need][self.rank::self.world]
+                gen = _generator(self.seed, epoch, self.rank, "augment")
+            else:
+                indices, gen = torch.arange(self.rank, self.split.num_samples, self.world), None
+            return _MemoryEpoch(self.images, self.labels, self.keys, indices, self.batch_size, self.recipe, gen)
+        if self.train:
+            stream = TrainStream(self.split.shards, self.per_worker, self.batch_size, self.recipe, self.rank,
+                                 self.world, self.seed, epoch, self.shuffle_buffer)
+        else:
+            stream = EvalStream(self.split.shards, self.batch_size, self.recipe, self.rank, self.world)
+        return DataLoader(stream, batch_size=None, num_workers=self.workers, persistent_workers=False)

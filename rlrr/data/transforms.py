@@ -1,0 +1,60 @@
+"""Input transforms of the reference recipes (RLRR.md section 6), on uint8 images.
+
+Three stages, so that loader workers pass uint8 (4x less than float32 between processes) and the
+random parts run vectorised over a batch:
+  ``Recipe.resize``  per sample: bicubic resize to the recipe's size (skipped when the shards already
+                     hold that size, as ``make_shards --image-size`` writes them);
+  ``Recipe.augment`` per batch: random crop + flip (train) or center crop (eval), uint8 NCHW;
+  ``normalize``      per batch, where the batch lands (the GPU in training): float, mean/std.
+VTAB: resize to 224 x 224, optional flip. FGVC: resize to 256 x 256, random crop 224 + flip; eval
+center crop 224.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+MEAN_STD = {
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the reference's VTAB/FGVC normalisation
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class Recipe:
+    def __init__(self, recipe: str, train: bool, flip: bool = False, image_size: int = 224):
+        if recipe not in ("vtab", "fgvc"):
+            raise ValueError(f"recipe: expected 'vtab' or 'fgvc', got {recipe!r}")
+        self.recipe, self.train, self.image_size = recipe, train, image_size
+        self.flip = train and (flip or recipe == "fgvc")
+        side = image_size if recipe == "vtab" else round(image_size * 256 / 224)
+        self.size = (side, side)
+
+    def resize(self, image: torch.Tensor) -> torch.Tensor:
+        if tuple(image.shape[-2:]) == self.size:
+            return image
+        out = F.interpolate(image[None].float(), size=self.size, mode="bicubic", antialias=True, align_corners=False)
+        return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+    def augment(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        n, s = images.shape[0], self.image_size
+        h, w = images.shape[-2:]
+        if (h, w) != (s, s):
+            if self.train:  # a random crop per image
+                top = torch.randint(0, h - s + 1, (n,), generator=generator).tolist()
+                left = torch.randint(0, w - s + 1, (n,), generator=generator).tolist()
+                images = torch.stack([img[:, t:t + s, l:l + s] for img, t, l in zip(images, top, left)])
+            else:
+                t, l = (h - s) // 2, (w - s) // 2
+                images = images[:, :, t:t + s, l:l + s]
+        if self.flip:
+            mask = torch.rand(n, generator=generator) < 0.5
+            images = torch.where(mask.view(n, 1, 1, 1), images.flip(-1), images)
+        return images.contiguous()
+
+
+def normalize(images: torch.Tensor, stats: str = "half") -> torch.Tensor:
+    """uint8 NCHW batch -> float32, scaled to [0, 1] and standardised with ``stats``."""
+    if stats not in MEAN_STD:
+        raise ValueError(f"normalize: stats must be one of {sorted(MEAN_STD)}, got {stats!r}")
+    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in MEAN_STD[stats])
+    return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)  # (x / 255 - mean) / std, in place

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Input-pipeline throughput: rlrr's shard loader vs a per-file PIL loader (what the reference does:
+open, decode and resize every JPEG in every epoch), on the same images with the same workers.
+
+    python tools/bench_data.py --images 1000 --workers 2 --epochs 3
+
+The images are real Fashion-MNIST photos (Debian dataset-fashion-mnist) enlarged to --source-size
+JPEGs in a VTAB-1k folder (train800val200.txt), i.e. the layout and typical file sizes of VTAB tasks.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.shards import write_shards
+from rlrr.data.sources import _read_idx, read_vtab
+from rlrr.data.transforms import Recipe, normalize
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+class PerFileLoader(Dataset):
+    """The reference implementation's loader: a list file, PIL open + resize + normalise per access."""
+
+    def __init__(self, root, listing):
+        with open(os.path.join(root, listing)) as f:
+            self.items = [(os.path.join(root, p), int(c)) for p, c in (line.split() for line in f if line.strip())]
+        self.transform = T.Compose([T.Resize((224, 224), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                                    T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        path, label = self.items[i]
+        return self.transform(Image.open(path).convert("RGB")), label
+
+
+def make_vtab_folder(root, n, size):
+    images = _read_idx(FASHION)[:n]
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    with open(os.path.join(root, "train800val200.txt"), "w") as f:
+        for i, img in enumerate(images):
+            rel = f"images/{i:06d}.jpg"
+            Image.fromarray(img).convert("RGB").resize(size, Image.BICUBIC).save(os.path.join(root, rel), quality=95)
+            f.write(f"{rel} {i % 10}\n")
+
+
+def throughput(epochs, batches_of_epoch, finish=lambda x: x):
+    """Median images/s over epochs (the first, with worker start-up, is included in the median's pool)."""
+    rates = []
+    for epoch in range(epochs):
+        n, t0 = 0, time.perf_counter()
+        for batch in batches_of_epoch(epoch):
+            n += finish(batch[0]).shape[0]
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--source-size", default="500x375", help="WxH of the source JPEGs")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    size = tuple(int(v) for v in args.source_size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "task"), os.path.join(tmp, "shards")
+        make_vtab_folder(src, args.images, size)
+        baseline = PerFileLoader(src, "train800val200.txt")
+        per_file = throughput(args.epochs, lambda e: DataLoader(
+            baseline, batch_size=args.batch_size, shuffle=True, num_workers=args.workers))
+
+        t0 = time.perf_counter()
+        write_shards(read_vtab(src), out, image_size=224, shard_size=64, workers=args.workers, progress=False)
+        shard_time = time.perf_counter() - t0
+        manifest, tf = Manifest(out), Recipe("vtab", train=True, flip=True)
+        stream = SplitLoader(manifest, "train800val200", train=True, batch_size=args.batch_size, recipe=tf,
+                             workers=args.workers)
+        streaming = throughput(args.epochs, stream.epoch, normalize)  # our batches arrive as uint8
+        t0 = time.perf_counter()
+        memory = SplitLoader(manifest, "train800val200", train=True, batch_size=args.batch_size, recipe=tf,
+                             workers=args.workers, in_memory=True)
+        cache_time = time.perf_counter() - t0
+        in_memory = throughput(args.epochs, memory.epoch, normalize)
+    result = {"images": args.images, "source_size": args.source_size, "workers": args.workers,
+              "batch_size": args.batch_size, "epochs": args.epochs,
+              "per_file_pil_img_s": round(per_file, 1), "shards_streaming_img_s": round(streaming, 1),
+              "shards_in_memory_img_s": round(in_memory, 1),
+              "ratio_streaming": round(streaming / per_file, 2), "ratio_in_memory": round(in_memory / per_file, 2),
+              "one_time_make_shards_s": round(shard_time, 1), "one_time_in_memory_decode_s": round(cache_time, 1)}
+    print(f"per-file PIL loader (reference)   {per_file:9.1f} img/s")
+    print(f"rlrr shards, streaming            {streaming:9.1f} img/s   {streaming / per_file:5.2f}x")
+    print(f"rlrr shards, in memory            {in_memory:9.1f} img/s   {in_memory / per_file:5.2f}x")
+    print(f"one-time costs: make_shards {shard_time:.1f} s, in-memory decode {cache_time:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""One typed schema for training runs: YAML (with ``base:`` inheritance) -> command-line ``--set
+key=value`` overrides -> validated dataclasses. Errors are one line naming the file, key and what was
+expected; an unknown key suggests the closest valid ones."""
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16_224"  # a timm ViT or Swin
+    pretrained: Optional[str] = None  # local .npz / .safetensors / .pth
+    img_size: int = 224
+    method: str = "rlrr"  # rlrr | linear (head only: the linear-probe baseline)
+    init: str = "official"  # official | identity
+    split_qkv: Optional[bool] = None
+    drop_path: float = 0.0
+    drop_path_mode: str = "dropout"  # dropout (the reference) | stochastic_depth (timm)
+    grad_checkpointing: bool = False
+    timm_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # folder with manifest.json (tools/make_shards.py)
+    train_split: str = "train800val200"
+    val_split: Optional[str] = None  # selection split; null: no selection
+    test_split: str = "test"
+    recipe: str = "vtab"  # vtab | fgvc
+    flip: bool = False
+    stats: str = "half"  # half (mean = std = 0.5, the reference) | imagenet
+    in_memory: Optional[bool] = None  # null: in memory when a split has at most in_memory_max samples
+    in_memory_max: int = 5000
+    workers: int = 2
+    eval_batch_size: int = 64
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 32  # global: per-rank batch = batch_size / (world size * grad_accum)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_lr: float = 1e-7
+    min_lr: float = 1e-8
+    weight_decay: float = 5e-5
+    clip_grad: Optional[float] = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    engine: str = "ddp"  # ddp | deepspeed
+    zero_stage: int = 2
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; batch, clipping and precision are filled in from here
+    seed: int = 42
+    eval_every: int = 1  # epochs
+    save_every_epochs: int = 1
+    save_every_steps: int = 0  # 0: only at epoch ends
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); for tests and smoke runs
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # default: the config file's name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+CHOICES = {
+    "model.method": ("rlrr", "linear"), "model.init": ("official", "identity"),
+    "model.drop_path_mode": ("dropout", "stochastic_depth"), "data.recipe": ("vtab", "fgvc"),
+    "data.stats": ("half", "imagenet"),
+    "train.precision": ("fp32", "bf16", "fp16"), "train.engine": ("ddp", "deepspeed"),
+    "train.zero_stage": (0, 1, 2, 3),
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_yaml(path: str, _seen=()) -> dict:
+    """A YAML file with its ``base:`` chain merged in (paths relative to the file)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    if os.path.abspath(path) in _seen:
+        raise ConfigError(f"{path}: 'base' inheritance loops back to itself")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = [base] if isinstance(base, str) else base
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, load_yaml(os.path.join(os.path.dirname(path), b), _seen + (os.path.abspath(path),)))
+    return _merge(merged, data)
+
+
+def _convert(value: Any, hint, key: str, source: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    expected = getattr(hint, "__name__", str(hint))
+    ok = (isinstance(value, bool) if hint is bool else
+          isinstance(value, int) and not isinstance(value, bool) if hint is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if hint is float else
+          isinstance(value, hint))
+    if not ok:
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
+    value = float(value) if hint is float else value
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{source}: {key} = {value!r}: expected one of {', '.join(map(str, CHOICES[key]))}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            close = difflib.get_close_matches(k, fields, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else \
+                f"; valid keys: {', '.join(prefix + f for f in fields)}"
+            raise ConfigError(f"{source}: unknown key {prefix}{k}{hint}")
+        if dataclasses.is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v, f"{prefix}{k}.", source)
+        else:
+            kwargs[k] = _convert(v, hints[k], prefix + k, source)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.lr=0.003")
+    return key.split("."), yaml.safe_load(raw) if raw else None
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+    data = load_yaml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text}: {k} is not a section")
+        node[keys[-1]] = value
+    source = path or "--set"
+    cfg = _build(RunConfig, data, "", source)
+    if cfg.run_name is None and path:
+        cfg.run_name = os.path.splitext(os.path.basename(path))[0]
+    _check(cfg, source)
+    return cfg
+
+
+def _check(cfg: RunConfig, source: str) -> None:
+    if not cfg.data.shards:
+        raise ConfigError(f"{source}: data.shards is required (a folder made by tools/make_shards.py)")
+    t = cfg.train
+    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)):
+        if value < 1:
+            raise ConfigError(f"{source}: {key} = {value}: expected a positive integer")
+    if not 0 <= t.warmup_epochs <= t.epochs:
+        raise ConfigError(f"{source}: train.warmup_epochs = {t.warmup_epochs}: expected 0..train.epochs ({t.epochs})")
+    if not 0.0 <= cfg.model.drop_path < 1.0:
+        raise ConfigError(f"{source}: model.drop_path = {cfg.model.drop_path}: expected a rate in [0, 1)")
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,167 @@
+"""launch/train.py and rlrr.train.main end to end on a tiny timm ViT and generated shards (CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from rlrr.config import ConfigError, load_config
+from rlrr.train import build_model, main
+from rlrr.optim import param_groups
+from test_data import make_shards, make_vtab
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    src = make_vtab(tmp / "task", n_train=24, n_val=8, n_test=13, classes=4)
+    assert make_shards("vtab", "--root", src, "--out", tmp / "shards", "--image-size", 32, "--shard-size", 4).returncode == 0
+    return str(tmp / "shards")
+
+
+def write_config(path: Path, shards: str, out: Path, **sections) -> str:
+    cfg = {"model": {"name": "test_vit", "img_size": 32, "drop_path": 0.1},
+           "data": {"shards": shards, "train_split": "train800", "val_split": "val200", "flip": True, "workers": 1},
+           "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 4, "lr": 0.01, "log_every": 1},
+           "output_dir": str(out)}
+    for k, v in sections.items():
+        cfg[k].update(v)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_single_process_run_writes_everything(shards, tmp_path):
+    cfg = write_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs")
+    results = main(["--config", cfg])
+    run = tmp_path / "runs" / "tiny"
+    assert sorted(os.listdir(run)) == ["adapter.safetensors", "checkpoints", "config.yaml", "merged.safetensors",
+                                       "results.json", "tensorboard"]
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["test_acc1_final"] == results["test_acc1_final"]
+    for key in ("test_acc1_final", "test_acc1_at_best_val", "test_acc1_best_over_epochs"):
+        assert 0.0 <= saved[key] <= 100.0
+        assert round(saved[key] * 13 / 100) * 100 / 13 == pytest.approx(saved[key], abs=1e-3)  # k of 13 test images
+    assert saved["epochs"] == 2 and saved["steps"] == 12 and saved["trainable_params"] > 0 and len(saved["config_hash"]) == 12
+    assert saved["test_acc1_best_over_epochs"] >= saved["test_acc1_final"]
+    # merged model: a plain timm model, strictly loadable, equal to the adapted one
+    plain = timm.create_model("test_vit", num_classes=4, img_size=32).eval()
+    plain.load_state_dict(load_file(str(run / "merged.safetensors")), strict=True)
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["lr"] == 0.01 and resolved["run_name"] == "tiny"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "val/acc1", "test/acc1",
+            "sys/peak_memory_mb"} <= tags
+    assert len(events.Scalars("train/loss")) == 12
+    assert [e.value for e in events.Scalars("test/acc1")][-1] == pytest.approx(saved["test_acc1_final"], abs=1e-4)
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] == pytest.approx(1e-7, rel=1e-3) and max(lrs) > 5e-3  # warmup from warmup_lr, then cosine
+
+
+def test_resume_gives_identical_adapter(shards, tmp_path):
+    straight = write_config(tmp_path / "straight.yaml", shards, tmp_path / "runs")
+    main(["--config", straight])
+    halves = write_config(tmp_path / "halves.yaml", shards, tmp_path / "runs")
+    stopped = main(["--config", halves, "--set", "train.max_steps=9"])  # stops mid-way through epoch 2
+    assert stopped == {"stopped_at_step": 9}
+    ckpt = torch.load(tmp_path / "runs" / "halves" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["step_in_epoch"] == 3
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume latest"):
+        main(["--config", halves])
+    main(["--config", halves, "--resume", "latest"])
+    a = load_file(str(tmp_path / "runs" / "straight" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "halves" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = json.loads((tmp_path / "runs" / "straight" / "results.json").read_text())
+    rb = json.loads((tmp_path / "runs" / "halves" / "results.json").read_text())
+    assert ra["history"] == rb["history"]
+
+
+def _train_cmd(*args, nproc=None):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    return launcher + [str(ROOT / "launch" / "train.py"), *args]
+
+
+def test_ddp_two_processes(shards, tmp_path):
+    cfg = write_config(tmp_path / "ddp.yaml", shards, tmp_path / "runs")
+    res = subprocess.run(_train_cmd("--config", cfg, nproc=2), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "ddp" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 12  # global batch 4 = 2 ranks x 2
+    assert results["history"][-1]["test_acc1"] == results["test_acc1_final"]
+
+
+def test_sigterm_saves_a_resumable_checkpoint(shards, tmp_path):
+    cfg = write_config(tmp_path / "long.yaml", shards, tmp_path / "runs", train={"epochs": 400, "eval_every": 1000})
+    proc = subprocess.Popen(_train_cmd("--config", cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "epoch 2/400" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-2000:]
+    assert "resume with --resume latest" in out
+    state = torch.load(tmp_path / "runs" / "long" / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert 2 <= state["epoch"] < 400 and state["global_step"] >= 12
+    res = subprocess.run(_train_cmd("--config", cfg, "--resume", "latest", "--set", "train.epochs=4"),
+                         capture_output=True, text=True, timeout=300)
+    # the resumed run honours its new (shorter) schedule length and finishes
+    assert res.returncode == 0 and f"resumed {tmp_path / 'runs' / 'long'}" in res.stdout, res.stderr[-2000:]
+
+
+def test_config_errors_are_single_clear_lines(shards, tmp_path):
+    cfg = write_config(tmp_path / "bad.yaml", shards, tmp_path / "runs")
+    cases = [
+        (["--set", "train.lrr=0.1"], "unknown key train.lrr; did you mean train.lr"),
+        (["--set", "train.epochs=ten"], "train.epochs = 'ten': expected int"),
+        (["--set", "train.precision=fp8"], "train.precision = 'fp8': expected one of fp32, bf16, fp16"),
+        (["--set", "modle.name=x"], "unknown key modle; did you mean model"),
+        (["--set", "train.batch_size=5"], "train.batch_size = 5 is not divisible by world size 1 x train.grad_accum 2"),
+    ]
+    for extra, message in cases:
+        if "batch_size" in extra[1]:
+            extra = extra + ["train.grad_accum=2"]
+        res = subprocess.run(_train_cmd("--config", cfg, *extra), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, (extra, res.stderr[-500:])
+        assert message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("data: {shards: s, flip: true}\ntrain: {lr: 0.001, epochs: 100}\n")
+    (tmp_path / "task.yaml").write_text("base: base.yaml\ntrain: {lr: 0.003}\n")
+    cfg = load_config(str(tmp_path / "task.yaml"), ["train.weight_decay=0.05", "model.split_qkv=null"])
+    assert cfg.train.lr == 0.003 and cfg.train.epochs == 100 and cfg.data.flip is True
+    assert cfg.train.weight_decay == 0.05 and cfg.run_name == "task"
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_drop_path_modes_and_weight_decay_groups(tmp_path):
+    cfg = load_config(None, ["data.shards=x", "model.name=test_vit", "model.drop_path=0.2"])
+    model = build_model(cfg, num_classes=3)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert len(drops) == 2 * 5 and max(m.p for m in drops) == pytest.approx(0.2)  # linear 0 -> 0.2 over 6 blocks
+    cfg = load_config(None, ["data.shards=x", "model.name=test_vit", "model.drop_path=0.2",
+                             "model.drop_path_mode=stochastic_depth"])
+    assert any(isinstance(m, timm.layers.DropPath) for m in build_model(cfg, 3).modules())
+    groups = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert {"blocks.0.attn.qkv.scale_in", "blocks.0.attn.qkv.scale_out", "patch_embed.proj.ssf_scale", "head.weight"} <= decay
+    assert {"blocks.0.attn.qkv.bias_shift", "blocks.0.norm1.ssf_scale", "norm.ssf_shift", "head.bias"} <= no_decay
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0

@@ -34,6 +34,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = ""  # folder with manifest.json (tools/make_shards.py)
+    num_classes: Optional[int] = None  # if set, must equal the manifest's class count
     train_split: str = "train800val200"
     val_split: Optional[str] = None  # selection split; null: no selection
     test_split: str = "test"

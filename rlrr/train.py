@@ -118,6 +118,8 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(t.seed + info.rank)
     manifest = Manifest(cfg.data.shards)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
+        raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has {manifest.num_classes} classes")
     model = build_model(cfg, manifest.num_classes).to(info.device)
     n_trainable = count_trainable(model)
 

@@ -165,3 +165,43 @@ def test_drop_path_modes_and_weight_decay_groups(tmp_path):
     assert {"blocks.0.attn.qkv.scale_in", "blocks.0.attn.qkv.scale_out", "patch_embed.proj.ssf_scale", "head.weight"} <= decay
     assert {"blocks.0.attn.qkv.bias_shift", "blocks.0.norm1.ssf_scale", "norm.ssf_shift", "head.bias"} <= no_decay
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+
+
+# RLRR.md section 6: task -> (classes, lr, weight decay, drop path, flip)
+VTAB = {"cifar": (100, 3e-3, 5e-5, 0.1, False), "caltech101": (102, 1e-3, 5e-5, 0.1, False),
+        "dtd": (47, 2e-3, 5e-5, 0.1, True), "oxford_flowers102": (102, 3e-3, 5e-2, 0.3, False),
+        "oxford_iiit_pet": (37, 1e-3, 5e-5, 0.1, True), "svhn": (10, 5e-3, 5e-5, 0.3, False),
+        "sun397": (397, 1e-3, 5e-5, 0.1, False), "patch_camelyon": (2, 3e-3, 5e-2, 0.3, True),
+        "eurosat": (10, 1e-3, 5e-5, 0.1, True), "resisc45": (45, 3e-3, 5e-5, 0.0, False),
+        "diabetic_retinopathy": (5, 5e-3, 5e-5, 0.1, True), "clevr_count": (8, 5e-3, 5e-5, 0.5, True),
+        "clevr_dist": (6, 1e-2, 5e-5, 0.2, True), "dmlab": (6, 5e-3, 5e-5, 0.3, True),
+        "kitti": (4, 3e-3, 5e-2, 0.3, True), "dsprites_loc": (16, 1e-2, 5e-5, 0.1, False),
+        "dsprites_ori": (16, 5e-3, 5e-5, 0.1, False), "smallnorb_azi": (18, 5e-3, 5e-2, 0.3, False),
+        "smallnorb_ele": (9, 1e-3, 5e-5, 0.3, True)}
+FGVC = {"CUB_200_2011": (200, 3e-3, 0.1), "NABirds": (555, 5e-4, 0.3), "OxfordFlowers": (102, 3e-3, 0.2),
+        "StanfordCars": (196, 3e-3, 0.2), "StanfordDogs": (120, 1e-4, 0.0)}
+
+
+def test_task_configs_hold_the_reference_hyper_parameters():
+    for task, (classes, lr, wd, dp, flip) in VTAB.items():
+        cfg = load_config(str(ROOT / "configs" / "vtab" / f"{task}.yaml"))
+        got = (cfg.data.num_classes, cfg.train.lr, cfg.train.weight_decay, cfg.model.drop_path, cfg.data.flip)
+        assert got == (classes, lr, wd, dp, flip), task
+        assert (cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.batch_size) == (100, 10, 32)
+        assert (cfg.data.recipe, cfg.data.train_split, cfg.model.name) == ("vtab", "train800val200", "vit_base_patch16_224")
+        assert cfg.run_name == task and cfg.model.drop_path_mode == "dropout"
+    for name, (classes, lr, dp) in FGVC.items():
+        cfg = load_config(str(ROOT / "configs" / "fgvc" / f"{name}.yaml"))
+        assert (cfg.data.num_classes, cfg.train.lr, cfg.model.drop_path, cfg.train.weight_decay) == (classes, lr, dp, 5e-2)
+        assert cfg.data.recipe == "fgvc" and cfg.data.train_split == "trainval"
+    models = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
+              "vit_h14": "vit_huge_patch14_224", "swin_b": "swin_base_patch4_window7_224"}
+    for file, name in models.items():
+        cfg = load_config(str(ROOT / "configs" / "models" / f"{file}.yaml"), ["data.shards=x"])
+        assert cfg.model.name == name and cfg.model.pretrained.startswith("pretrained/")
+
+
+def test_class_count_mismatch_is_a_clear_error(shards, tmp_path):
+    cfg = write_config(tmp_path / "n.yaml", shards, tmp_path / "runs", data={"num_classes": 7})
+    with pytest.raises(ConfigError, match=r"data.num_classes = 7 but .*manifest.json has 4 classes"):
+        main(["--config", cfg])

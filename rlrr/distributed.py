@@ -19,7 +19,7 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return dist.is_initialized() and self.world > 1
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -31,18 +31,19 @@ def world_from_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(always: bool = False) -> DistInfo:
+    """Join the process group (also for a single process when ``always``)."""
     rank, local_rank, world = world_from_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or always) and not dist.is_initialized():
         # srun-native: torch's env:// rendezvous reads these; MASTER_ADDR/PORT come from the batch script
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000) if world == 1 else "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 **({"device_id": device} if device.type == "cuda" else {}))

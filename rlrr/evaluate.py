@@ -8,26 +8,35 @@ from .data.transforms import normalize
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, info: DistInfo, num_classes: int, expected: int, stats: str,
-             autocast) -> dict:
-    """``expected`` is the split's sample count; anything else (padding, a lost shard) is an error."""
+def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str) -> dict:
+    """Accuracy over ``loader``'s split; a count other than the split's (padding, a lost shard) is an error.
+
+    Ranks may hold different numbers of batches (exactly-once evaluation); ranks with fewer run
+    ignored forward passes up to the largest count, since ZeRO-3 gathers weights collectively."""
+    model = engine.model
     model.eval()
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(info.device)
     top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(info.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, count
-    for images, labels, _ in loader:
+    batches = 0
+    for images, labels, _ in loader.epoch(0):
         images, labels = normalize(images.to(info.device, non_blocking=True), stats), labels.to(info.device)
-        with autocast():
-            logits = model(images)
-        logits = logits.float()
+        logits = engine.forward(images)
+        batches += 1
         top1.update(logits, labels)
         top5.update(logits, labels)
         loss_sum += torch.tensor([nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
                                  dtype=torch.float64, device=info.device)
+    if info.enabled:
+        most = torch.tensor([batches], device=info.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        size = loader.recipe.image_size
+        for _ in range(int(most.item()) - batches):
+            engine.forward(torch.zeros(1, 3, size, size, device=info.device))
     all_reduce_sum(info, loss_sum)
-    seen = int(loss_sum[1].item())
+    seen, expected = int(loss_sum[1].item()), loader.split.num_samples
     if seen != expected:
-        raise RuntimeError(f"evaluation saw {seen} samples, the split has {expected}")
+        raise RuntimeError(f"evaluation of {loader.split.name} saw {seen} samples, the split has {expected}")
     model.train()
     return {"acc1": 100.0 * top1.compute().item(), "acc5": 100.0 * top5.compute().item(),
             "loss": loss_sum[0].item() / max(1, seen), "samples": seen}

@@ -6,8 +6,6 @@ Run directory <output_dir>/<run_name>/: config.yaml, tensorboard/, checkpoints/l
 adapter.safetensors, merged.safetensors, results.json.
 """
 import argparse
-import contextlib
-import copy
 import json
 import logging
 import math
@@ -21,7 +19,6 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -31,8 +28,9 @@ from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import Manifest, SplitLoader
 from .data.transforms import Recipe, normalize
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from .engine import ENGINES, DDPEngine, DeepSpeedEngine
 from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler
+from .optim import build_scheduler
 from .pretrained import load_pretrained
 
 log = logging.getLogger("rlrr")
@@ -95,20 +93,19 @@ def _peak_memory_mb(device) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
-    info = init_distributed()
+    info = init_distributed(always=cfg.train.engine == "deepspeed")  # DeepSpeed wants a process group, even of 1
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s",
                         stream=sys.stdout, force=True)
     run_dir = os.path.join(cfg.output_dir, broadcast_object(info, cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")))
-    ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = (args.resume == "latest" or restarted) and os.path.isfile(ckpt_path)
-    if args.resume == "latest" and not resume:
-        raise ConfigError(f"--resume latest: no checkpoint at {ckpt_path}")
-    if not resume and os.path.exists(os.path.join(run_dir, "checkpoints")):
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume latest or choose another run_name")
     t = cfg.train
-    if t.engine == "deepspeed":
-        raise ConfigError("train.engine = deepspeed: not available in this version yet; use ddp")
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    marker = os.path.join(ckpt_dir, ENGINES[t.engine].MARKER)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = (args.resume == "latest" or restarted) and os.path.isfile(marker)
+    if args.resume == "latest" and not resume:
+        raise ConfigError(f"--resume latest: no checkpoint at {marker}")
+    if not resume and os.path.exists(ckpt_dir):
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume latest or choose another run_name")
     if t.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("train.precision = fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     micro = t.batch_size // (info.world * t.grad_accum)
@@ -137,26 +134,16 @@ def main(argv=None) -> dict:
     steps_per_epoch = math.ceil(len(train_data) / t.grad_accum)
     total_steps = t.epochs * steps_per_epoch
 
-    optimizer = build_optimizer(model, t.lr, t.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps, t.warmup_epochs * steps_per_epoch, t.warmup_lr, t.min_lr)
-    scaler = torch.amp.GradScaler(enabled=t.precision == "fp16")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    autocast = lambda: torch.autocast(info.device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
-    net = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) \
-        if info.enabled else model
+    engine = DeepSpeedEngine(model, cfg, info, micro) if t.engine == "deepspeed" else DDPEngine(model, cfg, info)
+    scheduler = build_scheduler(engine.optimizer, total_steps, t.warmup_epochs * steps_per_epoch, t.warmup_lr, t.min_lr)
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_time": 0.0, "images": 0,
              "epoch_seen": 0, "epoch_loss_sum": 0.0}  # the last two: the current epoch's running loss
     if resume:
-        saved = checkpoint.load(ckpt_path)
-        params = dict(trainable_parameters(model))
-        if sorted(saved["trainable"]) != sorted(params):
-            raise ConfigError(f"{ckpt_path}: its trainable tensors differ from this config's model")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved["trainable"][n])
-        optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
+        try:
+            saved = engine.load(ckpt_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if len(saved["rng"]) == info.world:
             checkpoint.set_rng_state(saved["rng"][info.rank])
         state = saved["state"]
@@ -177,12 +164,7 @@ def main(argv=None) -> dict:
         if info.enabled:
             rng = [None] * info.world
             torch.distributed.all_gather_object(rng, checkpoint.rng_state())
-        if info.is_main:
-            checkpoint.save_atomic({
-                "trainable": {n: p.detach().cpu() for n, p in trainable_parameters(model)},
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng, "state": state,
-                "config_hash": cfg.digest()}, ckpt_path)
-        barrier(info)
+        engine.save(ckpt_dir, {"rng": rng, "state": state, "config_hash": cfg.digest()})
 
     preempt = Preemption()
     stopped_early = False
@@ -198,12 +180,7 @@ def main(argv=None) -> dict:
                 continue
             last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(train_data)
             images = normalize(images.to(info.device, non_blocking=True), cfg.data.stats)
-            labels = labels.to(info.device, non_blocking=True)
-            sync = contextlib.nullcontext() if last_micro or not info.enabled else net.no_sync()
-            with sync:
-                with autocast():
-                    loss = nn.functional.cross_entropy(net(images), labels)
-                scaler.scale(loss / t.grad_accum).backward()
+            loss = engine.backward(images, labels.to(info.device, non_blocking=True), last_micro)
             seen += len(labels)
             state["epoch_seen"] += len(labels)
             state["epoch_loss_sum"] += loss.item() * len(labels)
@@ -211,18 +188,13 @@ def main(argv=None) -> dict:
             if not last_micro:
                 continue
             scheduler.step_update(state["global_step"])
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(model)],
-                                                       t.clip_grad if t.clip_grad else float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = engine.step()
             state["global_step"] += 1
             state["step_in_epoch"] += 1
             if writer and state["global_step"] % t.log_every == 0:
                 writer.add_scalar("train/loss", loss.item(), state["global_step"])
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
-                writer.add_scalar("train/grad_norm", grad_norm.item(), state["global_step"])
+                writer.add_scalar("train/lr", engine.optimizer.param_groups[0]["lr"], state["global_step"])
+                writer.add_scalar("train/grad_norm", grad_norm, state["global_step"])
                 writer.add_scalar("train/img_per_s", seen * info.world / (time.perf_counter() - t0), state["global_step"])
             out_of_budget = t.max_steps and state["global_step"] >= t.max_steps
             if preempt.any_rank(info) or out_of_budget:
@@ -238,11 +210,10 @@ def main(argv=None) -> dict:
             log.info(f"stopped at step {state['global_step']} (epoch {epoch}); resume with --resume latest")
             break
         record = {"epoch": epoch, "train_loss": state["epoch_loss_sum"] / max(1, state["epoch_seen"]),
-                  "lr": optimizer.param_groups[0]["lr"]}
+                  "lr": engine.optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
             for name, loader in evals.items():
-                metrics = evaluate(net, loader.epoch(0), info, manifest.num_classes, loader.split.num_samples,
-                                   cfg.data.stats, autocast)
+                metrics = evaluate(engine, loader, info, manifest.num_classes, cfg.data.stats)
                 record.update({f"{name}_acc1": metrics["acc1"], f"{name}_acc5": metrics["acc5"],
                                f"{name}_loss": metrics["loss"]})
                 if writer:
@@ -263,22 +234,33 @@ def main(argv=None) -> dict:
     results = None
     if not stopped_early:
         results = summarize(state, cfg, n_trainable, info)
+        adapter = engine.trainable_fp32()  # all ranks: ZeRO-3 gathers the partitions
         if info.is_main:
-            save_adapter(model, os.path.join(run_dir, "adapter.safetensors"))
-            merged = merge_rlrr(copy.deepcopy(model).cpu().float()) if cfg.model.method == "rlrr" else model
-            save_file({k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()},
-                      os.path.join(run_dir, "merged.safetensors"))
-            tmp = os.path.join(run_dir, "results.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(tmp, os.path.join(run_dir, "results.json"))
-            log.info("results: " + json.dumps({k: results[k] for k in (
-                "test_acc1_final", "test_acc1_at_best_val", "test_acc1_best_over_epochs")}))
-            log.info(f"tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+            write_final(cfg, manifest.num_classes, adapter, run_dir, results)
     if writer:
         writer.close()
     barrier(info)
     return results or {"stopped_at_step": state["global_step"]}
+
+
+def write_final(cfg: RunConfig, num_classes: int, adapter: dict, run_dir: str, results: dict) -> None:
+    """adapter.safetensors, merged.safetensors (a plain timm model) and results.json, from the fp32
+    adapter and a fresh CPU copy of the backbone (engine-independent: works for ZeRO-3 too)."""
+    model = build_model(cfg, num_classes)
+    with torch.no_grad():
+        for name, p in trainable_parameters(model):
+            p.copy_(adapter[name])
+    save_adapter(model, os.path.join(run_dir, "adapter.safetensors"))
+    merged = merge_rlrr(model) if cfg.model.method == "rlrr" else model
+    save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()},
+              os.path.join(run_dir, "merged.safetensors"))
+    tmp = os.path.join(run_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, "results.json"))
+    log.info("results: " + json.dumps({k: results[k] for k in (
+        "test_acc1_final", "test_acc1_at_best_val", "test_acc1_best_over_epochs")}))
+    log.info(f"tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
 
 
 def summarize(state: dict, cfg: RunConfig, n_trainable: int, info: DistInfo) -> dict:

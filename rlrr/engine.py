@@ -1,0 +1,140 @@
+"""The two ways to run a training step: DDP (plain torch) and DeepSpeed ZeRO 0-3.
+
+Both expose the same small interface to the loop in train.py: ``backward``, ``step``, ``forward``
+(eval), ``trainable_fp32`` (full fp32 adapter tensors on every rank), ``save`` / ``load`` of the
+resumable state (frozen weights are never written) and ``optimizer`` (for the LR schedule).
+"""
+import contextlib
+import os
+import shutil
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint
+from .adapter import trainable_parameters
+from .distributed import DistInfo, barrier
+from .optim import build_optimizer, param_groups
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DDPEngine:
+    MARKER = "last.pt"  # present once a resumable checkpoint exists
+    def __init__(self, model: nn.Module, cfg, info: DistInfo):
+        t = cfg.train
+        self.model, self.info, self.clip = model, info, t.clip_grad
+        self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
+        self.scaler = torch.amp.GradScaler(enabled=t.precision == "fp16")
+        self.dtype = _AMP.get(t.precision)
+        self.net = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) \
+            if info.enabled else model
+        self.grad_accum = t.grad_accum
+
+    def autocast(self):
+        return torch.autocast(self.info.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def forward(self, images):
+        with self.autocast():
+            return self.net(images).float()
+
+    def backward(self, images, labels, last_micro: bool) -> torch.Tensor:
+        sync = contextlib.nullcontext() if last_micro or not self.info.enabled else self.net.no_sync()
+        with sync:
+            loss = nn.functional.cross_entropy(self.forward(images), labels)
+            self.scaler.scale(loss / self.grad_accum).backward()
+        return loss.detach()
+
+    def step(self) -> float:
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(self.model)],
+                                              self.clip if self.clip else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.item()
+
+    def trainable_fp32(self) -> dict:
+        return {n: p.detach().float().cpu() for n, p in trainable_parameters(self.model)}
+
+    def save(self, directory: str, client: dict) -> None:
+        if self.info.is_main:
+            checkpoint.save_atomic({"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
+                                    "scaler": self.scaler.state_dict(), **client}, os.path.join(directory, "last.pt"))
+        barrier(self.info)
+
+    def load(self, directory: str) -> dict:
+        saved = checkpoint.load(os.path.join(directory, "last.pt"))
+        params = dict(trainable_parameters(self.model))
+        if sorted(saved["trainable"]) != sorted(params):
+            raise ValueError(f"{directory}/last.pt: its trainable tensors differ from this config's model")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved["trainable"][n])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        return saved
+
+
+class DeepSpeedEngine:
+    """ZeRO stage 0-3 over the trainable parameters only (frozen ones are partitioned under stage 3
+    and never reach the optimizer or the checkpoints)."""
+    MARKER = "latest"
+
+    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
+        import deepspeed  # imported here: plain DDP runs never pay for it
+        import json
+        t = cfg.train
+        ds = {}
+        if t.deepspeed_config:
+            with open(t.deepspeed_config) as f:
+                ds = json.load(f)
+        # batch, accumulation, clipping and precision always come from the run config
+        ds.update({"train_batch_size": t.batch_size, "train_micro_batch_size_per_gpu": micro,
+                   "gradient_accumulation_steps": t.grad_accum, "gradient_clipping": t.clip_grad or 0.0,
+                   "bf16": {"enabled": t.precision == "bf16"}, "fp16": {"enabled": t.precision == "fp16"},
+                   "zero_allow_untested_optimizer": True})
+        ds.setdefault("zero_optimization", {"stage": t.zero_stage})
+        ds.setdefault("steps_per_print", 10 ** 9)
+        self.info, self.dtype = info, _AMP.get(t.precision)
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+        self.model = model
+        self.stage = self.engine.zero_optimization_stage()
+
+    def forward(self, images):
+        # bf16/fp16 engines hold the module in that dtype; inputs follow, logits come back in fp32
+        return self.engine(images.to(self.dtype) if self.dtype else images).float()
+
+    def backward(self, images, labels, last_micro: bool) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(self.forward(images), labels)
+        self.engine.backward(loss)
+        return loss.detach()
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def trainable_fp32(self) -> dict:
+        from deepspeed.utils import safe_get_full_fp32_param
+        return {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in trainable_parameters(self.model)}
+
+    def save(self, directory: str, client: dict) -> None:
+        tag = f"step{client['state']['global_step']}"
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client, exclude_frozen_parameters=True)
+        if self.info.is_main:  # `latest` now names the new tag: drop the older ones
+            for old in os.listdir(directory):
+                if old.startswith("step") and old != tag and os.path.isdir(os.path.join(directory, old)):
+                    shutil.rmtree(os.path.join(directory, old))
+        barrier(self.info)
+
+    def load(self, directory: str) -> dict:
+        path, client = self.engine.load_checkpoint(directory, load_module_strict=False)
+        if path is None:
+            raise ValueError(f"{directory}: DeepSpeed found no checkpoint to load")
+        return client
+
+
+ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}

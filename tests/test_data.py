@@ -164,12 +164,17 @@ def test_real_fashion_mnist_idx(tmp_path):
     assert data["splits"]["train"]["num_samples"] == 60000 and data["splits"]["test"]["num_samples"] == 10000
 
 
+def tiny_vtab_shards(tmp: Path, n_train: int, n_val: int, n_test: int, shard_size: int) -> str:
+    """A 4-class VTAB-layout task at 32 px, sharded; returns the shard folder."""
+    src = make_vtab(tmp / "task", n_train=n_train, n_val=n_val, n_test=n_test, classes=4)
+    res = make_shards("vtab", "--root", src, "--out", tmp / "shards", "--image-size", 32, "--shard-size", shard_size)
+    assert res.returncode == 0, res.stderr
+    return str(tmp / "shards")
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("loader")
-    src = make_vtab(tmp / "t", n_train=22, n_val=4, n_test=23, classes=4)
-    assert make_shards("vtab", "--root", src, "--out", tmp / "out", "--image-size", 32, "--shard-size", 3).returncode == 0
-    return str(tmp / "out")
+    return tiny_vtab_shards(tmp_path_factory.mktemp("loader"), n_train=22, n_val=4, n_test=23, shard_size=3)
 
 
 @pytest.mark.parametrize("in_memory", [False, True])

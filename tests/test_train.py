@@ -16,17 +16,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from rlrr.config import ConfigError, load_config
 from rlrr.train import build_model, main
 from rlrr.optim import param_groups
-from test_data import make_shards, make_vtab
+from test_data import tiny_vtab_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    src = make_vtab(tmp / "task", n_train=24, n_val=8, n_test=13, classes=4)
-    assert make_shards("vtab", "--root", src, "--out", tmp / "shards", "--image-size", 32, "--shard-size", 4).returncode == 0
-    return str(tmp / "shards")
+    return tiny_vtab_shards(tmp_path_factory.mktemp("train"), n_train=24, n_val=8, n_test=13, shard_size=4)
 
 
 def write_config(path: Path, shards: str, out: Path, **sections) -> str:

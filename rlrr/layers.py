@@ -8,7 +8,6 @@ same names), so DeepSpeed ZeRO-3 gathers them around this module's own forward. 
 its base module's own forward, as peft's layers do.
 """
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset

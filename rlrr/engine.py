@@ -22,7 +22,7 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class DDPEngine:
     MARKER = "last.pt"  # present once a resumable checkpoint exists
-    def __init__(self, model: nn.Module, cfg, info: DistInfo):
+    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
         t = cfg.train
         self.model, self.info, self.clip = model, info, t.clip_grad
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay)

@@ -28,7 +28,7 @@ from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import Manifest, SplitLoader
 from .data.transforms import Recipe, normalize
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
-from .engine import ENGINES, DDPEngine, DeepSpeedEngine
+from .engine import ENGINES
 from .evaluate import evaluate
 from .optim import build_scheduler
 from .pretrained import load_pretrained
@@ -101,10 +101,12 @@ def main(argv=None) -> dict:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     marker = os.path.join(ckpt_dir, ENGINES[t.engine].MARKER)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = (args.resume == "latest" or restarted) and os.path.isfile(marker)
+    # rank 0 decides (it creates the run directory below; other ranks must not race it)
+    resume = broadcast_object(info, (args.resume == "latest" or restarted) and os.path.isfile(marker))
+    existing = broadcast_object(info, os.path.exists(ckpt_dir))
     if args.resume == "latest" and not resume:
         raise ConfigError(f"--resume latest: no checkpoint at {marker}")
-    if not resume and os.path.exists(ckpt_dir):
+    if not resume and existing:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume latest or choose another run_name")
     if t.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("train.precision = fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -134,7 +136,7 @@ def main(argv=None) -> dict:
     steps_per_epoch = math.ceil(len(train_data) / t.grad_accum)
     total_steps = t.epochs * steps_per_epoch
 
-    engine = DeepSpeedEngine(model, cfg, info, micro) if t.engine == "deepspeed" else DDPEngine(model, cfg, info)
+    engine = ENGINES[t.engine](model, cfg, info, micro)
     scheduler = build_scheduler(engine.optimizer, total_steps, t.warmup_epochs * steps_per_epoch, t.warmup_lr, t.min_lr)
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_time": 0.0, "images": 0,
@@ -151,7 +153,7 @@ def main(argv=None) -> dict:
 
     writer = None
     if info.is_main:
-        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+        os.makedirs(ckpt_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=state["global_step"] if resume else None)
         writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```", state["global_step"])

@@ -245,7 +245,7 @@ def test_gradient_accumulation_matches_one_big_batch():
         model = build_model(cfg, num_classes=3)
         with torch.no_grad():
             model.head.weight.normal_()  # a non-zero head, so the backbone gets gradients
-        engine = DDPEngine(model, cfg, DistInfo())
+        engine = DDPEngine(model, cfg, DistInfo(), micro=4 // accum)
         torch.manual_seed(1)
         images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
         for chunk in range(accum):

@@ -1,0 +1,32 @@
+"""tools/benchmark.py runs and writes complete JSON (no timing assertions)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runs_and_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "test_vit", "--img-size", "32",
+                          "--batch-size", "2", "--modes", "rlrr,full,linear", "--warmup", "1", "--steps", "1",
+                          "--windows", "2", "--device", "cpu", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data["training"]) == {"rlrr", "full", "linear"}
+    for mode, r in data["training"].items():
+        assert r["mode"] == mode and r["train_img_s"] > 0 and r["peak_memory_mb"] >= 0 and r["trainable_params"] > 0
+    t = data["training"]
+    assert t["linear"]["trainable_params"] < t["rlrr"]["trainable_params"] < t["full"]["trainable_params"]
+    inf = data["inference"]
+    assert all(inf[k] > 0 for k in ("infer_adapted_img_s", "infer_merged_img_s", "infer_plain_img_s", "merged_vs_plain"))
+    assert set(data["rlrr_vs_full"]) == {"speed", "memory"} and data["config"]["model"] == "test_vit"
+    assert "rlrr vs full: speed" in res.stdout
+
+
+def test_benchmark_rejects_unknown_modes():
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--modes", "rlrr,magic"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown mode(s) ['magic']" in res.stderr

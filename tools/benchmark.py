@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Training and inference speed and peak memory: RLRR vs full fine-tuning vs linear probe (vs LoRA
+when HF peft is installed), each training mode in a fresh process so peak memory is its own.
+
+    python tools/benchmark.py --model vit_base_patch16_224 --batch-size 8 --precision fp32 --device cpu
+    python tools/benchmark.py --model vit_huge_patch14_224 --batch-size 64 --precision bf16 --device cuda
+
+Training img/s: forward + backward + AdamW step on random data, after warm-up, median over timed
+windows. Peak memory: CUDA max allocated, or on CPU the peak RSS growth over the process's RSS after
+imports. Inference img/s: the RLRR-adapted model, the merged model and the plain timm model.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import timm
+import torch
+
+TRAIN_MODES = ("rlrr", "full", "linear", "lora")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _model(args, mode):
+    from rlrr import apply_rlrr
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
+    if mode == "rlrr":
+        apply_rlrr(model)
+    elif mode == "linear":
+        model.requires_grad_(False)
+        model.get_classifier().requires_grad_(True)
+    elif mode == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv"],
+                                                 modules_to_save=[model.default_cfg["classifier"]]))
+    return model
+
+
+def _timed(args, step, device) -> float:
+    """Median img/s over ``args.windows`` windows of ``args.steps`` calls, after ``args.warmup`` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    rates = []
+    for _ in range(args.windows):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def measure_training(args, mode) -> dict:
+    device = torch.device(args.device)
+    base_mb = _rss_mb() if device.type == "cpu" else 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = _model(args, mode).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    rate = _timed(args, step, device)
+    peak = _peak_mb(device) - base_mb
+    return {"mode": mode, "train_img_s": round(rate, 2), "peak_memory_mb": round(peak, 1),
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+@torch.no_grad()
+def measure_inference(args) -> dict:
+    from rlrr import apply_rlrr, merge_rlrr
+    device = torch.device(args.device)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    out = {}
+    adapted = apply_rlrr(timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)).to(device).eval()
+    plain = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size).to(device).eval()
+    for name, model in (("adapted", adapted), ("plain", plain), ("merged", None)):
+        if name == "merged":
+            model = merge_rlrr(adapted)
+        def step(model=model):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                model(x)
+        out[f"infer_{name}_img_s"] = round(_timed(args, step, device), 2)
+    out["merged_vs_plain"] = round(out["infer_merged_img_s"] / out["infer_plain_img_s"], 3)
+    return out
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--num-classes", type=int, default=100)
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--modes", default=",".join(TRAIN_MODES), help="training modes to measure")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--worker", choices=TRAIN_MODES + ("inference",), help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    if args.worker:  # one measurement in this fresh process, printed as the last line
+        result = measure_inference(args) if args.worker == "inference" else measure_training(args, args.worker)
+        print(json.dumps(result))
+        return 0
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in TRAIN_MODES]
+    if unknown:
+        print(f"benchmark: error: unknown mode(s) {unknown}; choose from {','.join(TRAIN_MODES)}", file=sys.stderr)
+        return 2
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        if "lora" in modes:
+            print("benchmark: peft is not installed; skipping lora", file=sys.stderr)
+            modes.remove("lora")
+    shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
+              "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
+              "--warmup", str(args.warmup), "--steps", str(args.steps), "--windows", str(args.windows)]
+    results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
+               "torch": torch.__version__, "timm": timm.__version__, "training": {}}
+    for worker in modes + ["inference"]:
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), *shared, "--worker", worker],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"benchmark: error: {worker} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            return 1
+        data = json.loads(res.stdout.strip().splitlines()[-1])
+        if worker == "inference":
+            results["inference"] = data
+        else:
+            results["training"][worker] = data
+    train = results["training"]
+    if "rlrr" in train and "full" in train:
+        results["rlrr_vs_full"] = {"speed": round(train["rlrr"]["train_img_s"] / train["full"]["train_img_s"], 3),
+                                   "memory": round(train["rlrr"]["peak_memory_mb"] / train["full"]["peak_memory_mb"], 3)}
+    print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}")
+    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'trainable':>12s}")
+    for mode, r in train.items():
+        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['trainable_params']:12,d}")
+    inf = results["inference"]
+    print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
+          f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")
+    if "rlrr_vs_full" in results:
+        print(f"rlrr vs full: speed {results['rlrr_vs_full']['speed']:.3f}x, memory {results['rlrr_vs_full']['memory']:.3f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

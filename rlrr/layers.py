@@ -6,6 +6,12 @@ ScaleShift:  y = base(x) * gamma + beta  (SSF after a norm or the patch conv; se
 RLRRLinear owns the frozen weight and bias of the nn.Linear it replaces (same Parameter objects,
 same names), so DeepSpeed ZeRO-3 gathers them around this module's own forward. ScaleShift calls
 its base module's own forward, as peft's layers do.
+
+Training cost: the scale gradients need dW' (the same matmul as full fine-tuning's weight
+gradient), but nothing needs W' kept between forward and backward. ``RescaledLinearFn`` builds W'
+in forward, uses it and drops it, rebuilds it in backward for dX, and reduces dW' * W to the two
+scale vectors in place, so each layer holds at most one (out, in) temporary at a time and stores
+only its (compute-dtype) input, like a frozen nn.Linear.
 """
 import math
 
@@ -56,19 +62,69 @@ class RLRRLinear(nn.Module):
         nn.init.zeros_(self.bias_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight * rescale_factor(self.scale_in, self.scale_out)
-        bias = self.bias_shift if self.bias is None else self.bias + self.bias_shift
-        return F.linear(x, weight, bias)
+        return RescaledLinearFn.apply(x, self.weight, self.bias, self.scale_in, self.scale_out, self.bias_shift)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, in_groups={self.in_groups}")
 
 
-def rescale_factor(scale_in: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
-    """The (out, in) factor 1 + s_out s_in^T; each row of ``scale_in`` serves an equal chunk of rows."""
-    s_in = scale_in.repeat_interleave(scale_out.shape[0] // scale_in.shape[0], dim=0)
-    return torch.addcmul(torch.ones_like(s_in), scale_out.unsqueeze(1), s_in)
+def rescaled_weight(weight: torch.Tensor, scale_in: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
+    """W' = W * (1 + s_out s_in^T) as one new (out, in) tensor; row g of ``scale_in`` serves the
+    g-th equal chunk of output rows. Differentiable (the reference formulation)."""
+    groups, in_features = scale_in.shape
+    one = torch.ones((), dtype=weight.dtype, device=weight.device)
+    factor = torch.addcmul(one, scale_out.view(groups, -1, 1), scale_in.view(groups, 1, in_features))
+    return factor.mul_(weight.view(groups, -1, in_features)).view(weight.shape)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Under autocast a linear runs in the autocast dtype; F.linear would cast x and W' itself.
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class RescaledLinearFn(torch.autograd.Function):
+    """y = x W'^T + b + f with W' = W * (1 + s_out s_in^T), recomputing W' in backward.
+
+    Gradients (G = dW' * W, viewed as (groups, out/groups, in)):
+      ds_out[g, o] = sum_i G[g, o, i] s_in[g, i]        ds_in[g, i] = sum_o s_out[g, o] G[g, o, i]
+    as two batched matrix-vector products; df = sum of dy over tokens. W and b get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale_in, scale_out, bias_shift):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("RLRRLinear keeps its base weight and bias frozen; set requires_grad=False on them")
+        dtype = _compute_dtype(x)
+        b = bias_shift if bias is None else bias + bias_shift
+        x_c = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x_c, rescaled_weight(weight, scale_in, scale_out).to(dtype), b.to(dtype))
+        ctx.save_for_backward(x_c, weight, scale_in, scale_out)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_c, weight, scale_in, scale_out = ctx.saved_tensors
+        dtype = x_c.dtype
+        grad_y = grad_y.to(dtype)
+        grad_x = grad_s_in = grad_s_out = grad_f = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_y @ rescaled_weight(weight, scale_in, scale_out).to(dtype)).to(ctx.x_dtype)
+        dy = grad_y.reshape(-1, grad_y.shape[-1])
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            groups, in_features = scale_in.shape
+            g = (dy.t() @ x_c.reshape(-1, in_features)).to(weight.dtype).mul_(weight)  # dW' * W
+            g = g.view(groups, -1, in_features)
+            grad_s_out = torch.bmm(g, scale_in.unsqueeze(2)).view(scale_out.shape)
+            grad_s_in = torch.bmm(scale_out.view(groups, 1, -1), g).view(scale_in.shape)
+        if ctx.needs_input_grad[5]:
+            grad_f = dy.sum(0, dtype=torch.float32).to(scale_out.dtype)
+        return grad_x, None, None, grad_s_in, grad_s_out, grad_f
 
 
 class ScaleShift(nn.Module):
@@ -118,7 +174,7 @@ def merged_linear(layer: RLRRLinear) -> nn.Linear:
     A bias-free base (Swin's patch-merging reduction) gets a bias from the shift; the caller decides
     whether it may keep it (see ``fold_bias_into_preceding_norm``).
     """
-    w32 = layer.weight.float() * rescale_factor(layer.scale_in.float(), layer.scale_out.float())
+    w32 = rescaled_weight(layer.weight.float(), layer.scale_in.float(), layer.scale_out.float())
     b32 = layer.bias_shift.float() if layer.bias is None else layer.bias.float() + layer.bias_shift.float()
     _check_finite(w32, b32)
     out = nn.Linear(layer.in_features, layer.out_features, bias=True,

@@ -11,13 +11,15 @@ def test_benchmark_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "test_vit", "--img-size", "32",
                           "--batch-size", "2", "--modes", "rlrr,full,linear", "--warmup", "1", "--steps", "1",
-                          "--windows", "2", "--device", "cpu", "--json", str(out)],
+                          "--windows", "2", "--rounds", "2", "--device", "cpu", "--json", str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data["training"]) == {"rlrr", "full", "linear"}
     for mode, r in data["training"].items():
         assert r["mode"] == mode and r["train_img_s"] > 0 and r["peak_memory_mb"] >= 0 and r["trainable_params"] > 0
+        assert len(r["window_img_s"]) == 4  # 2 windows x 2 rounds, pooled
+        assert r["ddp_allreduce_bytes"] == 4 * r["trainable_params"]  # fp32 gradients of trainable parameters
     t = data["training"]
     assert t["linear"]["trainable_params"] < t["rlrr"]["trainable_params"] < t["full"]["trainable_params"]
     inf = data["inference"]

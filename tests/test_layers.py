@@ -122,3 +122,76 @@ def test_scale_shift_on_layernorm_and_conv_folds_exactly(init):
     expected = conv(img) * ssf.ssf_scale.view(1, 5, 1, 1) + ssf.ssf_shift.view(1, 5, 1, 1)
     torch.testing.assert_close(ssf(img), expected)
     torch.testing.assert_close(merged_scale_shift(ssf)(img), expected.detach(), atol=1e-6, rtol=1e-5)
+
+
+def _reference_forward(layer, x):
+    """The reference formulation: build W' with autograd and call F.linear (RLRR.md section 1)."""
+    from rlrr.layers import rescaled_weight
+    w = rescaled_weight(layer.weight, layer.scale_in, layer.scale_out)
+    b = layer.bias_shift if layer.bias is None else layer.bias + layer.bias_shift
+    return torch.nn.functional.linear(x, w, b)
+
+
+def _grads(layer, x, fn):
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    y = fn(layer, x)
+    y.backward(torch.randn_like(y))
+    out = [y.detach(), x.grad] + [p.grad.clone() for p in (layer.scale_in, layer.scale_out, layer.bias_shift)]
+    layer.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("groups,bias", [(1, True), (3, True), (1, False)])
+def test_recomputing_backward_equals_reference_formulation(groups, bias):
+    """The custom autograd function gives the reference's outputs and all gradients (fp32 tolerance),
+    and passes torch's numerical gradcheck in float64."""
+    layer = RLRRLinear(_linear(out_f=48, in_f=40, bias=bias), in_groups=groups)
+    with torch.no_grad():
+        layer.bias_shift.normal_()
+    x = torch.randn(4, 9, 40)
+    ours, ref = _grads(layer, x, lambda m, t: m(t)), _grads(layer, x, _reference_forward)
+    for a, b, name in zip(ours, ref, ("y", "dx", "ds_in", "ds_out", "df")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    small = RLRRLinear(_linear(out_f=6, in_f=5, bias=bias), in_groups=groups).double()
+    xd = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, *ps: small(t), (xd, small.scale_in, small.scale_out, small.bias_shift))
+
+
+def test_recomputing_backward_under_bf16_autocast_matches_reference():
+    layer = RLRRLinear(_linear(out_f=64, in_f=32))
+    x = torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _grads(layer, x, lambda m, t: m(t))
+        ref = _grads(layer, x, _reference_forward)
+    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.float32
+    for a, b, name in zip(ours, ref, ("y", "dx", "ds_in", "ds_out", "df")):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_no_rescaled_weight_is_kept_for_backward():
+    """Between forward and backward the layer stores its input and its own parameters only: no
+    (out, in) W' or factor tensor (the reference keeps two per layer)."""
+    layer = RLRRLinear(_linear(out_f=96, in_f=80))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(3, 80, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    big = [t for t in saved if t.numel() >= 96 * 80]
+    assert big and all(t.data_ptr() == layer.weight.data_ptr() for t in big), [tuple(t.shape) for t in big]
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _reference_forward(layer, x).sum().backward()
+    assert sum(t.numel() == 96 * 80 and t.data_ptr() != layer.weight.data_ptr() for t in saved) >= 1
+
+
+def test_trainable_base_weight_is_refused():
+    layer = RLRRLinear(_linear())
+    layer.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="keeps its base weight and bias frozen"):
+        layer(torch.randn(2, 8))

@@ -6,8 +6,12 @@ when HF peft is installed), each training mode in a fresh process so peak memory
     python tools/benchmark.py --model vit_huge_patch14_224 --batch-size 64 --precision bf16 --device cuda
 
 Training img/s: forward + backward + AdamW step on random data, after warm-up, median over timed
-windows. Peak memory: CUDA max allocated, or on CPU the peak RSS growth over the process's RSS after
-imports. Inference img/s: the RLRR-adapted model, the merged model and the plain timm model.
+windows. Each mode runs in its own fresh process, and the modes run in ``--rounds`` alternating
+rounds whose windows are pooled, so a machine that slows down mid-run does not favour one mode.
+Peak memory: CUDA max allocated, or on CPU the peak RSS growth over the process's RSS after
+imports (the largest over rounds). DDP bytes: what DistributedDataParallel hands to all-reduce in
+one step (counted by a comm hook on a one-process gloo group). Inference img/s: the RLRR-adapted
+model, then the merged and the plain timm model with their windows interleaved.
 """
 import argparse
 import json
@@ -16,6 +20,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import timm
@@ -53,20 +58,47 @@ def _model(args, mode):
     return model
 
 
-def _timed(args, step, device) -> float:
-    """Median img/s over ``args.windows`` windows of ``args.steps`` calls, after ``args.warmup`` calls."""
+def _timed(args, steps: dict, device) -> dict:
+    """img/s of each of ``steps`` over ``args.windows`` windows of ``args.steps`` calls, after
+    ``args.warmup`` calls each; the windows of different steps alternate."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    rates = []
-    for _ in range(args.windows):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
+    for step in steps.values():
+        for _ in range(args.warmup):
             step()
-        sync()
-        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    rates = {name: [] for name in steps}
+    for _ in range(args.windows):
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+    return rates
+
+
+def _ddp_allreduce_bytes(model, x, y) -> int:
+    """Bytes DDP all-reduces for one backward of ``model`` (gradients of trainable parameters)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    counted = []
+
+    def count(state, bucket):
+        counted.append(bucket.buffer().numel() * bucket.buffer().element_size())
+        done = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
+        try:
+            ddp = DistributedDataParallel(model)
+            ddp.register_comm_hook(None, count)
+            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        finally:
+            dist.destroy_process_group()
+    model.zero_grad(set_to_none=True)
+    return sum(counted)
 
 
 def measure_training(args, mode) -> dict:
@@ -88,10 +120,11 @@ def measure_training(args, mode) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rate = _timed(args, step, device)
+    rates = _timed(args, {mode: step}, device)[mode]
     peak = _peak_mb(device) - base_mb
-    return {"mode": mode, "train_img_s": round(rate, 2), "peak_memory_mb": round(peak, 1),
-            "trainable_params": sum(p.numel() for p in params)}
+    ddp_bytes = _ddp_allreduce_bytes(model, x[:1], y[:1])
+    return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1),
+            "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes}
 
 
 @torch.no_grad()
@@ -100,16 +133,18 @@ def measure_inference(args) -> dict:
     device = torch.device(args.device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    out = {}
-    adapted = apply_rlrr(timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)).to(device).eval()
-    plain = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size).to(device).eval()
-    for name, model in (("adapted", adapted), ("plain", plain), ("merged", None)):
-        if name == "merged":
-            model = merge_rlrr(adapted)
-        def step(model=model):
+    def step(model):
+        def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 model(x)
-        out[f"infer_{name}_img_s"] = round(_timed(args, step, device), 2)
+        return run
+
+    model = apply_rlrr(timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)).to(device).eval()
+    rates = _timed(args, {"adapted": step(model)}, device)
+    merged = merge_rlrr(model)
+    plain = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size).to(device).eval()
+    rates.update(_timed(args, {"merged": step(merged), "plain": step(plain)}, device))
+    out = {f"infer_{name}_img_s": round(statistics.median(r), 2) for name, r in rates.items()}
     out["merged_vs_plain"] = round(out["infer_merged_img_s"] / out["infer_plain_img_s"], 3)
     return out
 
@@ -125,7 +160,8 @@ def parse_args(argv):
     ap.add_argument("--modes", default=",".join(TRAIN_MODES), help="training modes to measure")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
-    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--windows", type=int, default=3, help="timed windows per mode and round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the training modes")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", choices=TRAIN_MODES + ("inference",), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -154,7 +190,8 @@ def main(argv=None) -> int:
               "--warmup", str(args.warmup), "--steps", str(args.steps), "--windows", str(args.windows)]
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
                "torch": torch.__version__, "timm": timm.__version__, "training": {}}
-    for worker in modes + ["inference"]:
+    train = results["training"]
+    for worker in modes * max(1, args.rounds) + ["inference"]:
         res = subprocess.run([sys.executable, os.path.abspath(__file__), *shared, "--worker", worker],
                              capture_output=True, text=True)
         if res.returncode != 0:
@@ -163,16 +200,21 @@ def main(argv=None) -> int:
         data = json.loads(res.stdout.strip().splitlines()[-1])
         if worker == "inference":
             results["inference"] = data
+        elif worker in train:  # a later round: pool its windows, keep the larger peak
+            train[worker]["window_img_s"] += data["window_img_s"]
+            train[worker]["peak_memory_mb"] = max(train[worker]["peak_memory_mb"], data["peak_memory_mb"])
         else:
-            results["training"][worker] = data
-    train = results["training"]
+            train[worker] = data
+    for r in train.values():
+        r["train_img_s"] = round(statistics.median(r["window_img_s"]), 2)
     if "rlrr" in train and "full" in train:
         results["rlrr_vs_full"] = {"speed": round(train["rlrr"]["train_img_s"] / train["full"]["train_img_s"], 3),
                                    "memory": round(train["rlrr"]["peak_memory_mb"] / train["full"]["peak_memory_mb"], 3)}
     print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}")
-    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'trainable':>12s}")
+    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'trainable':>12s} {'DDP MB/step':>12s}")
     for mode, r in train.items():
-        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['trainable_params']:12,d}")
+        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['trainable_params']:12,d} "
+              f"{r['ddp_allreduce_bytes'] / 1e6:12.2f}")
     inf = results["inference"]
     print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
           f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")

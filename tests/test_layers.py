@@ -126,8 +126,8 @@ def test_scale_shift_on_layernorm_and_conv_folds_exactly(init):
 
 def _reference_forward(layer, x):
     """The reference formulation: build W' with autograd and call F.linear (RLRR.md section 1)."""
-    from rlrr.layers import rescaled_weight
-    w = rescaled_weight(layer.weight, layer.scale_in, layer.scale_out)
+    s_in = layer.scale_in.repeat_interleave(layer.out_features // layer.in_groups, dim=0)
+    w = layer.weight * (1 + layer.scale_out[:, None] * s_in)
     b = layer.bias_shift if layer.bias is None else layer.bias + layer.bias_shift
     return torch.nn.functional.linear(x, w, b)
 
@@ -195,3 +195,56 @@ def test_trainable_base_weight_is_refused():
     layer.weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match="keeps its base weight and bias frozen"):
         layer(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("norm_cls", ["torch", "timm"])
+def test_scale_shift_on_layernorm_runs_fused_and_equals_norm_then_affine(norm_cls):
+    """After a LayerNorm, SSF is folded into the norm's affine on the fly: same outputs and gradients
+    as norm-then-scale-shift, and the normalised copy of x is not kept for backward."""
+    import timm.layers
+    norm = (nn.LayerNorm if norm_cls == "torch" else timm.layers.LayerNorm)(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_()
+    ssf = ScaleShift(norm, 16, -1)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ssf(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    fused = [y.detach(), x.grad.clone(), ssf.ssf_scale.grad.clone(), ssf.ssf_shift.grad.clone()]
+    x.grad = None
+    ssf.zero_grad(set_to_none=True)
+    ref_y = norm(x) * ssf.ssf_scale + ssf.ssf_shift
+    ref_y.backward(g)
+    for a, b, name in zip(fused, [ref_y.detach(), x.grad, ssf.ssf_scale.grad, ssf.ssf_shift.grad],
+                          ("y", "dx", "dscale", "dshift")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert not any(t.shape == x.shape and t.data_ptr() != x.data_ptr() for t in saved)
+
+
+def test_cpu_scratch_buffers_are_per_thread():
+    """W' lives in a reused per-thread buffer on CPU: concurrent forwards must not see each other's."""
+    import threading
+    layers = [RLRRLinear(_linear(out_f=64, in_f=48, seed=s)) for s in range(2)]
+    # two layers of the same shape share one buffer per thread
+    xs = [torch.randn(200, 48) for _ in range(2)]
+    expected = [_reference_forward(layer, x).detach() for layer, x in zip(layers, xs)]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(50):
+                out = layers[i](xs[i])
+                torch.testing.assert_close(out.detach(), expected[i], rtol=1e-5, atol=1e-5)
+            results[i] = True
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == {0: True, 1: True}

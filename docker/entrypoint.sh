@@ -1,4 +1,10 @@
 #!/usr/bin/env bash
-# Runs the given command inside the rlrr image (e.g. python tools/demo.py).
+# Entry point of the rlrr image (working directory /opt/rlrr):
+#   docker run rlrr --config configs/vtab/kitti.yaml [--set ...]     -> python launch/train.py --config ...
+#   docker run rlrr torchrun --nproc_per_node=8 launch/train.py ...  -> run as given
+#   docker run rlrr python tools/report.py runs/                     -> run as given
 set -euo pipefail
-exec "$@"
+case "${1:-}" in
+  "" | -*) exec python launch/train.py "$@" ;;
+  *) exec "$@" ;;
+esac

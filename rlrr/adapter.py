@@ -8,7 +8,6 @@ starts at zero.
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -19,6 +18,7 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
+from .checkpoint import write_atomic
 from .layers import RLRRLinear, ScaleShift, fold_bias_into_preceding_norm, merged_linear, merged_scale_shift
 
 ADAPTER_FORMAT = "rlrr.adapter/1"
@@ -185,16 +185,7 @@ def write_adapter(tensors: dict[str, torch.Tensor], path: str, backbone: str, nu
         "rlrr_config": json.dumps(config.to_dict() if config else None),
         "shapes": json.dumps({n: list(t.shape) for n, t in tensors.items()}),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".adapter-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .checkpoint import write_text_atomic
+
 
 class ConfigError(ValueError):
     pass
@@ -201,7 +203,4 @@ def _check(cfg: RunConfig, source: str) -> None:
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

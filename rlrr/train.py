@@ -36,6 +36,16 @@ from .pretrained import load_pretrained
 log = logging.getLogger("rlrr")
 
 
+def initial_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """The run's model before training: the same on every rank and when rebuilt after training
+    (merged.safetensors, tools/analyze_svd.py), because it is built under ``train.seed`` alone. This
+    matters for whatever the pretrained file does not set (the head, the adapter; the whole
+    backbone when there is no file); the caller's RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_model(cfg, num_classes)
+
+
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     m = cfg.model
     model = timm.create_model(m.name, pretrained=False, num_classes=num_classes, img_size=m.img_size,
@@ -79,8 +89,11 @@ class Preemption:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Fine-tune a timm ViT/Swin with RLRR.")
     ap.add_argument("--config", help="YAML run config (see configs/)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, e.g. train.lr=0.003")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="override config keys, e.g. train.lr=0.003 (repeatable)")
     ap.add_argument("--resume", choices=["latest"], help="continue the run in <output_dir>/<run_name>")
+    ap.add_argument("--print-run-dir", action="store_true",
+                    help="print the run directory this config resolves to and exit (for batch scripts)")
     return ap.parse_args(argv)
 
 
@@ -93,6 +106,11 @@ def _peak_memory_mb(device) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
+    if args.print_run_dir:
+        if not cfg.run_name:
+            raise ConfigError("run_name is not set, so the run directory is only decided at start; set run_name")
+        print(os.path.join(cfg.output_dir, cfg.run_name))
+        return {}
     info = init_distributed(always=cfg.train.engine == "deepspeed")  # DeepSpeed wants a process group, even of 1
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s",
                         stream=sys.stdout, force=True)
@@ -100,13 +118,15 @@ def main(argv=None) -> dict:
     t = cfg.train
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     marker = os.path.join(ckpt_dir, ENGINES[t.engine].MARKER)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    # restarted by torchrun --max-restarts or requeued by SLURM: continue from the last checkpoint, if any
+    restarted = any(int(os.environ.get(v) or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    preempted_marker = os.path.join(run_dir, "PREEMPTED")  # tells the batch script to requeue
     # rank 0 decides (it creates the run directory below; other ranks must not race it)
     resume = broadcast_object(info, (args.resume == "latest" or restarted) and os.path.isfile(marker))
     existing = broadcast_object(info, os.path.exists(ckpt_dir))
     if args.resume == "latest" and not resume:
         raise ConfigError(f"--resume latest: no checkpoint at {marker}")
-    if not resume and existing:
+    if not resume and existing and not restarted:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume latest or choose another run_name")
     if t.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("train.precision = fp16 needs a CUDA device; use bf16 or fp32 on CPU")
@@ -115,11 +135,11 @@ def main(argv=None) -> dict:
         raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by world size {info.world} "
                           f"x train.grad_accum {t.grad_accum}")
 
-    torch.manual_seed(t.seed + info.rank)
+    torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
     manifest = Manifest(cfg.data.shards)
     if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
         raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has {manifest.num_classes} classes")
-    model = build_model(cfg, manifest.num_classes).to(info.device)
+    model = initial_model(cfg, manifest.num_classes).to(info.device)
     n_trainable = count_trainable(model)
 
     def split_loader(name, train):
@@ -154,6 +174,8 @@ def main(argv=None) -> dict:
     writer = None
     if info.is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
+        if os.path.exists(preempted_marker):
+            os.remove(preempted_marker)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
         writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=state["global_step"] if resume else None)
         writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```", state["global_step"])
@@ -199,9 +221,12 @@ def main(argv=None) -> dict:
                 writer.add_scalar("train/grad_norm", grad_norm, state["global_step"])
                 writer.add_scalar("train/img_per_s", seen * info.world / (time.perf_counter() - t0), state["global_step"])
             out_of_budget = t.max_steps and state["global_step"] >= t.max_steps
-            if preempt.any_rank(info) or out_of_budget:
+            preempted = preempt.any_rank(info)
+            if preempted or out_of_budget:
                 save_checkpoint()
                 stopped_early = True
+                if preempted and info.is_main:
+                    checkpoint.write_text_atomic(preempted_marker, f"step {state['global_step']}\n")
                 break
             if t.save_every_steps and state["global_step"] % t.save_every_steps == 0:
                 save_checkpoint()
@@ -248,18 +273,15 @@ def main(argv=None) -> dict:
 def write_final(cfg: RunConfig, num_classes: int, adapter: dict, run_dir: str, results: dict) -> None:
     """adapter.safetensors, merged.safetensors (a plain timm model) and results.json, from the fp32
     adapter and a fresh CPU copy of the backbone (engine-independent: works for ZeRO-3 too)."""
-    model = build_model(cfg, num_classes)
+    model = initial_model(cfg, num_classes)
     with torch.no_grad():
         for name, p in trainable_parameters(model):
             p.copy_(adapter[name])
     save_adapter(model, os.path.join(run_dir, "adapter.safetensors"))
     merged = merge_rlrr(model) if cfg.model.method == "rlrr" else model
-    save_file({k: v.detach().contiguous() for k, v in merged.state_dict().items()},
-              os.path.join(run_dir, "merged.safetensors"))
-    tmp = os.path.join(run_dir, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, "results.json"))
+    tensors = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    checkpoint.write_atomic(os.path.join(run_dir, "merged.safetensors"), lambda tmp: save_file(tensors, tmp))
+    checkpoint.write_text_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
     log.info("results: " + json.dumps({k: results[k] for k in (
         "test_acc1_final", "test_acc1_at_best_val", "test_acc1_best_over_epochs")}))
     log.info(f"tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")

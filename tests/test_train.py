@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlrr.config import ConfigError, load_config
+from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.transforms import Recipe, normalize
 from rlrr.train import build_model, main
 from rlrr.optim import param_groups
 from test_data import tiny_vtab_shards
@@ -53,6 +55,11 @@ def test_single_process_run_writes_everything(shards, tmp_path):
     # merged model: a plain timm model, strictly loadable, equal to the adapted one
     plain = timm.create_model("test_vit", num_classes=4, img_size=32).eval()
     plain.load_state_dict(load_file(str(run / "merged.safetensors")), strict=True)
+    test = SplitLoader(Manifest(shards), "test", train=False, batch_size=5, recipe=Recipe("vtab", False, image_size=32))
+    with torch.no_grad():
+        correct = sum(int((plain(normalize(x, load_config(str(run / "config.yaml")).data.stats)).argmax(1) == y).sum())
+                      for x, y, _ in test.epoch(0))
+    assert correct * 100 / 13 == pytest.approx(saved["test_acc1_final"], abs=1e-3)  # the trained model, merged
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["lr"] == 0.01 and resolved["run_name"] == "tiny"
     events = EventAccumulator(str(run / "tensorboard"))

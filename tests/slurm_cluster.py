@@ -1,0 +1,150 @@
+"""A real single-node SLURM (slurmctld + slurmd + munge) on localhost, for the launch/slurm tests.
+
+Everything lives in one temporary directory; ``stop()`` shuts the daemons down by their pid files
+and checks that none is left running. Needs root and Debian's slurm-wlm + munge (the Makefile
+installs them).
+"""
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+CONF = """\
+ClusterName=rlrrtest
+SlurmctldHost=localhost
+AuthType=auth/munge
+AuthInfo=socket={root}/munge/munge.socket
+CredType=cred/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SchedulerType=sched/backfill
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+MpiDefault=none
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+KillWait=30
+MinJobAge=300
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def available() -> str:
+    """'' when a cluster can be started here, else why not."""
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch") if not shutil.which(b) and
+               not os.path.exists(f"/usr/sbin/{b}")]
+    if missing:
+        return f"SLURM binaries missing: {missing} (apt-get install slurm-wlm munge)"
+    if os.geteuid() != 0:
+        return "a local SLURM cluster needs root"
+    return ""
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, cpus: int = 2):
+        # munged runs as the munge user and must reach its directory: a world-traversable dir in /tmp
+        # (pytest's own tmp dirs are private to root)
+        self.root = Path(tempfile.mkdtemp(prefix="rlrr-slurm-"))
+        self.root.chmod(0o755)
+        for d in ("state", "spool", "munge"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.conf = self.root / "slurm.conf"
+        self.conf.write_text(CONF.format(root=self.root, cpus=cpus, ctld_port=_free_port(), d_port=_free_port()))
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.munge_socket = self.root / "munge" / "munge.socket"
+
+    def _sbin(self, name):
+        return shutil.which(name) or f"/usr/sbin/{name}"
+
+    def start(self) -> "Cluster":
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        shutil.chown(self.root / "munge", "munge", "munge")
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+        (self.root / "munge").chmod(0o755)
+        subprocess.run(["runuser", "-u", "munge", "--", self._sbin("munged"), "--key-file", str(key),
+                        "--socket", str(self.munge_socket), "--pid-file", str(self.root / "munge" / "munged.pid"),
+                        "--log-file", str(self.root / "munge" / "munged.log"), "--seed-file",
+                        str(self.root / "munge" / "munged.seed"), "--force"], check=True, env=self.env)
+        subprocess.run([self._sbin("slurmctld"), "-i"], check=True, env=self.env)
+        subprocess.run([self._sbin("slurmd"), "-N", "localhost"], check=True, env=self.env)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
+            if out in ("idle", "mixed", "allocated"):
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"SLURM did not come up: sinfo says {out!r}; see {self.root}/slurmctld.log")
+
+    def run(self, *cmd, check=True, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), env={**self.env, **kw.pop("env", {})}, capture_output=True, text=True,
+                              check=check, **kw)
+
+    def sbatch(self, *args, env=None) -> int:
+        out = self.run("sbatch", "--parsable", *args, env=env or {}).stdout.strip()
+        return int(out.split(";")[0])
+
+    def job_state(self, job_id: int) -> str:
+        out = self.run("scontrol", "show", "job", str(job_id), check=False).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "UNKNOWN"
+
+    def wait(self, job_id: int, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+             timeout: float = 600) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.job_state(job_id)
+            if state in states:
+                return state
+            time.sleep(1)
+        raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        self.run("scontrol", "shutdown", check=False)
+        pids = [self.root / "slurmctld.pid", self.root / "slurmd.pid", self.root / "munge" / "munged.pid"]
+        deadline = time.time() + 30
+        for pid_file in pids:
+            try:
+                pid = int(pid_file.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            while _alive(pid) and time.time() < deadline:
+                if pid_file.name == "munged.pid" or time.time() > deadline - 20:
+                    os.kill(pid, signal.SIGTERM)
+                time.sleep(0.2)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

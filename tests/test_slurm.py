@@ -1,0 +1,165 @@
+"""launch/slurm/*.sbatch and sweep.sh on a real single-node SLURM (slurmctld + slurmd + munge).
+
+The cluster starts once for this module and is shut down at the end (nothing left running).
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from slurm_cluster import Cluster, available
+from test_data import tiny_vtab_shards
+from test_train import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# The scripts ask for GPUs and many CPUs (cluster defaults); this CPU node has 2 cores and none.
+CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]
+JOB_ENV = {"PYTHON": sys.executable, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    why = available()
+    if why:
+        pytest.fail(f"cannot start the test SLURM cluster: {why}")
+    c = Cluster().start()
+    yield c
+    c.stop()
+    left = subprocess.run(["pgrep", "-f", str(c.root)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left running after the cluster stopped: {left}"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return tiny_vtab_shards(tmp_path_factory.mktemp("slurm-data"), n_train=24, n_val=8, n_test=13, shard_size=4)
+
+
+def _sbatch_in_root(cluster, *args):
+    """sbatch from the repository root (SLURM_SUBMIT_DIR is where the scripts find launch/train.py)."""
+    res = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env={**cluster.env, **JOB_ENV},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return int(res.stdout.strip().split(";")[0])
+
+
+def _wait_for(path: Path, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.5)
+
+
+def test_torchrun_job_trains_and_logs_into_the_run_directory(cluster, shards, tmp_path):
+    cfg = write_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs")
+    job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg,
+                          "--set", "train.lr=0.02")
+    state = cluster.wait(job)
+    batch_log = (tmp_path / f"slurm-{job}.out").read_text()
+    run = tmp_path / "runs" / "tiny"
+    assert state == "COMPLETED", batch_log + "".join(p.read_text() for p in (run / "logs").glob("*.log"))
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["epochs"] == 2 and results["steps"] == 12
+    assert (run / "config.yaml").read_text().count("lr: 0.02") == 1  # the --set override reached the run
+    assert f"-> {run}" in batch_log and "restart 0" in batch_log
+    rank_log = (run / "logs" / f"slurm-{job}-node0.log").read_text()
+    assert "epoch 2/2" in rank_log
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == 12 and len(events.Scalars("test/acc1")) == 2
+    assert (run / "adapter.safetensors").exists() and (run / "merged.safetensors").exists()
+
+
+def test_srun_one_task_per_process_uses_the_slurm_environment(cluster, shards, tmp_path):
+    cfg = write_config(tmp_path / "native.yaml", shards, tmp_path / "runs")
+    job = _sbatch_in_root(cluster, "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                          f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train_srun.sbatch", cfg)
+    state = cluster.wait(job)
+    run = tmp_path / "runs" / "native"
+    logs = "".join(p.read_text() for p in (run / "logs").glob("*.log"))
+    assert state == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text() + logs
+    assert json.loads((run / "results.json").read_text())["world_size"] == 2
+    assert {p.name for p in (run / "logs").glob("*.log")} == {f"slurm-{job}-rank0.log", f"slurm-{job}-rank1.log"}
+
+
+def _long_config(tmp_path, shards, name):
+    # long enough to be interrupted; a checkpoint every 5 optimizer steps
+    return write_config(tmp_path / f"{name}.yaml", shards, tmp_path / "runs",
+                        train={"epochs": 60, "eval_every": 1000, "save_every_steps": 5})
+
+
+def _resumed_step(run: Path) -> int:
+    logs = "".join(p.read_text() for p in sorted((run / "logs").glob("*.log")))
+    lines = [line for line in logs.splitlines() if f"resumed {run} at epoch" in line]
+    assert len(lines) == 1, logs[-3000:]
+    return int(lines[0].rsplit("step", 1)[1])
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, shards, tmp_path):
+    cfg = _long_config(tmp_path, shards, "requeued")
+    run = tmp_path / "runs" / "requeued"
+    job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg)
+    _wait_for(run / "checkpoints" / "last.pt")
+    cluster.run("scontrol", "requeue", str(job))
+    state = cluster.wait(job, timeout=600)
+    batch_log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", batch_log
+    assert "restart 1" in batch_log  # the same job ran again ...
+    assert _resumed_step(run) >= 5  # ... and continued from a checkpoint instead of starting over
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 60 * 6 and results["epochs"] == 60
+
+
+def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tmp_path):
+    """What --signal=USR1@120 does: the ranks save and stop, the script requeues, the job resumes."""
+    cfg = _long_config(tmp_path, shards, "preempted")
+    run = tmp_path / "runs" / "preempted"
+    job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg)
+    _wait_for(run / "checkpoints" / "last.pt")
+    cluster.run("scancel", "--signal=USR1", str(job))  # to the job's steps, as SLURM's --signal does
+    state = cluster.wait(job, timeout=600)
+    batch_log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", batch_log
+    assert "stopped early at step" in batch_log and f"requeueing job {job}" in batch_log and "restart 1" in batch_log
+    stopped = int(batch_log.split("stopped early at step", 1)[1].split(";")[0])
+    assert _resumed_step(run) == stopped  # resumed exactly where the signal stopped it
+    assert not (run / "PREEMPTED").exists()
+    assert json.loads((run / "results.json").read_text())["steps"] == 60 * 6
+
+
+def test_sweep_submits_one_array_task_per_config(cluster, shards, tmp_path):
+    configs = [write_config(tmp_path / f"{task}.yaml", shards, tmp_path / "ignored") for task in ("cifar", "dtd")]
+    out = tmp_path / "sweep"
+    res = subprocess.run(["launch/slurm/sweep.sh", "--output-dir", str(out), "--sbatch", " ".join(CPU_NODE),
+                          "--max-parallel", "1", *configs], cwd=ROOT, env={**cluster.env, **JOB_ENV},
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    job = int(res.stdout.split("submitted array job ", 1)[1].split(":")[0])
+    deadline = time.time() + 600
+    while cluster.run("squeue", "-h", "-j", str(job), check=False).stdout.strip():
+        assert time.time() < deadline, "sweep did not finish"
+        time.sleep(1)
+    for task in ("cifar", "dtd"):
+        results = json.loads((out / task / "results.json").read_text())  # output_dir overridden per sweep
+        assert results["world_size"] == 2
+    assert (out / "sweep-configs.txt").read_text().split() == configs
+    assert not (tmp_path / "ignored").exists()
+
+
+def test_sweep_dry_run_covers_the_suites_and_rejects_bad_input(tmp_path):
+    def sweep(*args):
+        return subprocess.run(["launch/slurm/sweep.sh", "--dry-run", "--output-dir", str(tmp_path / "s"), *args],
+                              cwd=ROOT, capture_output=True, text=True)
+    vtab = sweep()
+    assert vtab.returncode == 0 and "--array=0-18" in vtab.stdout and "launch/slurm/train.sbatch" in vtab.stdout
+    assert len((tmp_path / "s" / "sweep-configs.txt").read_text().split()) == 19
+    fgvc = sweep("--suite", "fgvc", "--launcher", "train_srun.sbatch", "--", "--set", "train.precision=bf16")
+    assert fgvc.returncode == 0 and "--array=0-4" in fgvc.stdout and fgvc.stdout.rstrip().endswith("train.precision=bf16")
+    bad = sweep("--suite", "imagenet")
+    assert bad.returncode == 2 and "--suite must be vtab or fgvc, got 'imagenet'" in bad.stderr
+    missing = sweep("configs/vtab/nope.yaml")
+    assert missing.returncode == 2 and "config configs/vtab/nope.yaml does not exist" in missing.stderr

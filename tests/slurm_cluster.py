@@ -24,6 +24,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
@@ -123,6 +124,16 @@ class Cluster:
                 return state
             time.sleep(1)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout:.0f} s")
+
+    def start_requeued_now(self, job_id: int, timeout: float = 180) -> None:
+        """SLURM holds a requeued job for 120 s (Reason=BeginTime); wait for that, then release it."""
+        deadline = time.time() + timeout
+        while "Reason=BeginTime" not in self.run("scontrol", "show", "job", str(job_id), check=False).stdout:
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} was not requeued within {timeout:.0f} s "
+                                   f"(state {self.job_state(job_id)})")
+            time.sleep(0.5)
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
     def stop(self) -> None:
         self.run("scontrol", "shutdown", check=False)

@@ -89,7 +89,7 @@ def test_srun_one_task_per_process_uses_the_slurm_environment(cluster, shards, t
 def _long_config(tmp_path, shards, name):
     # long enough to be interrupted; a checkpoint every 5 optimizer steps
     return write_config(tmp_path / f"{name}.yaml", shards, tmp_path / "runs",
-                        train={"epochs": 60, "eval_every": 1000, "save_every_steps": 5})
+                        train={"epochs": 24, "eval_every": 1000, "save_every_steps": 5})
 
 
 def _resumed_step(run: Path) -> int:
@@ -105,13 +105,14 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, shards, tmp_path)
     job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg)
     _wait_for(run / "checkpoints" / "last.pt")
     cluster.run("scontrol", "requeue", str(job))
+    cluster.start_requeued_now(job)
     state = cluster.wait(job, timeout=600)
     batch_log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", batch_log
     assert "restart 1" in batch_log  # the same job ran again ...
     assert _resumed_step(run) >= 5  # ... and continued from a checkpoint instead of starting over
     results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == 60 * 6 and results["epochs"] == 60
+    assert results["steps"] == 24 * 6 and results["epochs"] == 24
 
 
 def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tmp_path):
@@ -121,6 +122,7 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tm
     job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg)
     _wait_for(run / "checkpoints" / "last.pt")
     cluster.run("scancel", "--signal=USR1", str(job))  # to the job's steps, as SLURM's --signal does
+    cluster.start_requeued_now(job)  # the script requeued it
     state = cluster.wait(job, timeout=600)
     batch_log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", batch_log
@@ -128,7 +130,7 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tm
     stopped = int(batch_log.split("stopped early at step", 1)[1].split(";")[0])
     assert _resumed_step(run) == stopped  # resumed exactly where the signal stopped it
     assert not (run / "PREEMPTED").exists()
-    assert json.loads((run / "results.json").read_text())["steps"] == 60 * 6
+    assert json.loads((run / "results.json").read_text())["steps"] == 24 * 6
 
 
 def test_sweep_submits_one_array_task_per_config(cluster, shards, tmp_path):
@@ -148,6 +150,8 @@ def test_sweep_submits_one_array_task_per_config(cluster, shards, tmp_path):
         assert results["world_size"] == 2
     assert (out / "sweep-configs.txt").read_text().split() == configs
     assert not (tmp_path / "ignored").exists()
+    report = subprocess.run([sys.executable, "tools/report.py", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert report.returncode == 0 and "Missing: Caltech101" in report.stdout and "On the 2 tasks present" in report.stdout
 
 
 def test_sweep_dry_run_covers_the_suites_and_rejects_bad_input(tmp_path):

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from rlrr.checkpoint import write_text_atomic
 from rlrr.data.loader import Manifest, SplitLoader
 from rlrr.data.shards import write_shards
 from rlrr.data.sources import _read_idx, read_vtab
@@ -107,8 +108,7 @@ def main(argv=None):
     print(f"rlrr shards, in memory            {in_memory:9.1f} img/s   {in_memory / per_file:5.2f}x")
     print(f"one-time costs: make_shards {shard_time:.1f} s, in-memory decode {cache_time:.1f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_text_atomic(args.json, json.dumps(result, indent=1))
     return 0
 
 

@@ -221,8 +221,8 @@ def main(argv=None) -> int:
     if "rlrr_vs_full" in results:
         print(f"rlrr vs full: speed {results['rlrr_vs_full']['speed']:.3f}x, memory {results['rlrr_vs_full']['memory']:.3f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        from rlrr.checkpoint import write_text_atomic
+        write_text_atomic(args.json, json.dumps(results, indent=1))
     return 0
 
 

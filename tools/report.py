@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import statistics
 import sys
 from dataclasses import dataclass
 

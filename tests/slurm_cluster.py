@@ -128,12 +128,23 @@ class Cluster:
     def start_requeued_now(self, job_id: int, timeout: float = 180) -> None:
         """SLURM holds a requeued job for 120 s (Reason=BeginTime); wait for that, then release it."""
         deadline = time.time() + timeout
-        while "Reason=BeginTime" not in self.run("scontrol", "show", "job", str(job_id), check=False).stdout:
+        # released only once the first run has fully left the node (no job or step still completing)
+        while not ("Reason=BeginTime" in self.run("scontrol", "show", "job", str(job_id), check=False).stdout
+                   and self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle"):
             if time.time() > deadline:
                 raise TimeoutError(f"job {job_id} was not requeued within {timeout:.0f} s "
                                    f"(state {self.job_state(job_id)})")
             time.sleep(0.5)
+        # slurmd revokes the first run's credential with 1 s resolution and refuses a relaunch in
+        # that same second ("Job credential revoked", the job FAILS): the 120 s hold exists for this
+        time.sleep(2)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+    def diagnose(self, job_id: int) -> str:
+        """The job record and the daemons' last log lines, for a failing test's message."""
+        logs = "".join(f"\n--- {name} (tail)\n" + "\n".join((self.root / name).read_text().splitlines()[-25:])
+                       for name in ("slurmctld.log", "slurmd.log") if (self.root / name).exists())
+        return self.run("scontrol", "show", "job", str(job_id), check=False).stdout + logs
 
     def stop(self) -> None:
         self.run("scontrol", "shutdown", check=False)

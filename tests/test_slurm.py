@@ -108,7 +108,7 @@ def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, shards, tmp_path)
     cluster.start_requeued_now(job)
     state = cluster.wait(job, timeout=600)
     batch_log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", batch_log
+    assert state == "COMPLETED", batch_log + cluster.diagnose(job)
     assert "restart 1" in batch_log  # the same job ran again ...
     assert _resumed_step(run) >= 5  # ... and continued from a checkpoint instead of starting over
     results = json.loads((run / "results.json").read_text())
@@ -125,7 +125,7 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tm
     cluster.start_requeued_now(job)  # the script requeued it
     state = cluster.wait(job, timeout=600)
     batch_log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", batch_log
+    assert state == "COMPLETED", batch_log + cluster.diagnose(job)
     assert "stopped early at step" in batch_log and f"requeueing job {job}" in batch_log and "restart 1" in batch_log
     stopped = int(batch_log.split("stopped early at step", 1)[1].split(";")[0])
     assert _resumed_step(run) == stopped  # resumed exactly where the signal stopped it

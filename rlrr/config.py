@@ -70,6 +70,7 @@ class TrainConfig:
     save_every_steps: int = 0  # 0: only at epoch ends
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); for tests and smoke runs
     log_every: int = 10
+    compile: bool = False  # torch.compile the model (DDP) / the engine (DeepSpeed): one compile at start
 
 
 @dataclass

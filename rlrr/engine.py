@@ -30,6 +30,8 @@ class DDPEngine:
         self.dtype = _AMP.get(t.precision)
         self.net = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) \
             if info.enabled else model
+        if t.compile:  # compiled around DDP, so DDP's optimizer splits the graph at its bucket boundaries
+            self.net = torch.compile(self.net)
         self.grad_accum = t.grad_accum
 
     def autocast(self):
@@ -102,6 +104,8 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
         self.model = model
         self.stage = self.engine.zero_optimization_stage()
+        if t.compile:
+            self.engine.compile()
 
     def forward(self, images):
         # bf16/fp16 engines hold the module in that dtype; inputs follow, logits come back in fp32

@@ -94,7 +94,7 @@ def _cpu_scratch(like: torch.Tensor) -> Optional[torch.Tensor]:
     2% of a ViT-B step, and a higher peak RSS). CUDA's caching allocator already reuses blocks.
     Per thread because forward and backward may run on different threads (autograd's engine).
     """
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or torch.compiler.is_compiling():  # compiled graphs plan their own buffers
         return None
     buffers = _scratch.__dict__.setdefault("buffers", {})
     key = (tuple(like.shape), like.dtype)
@@ -125,7 +125,7 @@ class RescaledLinearFn(torch.autograd.Function):
             raise RuntimeError("RLRRLinear keeps its base weight and bias frozen; set requires_grad=False on them")
         dtype = _compute_dtype(x)
         b = bias_shift if bias is None else bias + bias_shift
-        x_c = x.to(dtype)
+        x_c = x if x.dtype == dtype else x.to(dtype)  # x itself, not an alias of it (torch.compile)
         w_prime = rescaled_weight(weight, scale_in, scale_out, out=_cpu_scratch(weight))
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x_c, w_prime.to(dtype), b.to(dtype))

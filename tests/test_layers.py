@@ -248,3 +248,24 @@ def test_cpu_scratch_buffers_are_per_thread():
     for t in threads:
         t.join()
     assert not errors and results == {0: True, 1: True}
+
+
+def test_adapted_vit_compiles_into_one_graph_with_the_same_gradients():
+    """torch.compile (train.compile) traces the custom autograd function: no graph break, and the
+    compiled model (AOTAutograd, the path inductor uses) gives the eager outputs and gradients."""
+    import timm
+    from rlrr import apply_rlrr
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = apply_rlrr(timm.create_model("test_vit", num_classes=4, img_size=32))
+    x = torch.randn(2, 3, 32, 32)
+    explained = torch._dynamo.explain(model)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    results = []
+    for net in (model, torch.compile(model, backend="aot_eager")):
+        y = net(x)
+        y.square().sum().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+        model.zero_grad(set_to_none=True)
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -58,6 +58,11 @@ def _model(args, mode):
     return model
 
 
+def _maybe_compiled(args, model):
+    # compiled during the warm-up calls, which are not timed
+    return torch.compile(model) if args.compile else model
+
+
 def _timed(args, steps: dict, device) -> dict:
     """img/s of each of ``steps`` over ``args.windows`` windows of ``args.steps`` calls, after
     ``args.warmup`` calls each; the windows of different steps alternate."""
@@ -113,9 +118,11 @@ def measure_training(args, mode) -> dict:
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
+    net = _maybe_compiled(args, model)
+
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -134,9 +141,11 @@ def measure_inference(args) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     def step(model):
+        net = _maybe_compiled(args, model)
+
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                model(x)
+                net(x)
         return run
 
     model = apply_rlrr(timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)).to(device).eval()
@@ -158,6 +167,7 @@ def parse_args(argv):
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default=",".join(TRAIN_MODES), help="training modes to measure")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every timed model (train.compile)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per mode and round")
@@ -187,7 +197,8 @@ def main(argv=None) -> int:
             modes.remove("lora")
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
-              "--warmup", str(args.warmup), "--steps", str(args.steps), "--windows", str(args.windows)]
+              "--warmup", str(args.warmup), "--steps", str(args.steps), "--windows", str(args.windows)] + \
+        (["--compile"] if args.compile else [])
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
                "torch": torch.__version__, "timm": timm.__version__, "training": {}}
     train = results["training"]
@@ -210,7 +221,8 @@ def main(argv=None) -> int:
     if "rlrr" in train and "full" in train:
         results["rlrr_vs_full"] = {"speed": round(train["rlrr"]["train_img_s"] / train["full"]["train_img_s"], 3),
                                    "memory": round(train["rlrr"]["peak_memory_mb"] / train["full"]["peak_memory_mb"], 3)}
-    print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}")
+    print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}"
+          f"{' (torch.compile)' if args.compile else ''}")
     print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'trainable':>12s} {'DDP MB/step':>12s}")
     for mode, r in train.items():
         print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['trainable_params']:12,d} "

@@ -61,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 5e-5
     clip_grad: Optional[float] = None
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    frozen_dtype: str = "fp32"  # fp32 | bf16: how frozen linear weights are stored (bf16 needs precision bf16)
     engine: str = "ddp"  # ddp | deepspeed
     zero_stage: int = 2
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; batch, clipping and precision are filled in from here
@@ -92,7 +93,7 @@ CHOICES = {
     "model.method": ("rlrr", "linear"), "model.init": ("official", "identity"),
     "model.drop_path_mode": ("dropout", "stochastic_depth"), "data.recipe": ("vtab", "fgvc"),
     "data.stats": ("half", "imagenet"),
-    "train.precision": ("fp32", "bf16", "fp16"), "train.engine": ("ddp", "deepspeed"),
+    "train.precision": ("fp32", "bf16", "fp16"), "train.frozen_dtype": ("fp32", "bf16"), "train.engine": ("ddp", "deepspeed"),
     "train.zero_stage": (0, 1, 2, 3),
 }
 
@@ -199,6 +200,9 @@ def _check(cfg: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key} = {value}: expected a positive integer")
     if not 0 <= t.warmup_epochs <= t.epochs:
         raise ConfigError(f"{source}: train.warmup_epochs = {t.warmup_epochs}: expected 0..train.epochs ({t.epochs})")
+    if t.frozen_dtype == "bf16" and t.precision != "bf16":
+        raise ConfigError(f"{source}: train.frozen_dtype = bf16 needs train.precision = bf16 "
+                          f"(got {t.precision}): only bf16 matmuls leave the model unchanged")
     if not 0.0 <= cfg.model.drop_path < 1.0:
         raise ConfigError(f"{source}: model.drop_path = {cfg.model.drop_path}: expected a rate in [0, 1)")
 

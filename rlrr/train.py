@@ -23,7 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import checkpoint
-from .adapter import RLRRConfig, apply_rlrr, count_trainable, merge_rlrr, save_adapter, trainable_parameters
+from .adapter import (RLRRConfig, apply_rlrr, count_trainable, merge_rlrr, save_adapter, store_frozen_weights_in,
+                      trainable_parameters)
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import Manifest, SplitLoader
 from .data.transforms import Recipe, normalize
@@ -140,6 +141,9 @@ def main(argv=None) -> dict:
     if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
         raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has {manifest.num_classes} classes")
     model = initial_model(cfg, manifest.num_classes).to(info.device)
+    if t.frozen_dtype == "bf16":
+        saved = store_frozen_weights_in(model, torch.bfloat16)
+        log.info(f"frozen linear weights stored in bf16: {saved / 2**20:.0f} MB saved")
     n_trainable = count_trainable(model)
 
     def split_loader(name, train):

@@ -28,7 +28,22 @@ def test_benchmark_runs_and_reports_every_figure(tmp_path):
     assert "rlrr vs full: speed" in res.stdout
 
 
-def test_benchmark_rejects_unknown_modes():
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--modes", "rlrr,magic"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "unknown mode(s) ['magic']" in res.stderr
+def test_benchmark_bf16_frozen_weights_halve_the_stored_model(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "test_vit", "--img-size", "32",
+                          "--batch-size", "2", "--modes", "rlrr,full", "--warmup", "1", "--steps", "1", "--windows", "1",
+                          "--rounds", "1", "--device", "cpu", "--precision", "bf16", "--frozen-dtype", "bf16",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "bf16 on cpu, frozen weights in bf16" in res.stdout
+    t = json.loads(out.read_text())["training"]
+    # full fine-tuning keeps every weight in fp32 (all trainable); RLRR's frozen linear weights are bf16
+    assert 0.4 * t["full"]["param_mb"] < t["rlrr"]["param_mb"] < 0.6 * t["full"]["param_mb"]
+
+
+def test_benchmark_rejects_bad_options():
+    for args, message in ((["--modes", "rlrr,magic"], "unknown mode(s) ['magic']"),
+                          (["--frozen-dtype", "bf16"], "--frozen-dtype bf16 needs --precision bf16")):
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *args],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, res.stderr

@@ -169,6 +169,27 @@ def test_recomputing_backward_under_bf16_autocast_matches_reference():
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
 
 
+def test_bf16_stored_weight_equals_its_fp32_copy_bit_for_bit():
+    """train.frozen_dtype = bf16: a bf16-stored base weight gives exactly the outputs and gradients of
+    the same (bf16-rounded) values stored in fp32, under bf16 autocast: W' and dW' * W are still
+    formed in fp32, and the scale gradients stay fp32."""
+    from rlrr.adapter import store_frozen_weights_in
+    base = _linear(out_f=96, in_f=40)
+    with torch.no_grad():
+        base.weight.copy_(base.weight.bfloat16().float())
+    wide = RLRRLinear(base, in_groups=3)
+    narrow = RLRRLinear(_linear(out_f=96, in_f=40), in_groups=3)
+    narrow.load_state_dict(wide.state_dict())
+    assert store_frozen_weights_in(narrow, torch.bfloat16) == 96 * 40 * 2
+    assert narrow.weight.dtype == torch.bfloat16 and narrow.scale_in.dtype == torch.float32
+    x = torch.randn(4, 9, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, ref = _grads(narrow, x, lambda m, t: m(t)), _grads(wide, x, lambda m, t: m(t))
+    assert [t.dtype for t in ours[2:]] == [torch.float32] * 3
+    for a, b, name in zip(ours, ref, ("y", "dx", "ds_in", "ds_out", "df")):
+        assert torch.equal(a, b), name
+
+
 def test_no_rescaled_weight_is_kept_for_backward():
     """Between forward and backward the layer stores its input and its own parameters only: no
     (out, in) W' or factor tensor (the reference keeps two per layer)."""

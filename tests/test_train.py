@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlrr.config import ConfigError, load_config
@@ -101,9 +101,12 @@ def _train_cmd(*args, nproc=None):
 
 
 def test_ddp_two_processes(shards, tmp_path):
-    cfg = write_config(tmp_path / "ddp.yaml", shards, tmp_path / "runs")
+    """Also with bf16 autocast and bf16-stored frozen weights (DDP broadcasts those at start)."""
+    cfg = write_config(tmp_path / "ddp.yaml", shards, tmp_path / "runs",
+                       train={"precision": "bf16", "frozen_dtype": "bf16"})
     res = subprocess.run(_train_cmd("--config", cfg, nproc=2), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "frozen linear weights stored in bf16" in res.stdout
     results = json.loads((tmp_path / "runs" / "ddp" / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 12  # global batch 4 = 2 ranks x 2
     assert results["history"][-1]["test_acc1"] == results["test_acc1_final"]
@@ -134,6 +137,7 @@ def test_config_errors_are_single_clear_lines(shards, tmp_path):
         (["--set", "train.epochs=ten"], "train.epochs = 'ten': expected int"),
         (["--set", "train.precision=fp8"], "train.precision = 'fp8': expected one of fp32, bf16, fp16"),
         (["--set", "modle.name=x"], "unknown key modle; did you mean model"),
+        (["--set", "train.frozen_dtype=bf16"], "train.frozen_dtype = bf16 needs train.precision = bf16 (got fp32)"),
         (["--set", "train.batch_size=5"], "train.batch_size = 5 is not divisible by world size 1 x train.grad_accum 2"),
     ]
     for extra, message in cases:
@@ -253,6 +257,30 @@ def test_compiled_training_matches_eager(shards, tmp_path):
     for k in eager:  # atol: the key bias's true gradient is 0, and AdamW scales its rounding noise up to ~lr
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-4)
     assert results[True]["test_acc1_final"] == results[False]["test_acc1_final"]
+
+
+def test_bf16_frozen_weights_train_exactly_like_their_fp32_copy(shards, tmp_path, capsys):
+    """train.frozen_dtype=bf16 (with bf16 autocast) changes only how W is stored: from a backbone whose
+    linear weights are already bf16-representable it trains to the same adapter and accuracy, bit
+    for bit, as keeping those weights in fp32. Merging still starts from the fp32 file."""
+    backbone = timm.create_model("test_vit", num_classes=4, img_size=32)
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(m.weight.bfloat16().float())
+    save_file(backbone.state_dict(), str(tmp_path / "rounded.safetensors"))
+    results = {}
+    for frozen in ("fp32", "bf16"):
+        cfg = write_config(tmp_path / f"frozen_{frozen}.yaml", shards, tmp_path / "runs",
+                           model={"pretrained": str(tmp_path / "rounded.safetensors")},
+                           train={"epochs": 1, "precision": "bf16", "frozen_dtype": frozen})
+        results[frozen] = main(["--config", cfg])
+        assert ("frozen linear weights stored in bf16" in capsys.readouterr().out) == (frozen == "bf16")
+    wide, narrow = _adapter(tmp_path / "runs" / "frozen_fp32"), _adapter(tmp_path / "runs" / "frozen_bf16")
+    assert wide.keys() == narrow.keys() and all(torch.equal(wide[k], narrow[k]) for k in wide)
+    assert results["bf16"]["test_acc1_final"] == results["fp32"]["test_acc1_final"]
+    merged = load_file(str(tmp_path / "runs" / "frozen_bf16" / "merged.safetensors"))
+    assert merged["blocks.0.attn.qkv.weight"].dtype == torch.float32
 
 
 def test_gradient_accumulation_matches_one_big_batch():

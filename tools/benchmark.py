@@ -55,6 +55,9 @@ def _model(args, mode):
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv"],
                                                  modules_to_save=[model.default_cfg["classifier"]]))
+    if args.frozen_dtype == "bf16":  # train.frozen_dtype; a no-op for full fine-tuning (nothing is frozen)
+        from rlrr.adapter import store_frozen_weights_in
+        store_frozen_weights_in(model, torch.bfloat16)
     return model
 
 
@@ -131,7 +134,8 @@ def measure_training(args, mode) -> dict:
     peak = _peak_mb(device) - base_mb
     ddp_bytes = _ddp_allreduce_bytes(model, x[:1], y[:1])
     return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1),
-            "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes}
+            "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes,
+            "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}
 
 
 @torch.no_grad()
@@ -168,6 +172,8 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default=",".join(TRAIN_MODES), help="training modes to measure")
     ap.add_argument("--compile", action="store_true", help="torch.compile every timed model (train.compile)")
+    ap.add_argument("--frozen-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 needs --precision bf16)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per mode and round")
@@ -184,6 +190,9 @@ def main(argv=None) -> int:
         result = measure_inference(args) if args.worker == "inference" else measure_training(args, args.worker)
         print(json.dumps(result))
         return 0
+    if args.frozen_dtype == "bf16" and args.precision != "bf16":
+        print("benchmark: error: --frozen-dtype bf16 needs --precision bf16", file=sys.stderr)
+        return 2
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in TRAIN_MODES]
     if unknown:
@@ -197,7 +206,8 @@ def main(argv=None) -> int:
             modes.remove("lora")
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
-              "--warmup", str(args.warmup), "--steps", str(args.steps), "--windows", str(args.windows)] + \
+              "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
+              "--windows", str(args.windows)] + \
         (["--compile"] if args.compile else [])
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
                "torch": torch.__version__, "timm": timm.__version__, "training": {}}
@@ -222,7 +232,8 @@ def main(argv=None) -> int:
         results["rlrr_vs_full"] = {"speed": round(train["rlrr"]["train_img_s"] / train["full"]["train_img_s"], 3),
                                    "memory": round(train["rlrr"]["peak_memory_mb"] / train["full"]["peak_memory_mb"], 3)}
     print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}"
-          f"{' (torch.compile)' if args.compile else ''}")
+          f"{' (torch.compile)' if args.compile else ''}"
+          f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}")
     print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'trainable':>12s} {'DDP MB/step':>12s}")
     for mode, r in train.items():
         print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['trainable_params']:12,d} "

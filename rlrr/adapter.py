@@ -161,6 +161,16 @@ def merge_rlrr(model: nn.Module) -> nn.Module:
     return model
 
 
+def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every timm attention module to F.scaled_dot_product_attention (or back) and return how
+    many were switched. timm enables it on ViT but leaves Swin's window attention (bias + shift mask)
+    on the explicit softmax; both paths compute the same function (tests/test_adapter.py)."""
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    for m in modules:
+        m.fused_attn = enabled
+    return len(modules)
+
+
 @torch.no_grad()
 def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
     """Keep every frozen linear weight matrix (RLRR's base weights; the backbone's under a linear

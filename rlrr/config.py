@@ -30,6 +30,7 @@ class ModelConfig:
     drop_path: float = 0.0
     drop_path_mode: str = "dropout"  # dropout (the reference) | stochastic_depth (timm)
     grad_checkpointing: bool = False
+    fused_attn: bool = True  # SDPA in every attention module (Swin too); false: the explicit softmax
     timm_kwargs: dict = field(default_factory=dict)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .adapter import (RLRRConfig, apply_rlrr, count_trainable, merge_rlrr, save_adapter, store_frozen_weights_in,
-                      trainable_parameters)
+                      trainable_parameters, use_fused_attention)
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import Manifest, SplitLoader
 from .data.transforms import Recipe, normalize
@@ -53,6 +53,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
                               drop_path_rate=m.drop_path, **m.timm_kwargs)
     if m.pretrained:
         load_pretrained(model, m.pretrained)
+    use_fused_attention(model, m.fused_attn)
     if m.drop_path_mode == "dropout":
         # the reference's "drop path" is element-wise dropout on the residual branches (same linear rates)
         for name, module in list(model.named_modules()):
@@ -140,10 +141,11 @@ def main(argv=None) -> dict:
     manifest = Manifest(cfg.data.shards)
     if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
         raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has {manifest.num_classes} classes")
-    model = initial_model(cfg, manifest.num_classes).to(info.device)
-    if t.frozen_dtype == "bf16":
+    model = initial_model(cfg, manifest.num_classes)
+    if t.frozen_dtype == "bf16":  # before the move: the GPU never holds the fp32 copy
         saved = store_frozen_weights_in(model, torch.bfloat16)
         log.info(f"frozen linear weights stored in bf16: {saved / 2**20:.0f} MB saved")
+    model = model.to(info.device)
     n_trainable = count_trainable(model)
 
     def split_loader(name, train):

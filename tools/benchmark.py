@@ -43,9 +43,16 @@ def _peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _timm_model(args):
+    from rlrr.adapter import use_fused_attention
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
+    use_fused_attention(model, not args.explicit_attn)  # as training does (model.fused_attn)
+    return model
+
+
 def _model(args, mode):
     from rlrr import apply_rlrr
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
+    model = _timm_model(args)
     if mode == "rlrr":
         apply_rlrr(model)
     elif mode == "linear":
@@ -152,10 +159,10 @@ def measure_inference(args) -> dict:
                 net(x)
         return run
 
-    model = apply_rlrr(timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)).to(device).eval()
+    model = apply_rlrr(_timm_model(args)).to(device).eval()
     rates = _timed(args, {"adapted": step(model)}, device)
     merged = merge_rlrr(model)
-    plain = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size).to(device).eval()
+    plain = _timm_model(args).to(device).eval()
     rates.update(_timed(args, {"merged": step(merged), "plain": step(plain)}, device))
     out = {f"infer_{name}_img_s": round(statistics.median(r), 2) for name, r in rates.items()}
     out["merged_vs_plain"] = round(out["infer_merged_img_s"] / out["infer_plain_img_s"], 3)
@@ -174,6 +181,8 @@ def parse_args(argv):
     ap.add_argument("--compile", action="store_true", help="torch.compile every timed model (train.compile)")
     ap.add_argument("--frozen-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 needs --precision bf16)")
+    ap.add_argument("--explicit-attn", action="store_true",
+                    help="explicit softmax attention instead of SDPA everywhere (model.fused_attn=false)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per mode and round")
@@ -206,7 +215,7 @@ def main(argv=None) -> int:
             modes.remove("lora")
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
-              "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
+              "--frozen-dtype", args.frozen_dtype, *(["--explicit-attn"] if args.explicit_attn else []), "--warmup", str(args.warmup), "--steps", str(args.steps),
               "--windows", str(args.windows)] + \
         (["--compile"] if args.compile else [])
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
@@ -233,11 +242,12 @@ def main(argv=None) -> int:
                                    "memory": round(train["rlrr"]["peak_memory_mb"] / train["full"]["peak_memory_mb"], 3)}
     print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}"
           f"{' (torch.compile)' if args.compile else ''}"
-          f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}")
-    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'trainable':>12s} {'DDP MB/step':>12s}")
+          f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}"
+          f"{', explicit attention' if args.explicit_attn else ''}")
+    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'params MB':>10s} {'trainable':>12s} {'DDP MB/step':>12s}")
     for mode, r in train.items():
-        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['trainable_params']:12,d} "
-              f"{r['ddp_allreduce_bytes'] / 1e6:12.2f}")
+        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
+              f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f}")
     inf = results["inference"]
     print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
           f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")

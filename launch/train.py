@@ -20,7 +20,8 @@ if __name__ == "__main__":
         print(f"train: error: {e}", file=sys.stderr)
         sys.exit(2)
     if dist.is_initialized():
-        # gloo may abort in interpreter teardown after all work is done (ENVIRONMENT.md): flush, meet, leave
+        # gloo may abort (SIGABRT) in interpreter teardown after all work is done, and torchrun would
+        # report the run as failed: flush, meet the other ranks, and leave without the teardown
         sys.stdout.flush()
         sys.stderr.flush()
         dist.barrier()

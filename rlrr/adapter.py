@@ -1,6 +1,6 @@
 """Where RLRR goes in timm models, and the model-level API: apply, merge, save and load adapters.
 
-Placement follows RLRR.md section 3 (the official code): RLRR on every attention qkv/proj and MLP
+Placement follows docs/method.md, section 3 (the official code): RLRR on every attention qkv/proj and MLP
 fc1/fc2 (plus Swin's patch-merging reduction), SSF after each block's two norms and the final norm,
 and, on ViT only, after the patch embedding. Everything else is frozen; the head is trainable and
 starts at zero.
@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoint import write_atomic
-from .layers import RLRRLinear, ScaleShift, fold_bias_into_preceding_norm, merged_linear, merged_scale_shift
+from .atomic import write_atomic
+from .config import check_dataclass
+from .layers import Init, RLRRLinear, ScaleShift, fold_bias_into_preceding_norm, merged_linear, merged_scale_shift
 
 ADAPTER_FORMAT = "rlrr.adapter/1"
 
@@ -34,28 +35,15 @@ class RLRRConfig:
         reference: True on ViT (separate q, k, v layers there), False on Swin (fused there).
     ssf: add the SSF scale/shift after the norms (part of RLRR; off only for ablations).
     """
-    init: str = "official"
+    init: Init = "official"
     split_qkv: Optional[bool] = None
     ssf: bool = True
 
     def __post_init__(self):
-        if self.init not in ("official", "identity"):
-            raise ValueError(f"RLRRConfig.init: expected 'official' or 'identity', got {self.init!r}")
-        if self.split_qkv not in (None, True, False):
-            raise ValueError(f"RLRRConfig.split_qkv: expected true, false or null, got {self.split_qkv!r}")
-        if not isinstance(self.ssf, bool):
-            raise ValueError(f"RLRRConfig.ssf: expected true or false, got {self.ssf!r}")
+        check_dataclass(self, "RLRRConfig")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RLRRConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"RLRRConfig: unknown key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**d)
 
 
 def _targets(model: nn.Module, config: RLRRConfig) -> tuple[dict[str, int], dict[str, int]]:
@@ -125,10 +113,7 @@ def apply_rlrr(model: nn.Module, config: Optional[RLRRConfig] = None) -> nn.Modu
     for path, channel_dim in ssf.items():
         base = model.get_submodule(path)
         _set_submodule(model, path, ScaleShift(base, _num_channels(base, channel_dim), channel_dim, config.init))
-    head = model.get_classifier()
-    for p in head.parameters():
-        nn.init.zeros_(p)
-        p.requires_grad_(True)
+    zero_trainable_head(model)
     model.rlrr_config = config
     return model
 
@@ -161,31 +146,11 @@ def merge_rlrr(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
-    """Switch every timm attention module to F.scaled_dot_product_attention (or back) and return how
-    many were switched. timm enables it on ViT but leaves Swin's window attention (bias + shift mask)
-    on the explicit softmax; both paths compute the same function (tests/test_adapter.py)."""
-    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    for m in modules:
-        m.fused_attn = enabled
-    return len(modules)
-
-
-@torch.no_grad()
-def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
-    """Keep every frozen linear weight matrix (RLRR's base weights; the backbone's under a linear
-    probe) in ``dtype``, in place, and return the bytes saved. In bf16 this halves the frozen model
-    (ViT-H/14: 2.5 GB -> 1.3 GB). Only for bf16 training: those matmuls run in bf16 anyway, and
-    RLRR still builds W' = W * (1 + s_out s_in^T) in fp32 from the stored W (one rounding, as
-    before). Norms, embeddings and biases are small and stay as they are."""
-    saved = 0
-    for module in model.modules():
-        if isinstance(module, (RLRRLinear, nn.Linear)) and not module.weight.requires_grad \
-                and module.weight.dtype != dtype:
-            before = module.weight.element_size()
-            module.weight.data = module.weight.data.to(dtype)
-            saved += module.weight.numel() * (before - module.weight.element_size())
-    return saved
+def zero_trainable_head(model: nn.Module) -> None:
+    """Every task starts from a zero classifier, which trains (the reference's choice for RLRR)."""
+    for p in model.get_classifier().parameters():
+        nn.init.zeros_(p)
+        p.requires_grad_(True)
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -1,6 +1,7 @@
 """One typed schema for training runs: YAML (with ``base:`` inheritance) -> command-line ``--set
-key=value`` overrides -> validated dataclasses. Errors are one line naming the file, key and what was
-expected; an unknown key suggests the closest valid ones."""
+key=value`` overrides -> validated dataclasses. Allowed values are the ``Literal`` types of the
+fields; code below this module trusts them. Errors are one line naming the file, key and what was
+expected; an unknown key suggests the closest valid ones, a renamed key names its new name."""
 import dataclasses
 import difflib
 import hashlib
@@ -8,11 +9,20 @@ import json
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
-from .checkpoint import write_text_atomic
+from .atomic import write_text_atomic
+from .data.transforms import RecipeName, Stats
+from .layers import Init
+
+Method = Literal["rlrr", "linear", "full"]  # rlrr.model.METHODS holds one builder per name
+DropPathMode = Literal["dropout", "stochastic_depth"]
+Precision = Literal["fp32", "bf16", "fp16"]
+FrozenDtype = Literal["fp32", "bf16"]
+EngineName = Literal["ddp", "deepspeed"]  # rlrr.engine.ENGINES holds one class per name
+ZeroStage = Literal[0, 1, 2, 3]
 
 
 class ConfigError(ValueError):
@@ -24,11 +34,12 @@ class ModelConfig:
     name: str = "vit_base_patch16_224"  # a timm ViT or Swin
     pretrained: Optional[str] = None  # local .npz / .safetensors / .pth
     img_size: int = 224
-    method: str = "rlrr"  # rlrr | linear (head only: the linear-probe baseline)
-    init: str = "official"  # official | identity
-    split_qkv: Optional[bool] = None
+    method: Method = "rlrr"  # rlrr | linear (head only) | full (every weight): docs/method.md
+    init: Init = "official"  # official (the reference's random start) | identity (W' = W at step 0)
+    split_qkv: Optional[bool] = None  # one input-side vector per q/k/v; null: on for ViT, off for Swin
+    ssf: bool = True  # RLRR's SSF scale/shift after the norms (off only for ablations)
     drop_path: float = 0.0
-    drop_path_mode: str = "dropout"  # dropout (the reference) | stochastic_depth (timm)
+    drop_path_mode: DropPathMode = "dropout"  # dropout (the reference) | stochastic_depth (timm)
     grad_checkpointing: bool = False
     fused_attn: bool = True  # SDPA in every attention module (Swin too); false: the explicit softmax
     timm_kwargs: dict = field(default_factory=dict)
@@ -41,13 +52,13 @@ class DataConfig:
     train_split: str = "train800val200"
     val_split: Optional[str] = None  # selection split; null: no selection
     test_split: str = "test"
-    recipe: str = "vtab"  # vtab | fgvc
-    flip: bool = False
-    stats: str = "half"  # half (mean = std = 0.5, the reference) | imagenet
+    recipe: RecipeName = "vtab"  # vtab: resize | fgvc: resize 256, crop 224
+    flip: bool = False  # random horizontal flip in training (the FGVC configs set it, as the reference does)
+    stats: Stats = "half"  # half (mean = std = 0.5, the reference) | imagenet
     in_memory: Optional[bool] = None  # null: in memory when a split has at most in_memory_max samples
     in_memory_max: int = 5000
     workers: int = 2
-    eval_batch_size: int = 64
+    eval_batch_size_per_rank: int = 64  # evaluation batch on each rank (train.batch_size is global)
 
 
 @dataclass
@@ -61,10 +72,10 @@ class TrainConfig:
     min_lr: float = 1e-8
     weight_decay: float = 5e-5
     clip_grad: Optional[float] = None
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    frozen_dtype: str = "fp32"  # fp32 | bf16: how frozen linear weights are stored (bf16 needs precision bf16)
-    engine: str = "ddp"  # ddp | deepspeed
-    zero_stage: int = 2
+    precision: Precision = "fp32"
+    frozen_dtype: FrozenDtype = "fp32"  # how frozen linear weights are stored (bf16 needs precision bf16)
+    engine: EngineName = "ddp"
+    zero_stage: ZeroStage = 2
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; batch, clipping and precision are filled in from here
     seed: int = 42
     eval_every: int = 1  # epochs
@@ -90,13 +101,43 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-CHOICES = {
-    "model.method": ("rlrr", "linear"), "model.init": ("official", "identity"),
-    "model.drop_path_mode": ("dropout", "stochastic_depth"), "data.recipe": ("vtab", "fgvc"),
-    "data.stats": ("half", "imagenet"),
-    "train.precision": ("fp32", "bf16", "fp16"), "train.frozen_dtype": ("fp32", "bf16"), "train.engine": ("ddp", "deepspeed"),
-    "train.zero_stage": (0, 1, 2, 3),
-}
+RENAMED = {"data.eval_batch_size": "data.eval_batch_size_per_rank"}  # old key -> new key
+
+
+def choices(hint) -> Optional[tuple]:
+    """The allowed values of a ``Literal`` (or ``Optional[Literal]``) type, else None."""
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def check_value(value: Any, hint, key: str, source: str):
+    """``value`` checked (and int -> float widened) against the type ``hint``; ConfigError otherwise."""
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    allowed = choices(hint)
+    if allowed is not None:
+        # type too: YAML's true must not pass for 1, nor 1 for true
+        if not any(type(value) is type(a) and value == a for a in allowed):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected one of {', '.join(map(str, allowed))}")
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    ok = (isinstance(value, bool) if hint is bool else
+          isinstance(value, int) and not isinstance(value, bool) if hint is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if hint is float else
+          isinstance(value, hint))
+    if not ok:
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
+    return float(value) if hint is float else value
+
+
+def check_dataclass(obj, source: str) -> None:
+    """Every field of a (frozen) dataclass instance against its type; for the library's own option classes."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        check_value(getattr(obj, f.name), hints[f.name], f.name, source)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -129,25 +170,6 @@ def load_yaml(path: str, _seen=()) -> dict:
     return _merge(merged, data)
 
 
-def _convert(value: Any, hint, key: str, source: str):
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    expected = getattr(hint, "__name__", str(hint))
-    ok = (isinstance(value, bool) if hint is bool else
-          isinstance(value, int) and not isinstance(value, bool) if hint is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if hint is float else
-          isinstance(value, hint))
-    if not ok:
-        raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
-    value = float(value) if hint is float else value
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{source}: {key} = {value!r}: expected one of {', '.join(map(str, CHOICES[key]))}")
-    return value
-
-
 def _build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping")
@@ -155,6 +177,8 @@ def _build(cls, data: dict, prefix: str, source: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in data.items():
+        if prefix + k in RENAMED:
+            raise ConfigError(f"{source}: {prefix}{k} was renamed to {RENAMED[prefix + k]}")
         if k not in fields:
             close = difflib.get_close_matches(k, fields, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else \
@@ -163,7 +187,7 @@ def _build(cls, data: dict, prefix: str, source: str):
         if dataclasses.is_dataclass(hints[k]):
             kwargs[k] = _build(hints[k], v, f"{prefix}{k}.", source)
         else:
-            kwargs[k] = _convert(v, hints[k], prefix + k, source)
+            kwargs[k] = check_value(v, hints[k], prefix + k, source)
     return cls(**kwargs)
 
 
@@ -196,7 +220,8 @@ def _check(cfg: RunConfig, source: str) -> None:
     if not cfg.data.shards:
         raise ConfigError(f"{source}: data.shards is required (a folder made by tools/make_shards.py)")
     t = cfg.train
-    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum)):
+    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum", t.grad_accum)):
         if value < 1:
             raise ConfigError(f"{source}: {key} = {value}: expected a positive integer")
     if not 0 <= t.warmup_epochs <= t.epochs:

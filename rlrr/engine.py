@@ -5,8 +5,10 @@ Both expose the same small interface to the loop in train.py: ``backward``, ``st
 resumable state (frozen weights are never written) and ``optimizer`` (for the LR schedule).
 """
 import contextlib
+import json
 import os
 import shutil
+import typing
 
 import torch
 import torch.nn as nn
@@ -14,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
 from .adapter import trainable_parameters
+from .config import EngineName
 from .distributed import DistInfo, barrier
 from .optim import build_optimizer, param_groups
 
@@ -22,6 +25,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision 
 
 class DDPEngine:
     MARKER = "last.pt"  # present once a resumable checkpoint exists
+
     def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
         t = cfg.train
         self.model, self.info, self.clip = model, info, t.clip_grad
@@ -62,7 +66,7 @@ class DDPEngine:
 
     def save(self, directory: str, client: dict) -> None:
         if self.info.is_main:
-            checkpoint.save_atomic({"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
+            checkpoint.save({"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
                                     "scaler": self.scaler.state_dict(), **client}, os.path.join(directory, "last.pt"))
         barrier(self.info)
 
@@ -86,7 +90,6 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
         import deepspeed  # imported here: plain DDP runs never pay for it
-        import json
         t = cfg.train
         ds = {}
         if t.deepspeed_config:
@@ -142,3 +145,5 @@ class DeepSpeedEngine:
 
 
 ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine}
+if set(ENGINES) != set(typing.get_args(EngineName)):
+    raise ImportError(f"rlrr.engine.ENGINES {sorted(ENGINES)} and config.EngineName disagree")

@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .distributed import DistInfo, all_reduce_sum
 from .data.transforms import normalize
+from .distributed import DistInfo, all_reduce_sum
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The two RLRR layers (Dong et al., CVPR 2024), each with an exact merge.
 
-RLRRLinear:  W' = W * (1 + s_out s_in^T),  b' = b + f         (RLRR.md section 1)
+RLRRLinear:  W' = W * (1 + s_out s_in^T),  b' = b + f         (docs/method.md, section 1)
 ScaleShift:  y = base(x) * gamma + beta  (SSF after a norm or the patch conv; section 2)
 
 RLRRLinear owns the frozen weight and bias of the nn.Linear it replaces (same Parameter objects,
@@ -15,11 +15,13 @@ only its (compute-dtype) input, like a frozen nn.Linear.
 """
 import math
 import threading
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+Init = Literal["official", "identity"]  # the adapter's starting point: the reference's random one, or W' = W
 
 
 class RLRRLinear(nn.Module):
@@ -30,7 +32,7 @@ class RLRRLinear(nn.Module):
     official ViT code.
     """
 
-    def __init__(self, base: nn.Linear, in_groups: int = 1, init: str = "official"):
+    def __init__(self, base: nn.Linear, in_groups: int = 1, init: Init = "official"):
         super().__init__()
         if type(base) is not nn.Linear:
             raise TypeError(f"RLRRLinear wraps a plain nn.Linear, got {type(base).__name__}")
@@ -50,17 +52,15 @@ class RLRRLinear(nn.Module):
         self.reset_parameters(init)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "official") -> None:
+    def reset_parameters(self, init: Init = "official") -> None:
         # The reference calls kaiming_uniform_ on (1, in) and (out, 1) tensors: fan_in is `in` for
         # s_in and 1 for s_out, so the bounds are sqrt(6 / in) and sqrt(6).
         nn.init.uniform_(self.scale_in, -math.sqrt(6.0 / self.in_features), math.sqrt(6.0 / self.in_features))
-        if init == "official":
-            nn.init.uniform_(self.scale_out, -math.sqrt(6.0), math.sqrt(6.0))
-        elif init == "identity":
+        if init == "identity":
             # W' = W at step 0; s_in stays non-zero so s_out receives a gradient.
             nn.init.zeros_(self.scale_out)
         else:
-            raise ValueError(f"init must be 'official' or 'identity', got {init!r}")
+            nn.init.uniform_(self.scale_out, -math.sqrt(6.0), math.sqrt(6.0))
         nn.init.zeros_(self.bias_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ def rescaled_weight(weight: torch.Tensor, scale_in: torch.Tensor, scale_out: tor
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W' = W * (1 + s_out s_in^T) as an (out, in) tensor (new, or written into ``out``); row g of
     ``scale_in`` serves the g-th equal chunk of output rows. Two passes: the outer product, then
-    W + W * it in place (about 3x faster on CPU than one broadcasting addcmul). Not differentiable."""
+    W + W * it in place (faster on CPU than one broadcasting addcmul). Not differentiable."""
     groups, in_features = scale_in.shape
     w = weight.reshape(groups, -1, in_features)
     outer = torch.empty(w.shape, dtype=rescale_dtype(weight, scale_in), device=w.device) if out is None \
@@ -97,8 +97,8 @@ def _cpu_scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
     """A reusable (shape, dtype) buffer, one per thread, on CPU only.
 
     W' and dW' are (out, in) temporaries made and dropped for every layer in every step; on CPU
-    each fresh allocation of that size costs page faults and fragments the heap (measured: about
-    2% of a ViT-B step, and a higher peak RSS). CUDA's caching allocator already reuses blocks.
+    each fresh allocation of that size costs page faults and fragments the heap (docs/benchmarks.md).
+    CUDA's caching allocator already reuses blocks.
     Per thread because forward and backward may run on different threads (autograd's engine).
     """
     if device.type != "cpu" or torch.compiler.is_compiling():  # compiled graphs plan their own buffers
@@ -170,7 +170,7 @@ class ScaleShift(nn.Module):
     ``channel_dim`` is -1 after a LayerNorm (tokens last) and 1 after the patch convolution (NCHW).
     """
 
-    def __init__(self, base: nn.Module, num_channels: int, channel_dim: int = -1, init: str = "official"):
+    def __init__(self, base: nn.Module, num_channels: int, channel_dim: int = -1, init: Init = "official"):
         super().__init__()
         self.base = base
         for p in base.parameters():
@@ -182,15 +182,13 @@ class ScaleShift(nn.Module):
         self.reset_parameters(init)
 
     @torch.no_grad()
-    def reset_parameters(self, init: str = "official") -> None:
-        if init == "official":
-            nn.init.normal_(self.ssf_scale, mean=1.0, std=0.02)
-            nn.init.normal_(self.ssf_shift, mean=0.0, std=0.02)
-        elif init == "identity":
+    def reset_parameters(self, init: Init = "official") -> None:
+        if init == "identity":
             nn.init.ones_(self.ssf_scale)
             nn.init.zeros_(self.ssf_shift)
         else:
-            raise ValueError(f"init must be 'official' or 'identity', got {init!r}")
+            nn.init.normal_(self.ssf_scale, mean=1.0, std=0.02)
+            nn.init.normal_(self.ssf_shift, mean=0.0, std=0.02)
 
     def _per_channel(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         if self.channel_dim in (-1, ndim - 1):

@@ -1,7 +1,7 @@
 """Checkpoints written by the official RLRR code (github.com/zstarN70/RLRR) -> our adapter tensors.
 
 The official ViT has separate query/key/value/out layers, each with ``scale_col`` (1, in) = our
-s_in, ``scale_line`` (out, 1) = our s_out and ``shift_bias`` (1, out) = our f (RLRR.md section 5).
+s_in, ``scale_line`` (out, 1) = our s_out and ``shift_bias`` (1, out) = our f (docs/method.md, section 5).
 On timm's fused qkv the three become the three rows of our (3, in) s_in and the concatenation of the
 output-side vectors, which is exactly equivalent.
 """

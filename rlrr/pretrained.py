@@ -1,4 +1,4 @@
-"""Pre-trained backbones from local files only (never the network), then RLRR on top.
+"""Pre-trained backbones from local files only (never the network).
 
 Accepted: Google ``vision_transformer`` .npz (read by timm's own loader), timm .safetensors and
 .pth/.pt/.bin, and checkpoints that nest the weights under ``model``/``state_dict`` (microsoft Swin).
@@ -8,16 +8,12 @@ starts every task with a zero head.
 """
 import importlib
 import os
-from typing import Optional
 
 import numpy as np
-import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
-
-from .adapter import RLRRConfig, apply_rlrr
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _SHOW = 5  # mismatched keys named in an error
@@ -121,12 +117,3 @@ def load_pretrained(model: nn.Module, path: str) -> nn.Module:
         raise CheckpointError(f"{path}: unknown checkpoint format; expected one of .npz "
                               + " ".join(STATE_DICT_SUFFIXES))
     return model
-
-
-def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,
-                 config: Optional[RLRRConfig] = None, **timm_kwargs) -> nn.Module:
-    """``timm.create_model(name)`` without any download, ``pretrained`` loaded from a local file, then RLRR."""
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **timm_kwargs)
-    if pretrained:
-        load_pretrained(model, pretrained)
-    return apply_rlrr(model, config)

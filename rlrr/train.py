@@ -1,11 +1,15 @@
-"""The training loop: ``main(argv)`` = parse -> build -> train/evaluate per epoch -> write the run.
+"""The training loop. ``main(argv)`` reads as the table of contents of a run:
 
     torchrun --nproc_per_node=8 launch/train.py --config configs/vtab/kitti.yaml [--set train.lr=0.003 ...]
 
-Run directory <output_dir>/<run_name>/: config.yaml, tensorboard/, checkpoints/last.pt,
-adapter.safetensors, merged.safetensors, results.json.
+setup_run (process group, run directory, data, model, engine, resume) -> per epoch: train_one_epoch,
+evaluate_all, end_epoch (log, checkpoint) -> summarize, write_final.
+
+Run directory <output_dir>/<run_name>/: config.yaml, tensorboard/, checkpoints/, adapter.safetensors,
+merged.safetensors, results.json (and PREEMPTED while a preempted run waits for its requeue).
 """
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -14,8 +18,9 @@ import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
-import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -23,53 +28,31 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import checkpoint
-from .adapter import (RLRRConfig, apply_rlrr, count_trainable, merge_rlrr, save_adapter, store_frozen_weights_in,
-                      trainable_parameters, use_fused_attention)
+from .adapter import count_trainable, merge_rlrr, save_adapter, trainable_parameters
+from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import Manifest, SplitLoader
 from .data.transforms import Recipe, normalize
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
 from .engine import ENGINES
 from .evaluate import evaluate
+from .model import build_model, store_frozen_weights_in
 from .optim import build_scheduler
-from .pretrained import load_pretrained
 
 log = logging.getLogger("rlrr")
 
 
-def initial_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """The run's model before training: the same on every rank and when rebuilt after training
-    (merged.safetensors, tools/analyze_svd.py), because it is built under ``train.seed`` alone. This
-    matters for whatever the pretrained file does not set (the head, the adapter; the whole
-    backbone when there is no file); the caller's RNG state is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        return build_model(cfg, num_classes)
-
-
-def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    m = cfg.model
-    model = timm.create_model(m.name, pretrained=False, num_classes=num_classes, img_size=m.img_size,
-                              drop_path_rate=m.drop_path, **m.timm_kwargs)
-    if m.pretrained:
-        load_pretrained(model, m.pretrained)
-    use_fused_attention(model, m.fused_attn)
-    if m.drop_path_mode == "dropout":
-        # the reference's "drop path" is element-wise dropout on the residual branches (same linear rates)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, timm.layers.DropPath):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, nn.Dropout(module.drop_prob))
-    if m.method == "rlrr":
-        apply_rlrr(model, RLRRConfig(init=m.init, split_qkv=m.split_qkv))
-    else:  # linear probe: the frozen backbone, a zero-initialised head
-        model.requires_grad_(False)
-        for p in model.get_classifier().parameters():
-            nn.init.zeros_(p)
-            p.requires_grad_(True)
-    if m.grad_checkpointing:
-        model.set_grad_checkpointing(True)  # timm's checkpointing is non-reentrant: frozen inputs still give grads
-    return model
+@dataclass
+class RunState:
+    """Where a run is: saved in every checkpoint, restored on resume (the engine holds the tensors)."""
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch: a resumed run replays to here
+    global_step: int = 0
+    history: list = field(default_factory=list)  # one record per completed epoch
+    train_time: float = 0.0
+    images: int = 0
+    epoch_seen: int = 0  # this rank's samples and loss sum in the current epoch (its mean train loss)
+    epoch_loss_sum: float = 0.0
 
 
 class Preemption:
@@ -88,6 +71,31 @@ class Preemption:
         return bool(all_reduce_sum(info, flag).item())
 
 
+@dataclass
+class Run:
+    """A started run: everything the steps of the loop read."""
+    cfg: RunConfig
+    info: DistInfo
+    dir: str
+    preempt: Preemption
+    manifest: Manifest
+    model: nn.Module
+    engine: object  # an ENGINES class: backward, step, forward, save, load, optimizer
+    scheduler: object
+    train_data: SplitLoader
+    evals: dict  # "test" (and "val") -> SplitLoader
+    micro: int  # per-rank batch of one backward
+    steps_per_epoch: int
+    n_trainable: int  # counted before the engine wraps the model (ZeRO-3 partitions parameters)
+    state: RunState = field(default_factory=RunState)
+    writer: Optional[SummaryWriter] = None  # rank 0 only
+    epoch_img_per_s: float = 0.0
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.dir, "checkpoints")
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Fine-tune a timm ViT/Swin with RLRR.")
     ap.add_argument("--config", help="YAML run config (see configs/)")
@@ -99,12 +107,6 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def _peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
@@ -113,188 +115,240 @@ def main(argv=None) -> dict:
             raise ConfigError("run_name is not set, so the run directory is only decided at start; set run_name")
         print(os.path.join(cfg.output_dir, cfg.run_name))
         return {}
+    run = setup_run(cfg, resume_requested=args.resume == "latest")
+    for epoch in range(run.state.epoch, cfg.train.epochs):
+        if not train_one_epoch(run, epoch):
+            log.info(f"stopped at step {run.state.global_step} (epoch {epoch}); resume with --resume latest")
+            close_run(run)
+            return {"stopped_at_step": run.state.global_step}
+        end_epoch(run, evaluate_all(run, epoch))
+    results = summarize(run)
+    write_final(run, results)
+    close_run(run)
+    return results
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+def setup_run(cfg: RunConfig, resume_requested: bool) -> Run:
+    preempt = Preemption()  # first: a signal that arrives while the model loads is still honoured
     info = init_distributed(always=cfg.train.engine == "deepspeed")  # DeepSpeed wants a process group, even of 1
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s",
                         stream=sys.stdout, force=True)
-    run_dir = os.path.join(cfg.output_dir, broadcast_object(info, cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")))
+    run_dir, resume = decide_run_dir(cfg, info, resume_requested)
     t = cfg.train
+    micro = per_rank_batch(cfg, info)
+    torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
+    manifest = Manifest(cfg.data.shards)
+    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
+        raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has "
+                          f"{manifest.num_classes} classes")
+    model = build_model(cfg.model, manifest.num_classes, seed=t.seed)
+    if t.frozen_dtype == "bf16":  # before the move: the GPU never holds the fp32 copy
+        saved = store_frozen_weights_in(model, torch.bfloat16)
+        log.info(f"frozen linear weights stored in bf16: {saved / 2**20:.0f} MB saved")
+    model = model.to(info.device)
+    train_data = split_loader(cfg, manifest, info, cfg.data.train_split, micro)
+    evals = {"test": split_loader(cfg, manifest, info, cfg.data.test_split)}
+    if cfg.data.val_split:
+        evals["val"] = split_loader(cfg, manifest, info, cfg.data.val_split)
+    steps_per_epoch = math.ceil(len(train_data) / t.grad_accum)
+    n_trainable = count_trainable(model)
+    engine = ENGINES[t.engine](model, cfg, info, micro)
+    scheduler = build_scheduler(engine.optimizer, t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch,
+                                t.warmup_lr, t.min_lr)
+    run = Run(cfg, info, run_dir, preempt, manifest, model, engine, scheduler, train_data, evals, micro,
+              steps_per_epoch, n_trainable)
+    if resume:
+        load_checkpoint(run)
+    open_run_dir(run, resume)
+    return run
+
+
+def decide_run_dir(cfg: RunConfig, info: DistInfo, resume_requested: bool) -> tuple[str, bool]:
+    """(run directory, resume?). Rank 0 decides both: it creates the directory later, and the other
+    ranks must not race it. A restart by torchrun --max-restarts or a SLURM requeue resumes by itself."""
+    run_dir = os.path.join(cfg.output_dir, broadcast_object(info, cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    marker = os.path.join(ckpt_dir, ENGINES[t.engine].MARKER)
-    # restarted by torchrun --max-restarts or requeued by SLURM: continue from the last checkpoint, if any
+    marker = os.path.join(ckpt_dir, ENGINES[cfg.train.engine].MARKER)
     restarted = any(int(os.environ.get(v) or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-    preempted_marker = os.path.join(run_dir, "PREEMPTED")  # tells the batch script to requeue
-    # rank 0 decides (it creates the run directory below; other ranks must not race it)
-    resume = broadcast_object(info, (args.resume == "latest" or restarted) and os.path.isfile(marker))
+    resume = broadcast_object(info, (resume_requested or restarted) and os.path.isfile(marker))
     existing = broadcast_object(info, os.path.exists(ckpt_dir))
-    if args.resume == "latest" and not resume:
+    if resume_requested and not resume:
         raise ConfigError(f"--resume latest: no checkpoint at {marker}")
     if not resume and existing and not restarted:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume latest or choose another run_name")
+    return run_dir, resume
+
+
+def per_rank_batch(cfg: RunConfig, info: DistInfo) -> int:
+    t = cfg.train
     if t.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("train.precision = fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     micro = t.batch_size // (info.world * t.grad_accum)
     if micro * info.world * t.grad_accum != t.batch_size:
         raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by world size {info.world} "
                           f"x train.grad_accum {t.grad_accum}")
+    return micro
 
-    torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
-    manifest = Manifest(cfg.data.shards)
-    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
-        raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has {manifest.num_classes} classes")
-    model = initial_model(cfg, manifest.num_classes)
-    if t.frozen_dtype == "bf16":  # before the move: the GPU never holds the fp32 copy
-        saved = store_frozen_weights_in(model, torch.bfloat16)
-        log.info(f"frozen linear weights stored in bf16: {saved / 2**20:.0f} MB saved")
-    model = model.to(info.device)
-    n_trainable = count_trainable(model)
 
-    def split_loader(name, train):
-        n = manifest.split(name).num_samples
-        in_memory = cfg.data.in_memory if cfg.data.in_memory is not None else n <= cfg.data.in_memory_max
-        return SplitLoader(manifest, name, train=train, batch_size=micro if train else cfg.data.eval_batch_size,
-                           recipe=Recipe(cfg.data.recipe, train, cfg.data.flip, cfg.model.img_size), rank=info.rank,
-                           world=info.world, workers=cfg.data.workers, seed=t.seed, in_memory=in_memory)
+def split_loader(cfg: RunConfig, manifest: Manifest, info: DistInfo, split: str,
+                 train_batch: Optional[int] = None) -> SplitLoader:
+    """The training loader when ``train_batch`` is given (per-rank micro-batch), else an evaluation loader."""
+    d, train = cfg.data, train_batch is not None
+    in_memory = d.in_memory if d.in_memory is not None else manifest.split(split).num_samples <= d.in_memory_max
+    return SplitLoader(manifest, split, train=train, batch_size=train_batch if train else d.eval_batch_size_per_rank,
+                       recipe=Recipe(d.recipe, train, d.flip, cfg.model.img_size), rank=info.rank, world=info.world,
+                       workers=d.workers, seed=cfg.train.seed, in_memory=in_memory)
 
-    train_data = split_loader(cfg.data.train_split, True)
-    evals = {"test": split_loader(cfg.data.test_split, False)}
-    if cfg.data.val_split:
-        evals["val"] = split_loader(cfg.data.val_split, False)
-    steps_per_epoch = math.ceil(len(train_data) / t.grad_accum)
-    total_steps = t.epochs * steps_per_epoch
 
-    engine = ENGINES[t.engine](model, cfg, info, micro)
-    scheduler = build_scheduler(engine.optimizer, total_steps, t.warmup_epochs * steps_per_epoch, t.warmup_lr, t.min_lr)
+def open_run_dir(run: Run, resumed: bool) -> None:
+    """Rank 0: the run directory, its resolved config.yaml and the TensorBoard writer."""
+    if not run.info.is_main:
+        return
+    cfg, t, step = run.cfg, run.cfg.train, run.state.global_step
+    os.makedirs(run.ckpt_dir, exist_ok=True)
+    if os.path.exists(preempted_marker(run)):
+        os.remove(preempted_marker(run))
+    save_config(cfg, os.path.join(run.dir, "config.yaml"))
+    run.writer = SummaryWriter(os.path.join(run.dir, "tensorboard"), purge_step=step if resumed else None)
+    run.writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```", step)
+    log.info(f"run {run.dir}: {cfg.model.name} ({cfg.model.method}), {run.n_trainable:,} trainable "
+             f"parameters, world {run.info.world}, global batch {t.batch_size} ({run.micro} x {run.info.world} x "
+             f"{t.grad_accum}), {run.steps_per_epoch} steps/epoch")
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_time": 0.0, "images": 0,
-             "epoch_seen": 0, "epoch_loss_sum": 0.0}  # the last two: the current epoch's running loss
-    if resume:
-        try:
-            saved = engine.load(ckpt_dir)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if len(saved["rng"]) == info.world:
-            checkpoint.set_rng_state(saved["rng"][info.rank])
-        state = saved["state"]
-        log.info(f"resumed {run_dir} at epoch {state['epoch']} step {state['global_step']}")
 
-    writer = None
-    if info.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        if os.path.exists(preempted_marker):
-            os.remove(preempted_marker)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-        writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=state["global_step"] if resume else None)
-        writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```", state["global_step"])
-        log.info(f"run {run_dir}: {cfg.model.name} ({cfg.model.method}), {n_trainable:,} trainable parameters, "
-                 f"world {info.world}, global batch {t.batch_size} ({micro} x {info.world} x {t.grad_accum}), "
-                 f"{steps_per_epoch} steps/epoch")
+def preempted_marker(run: Run) -> str:
+    return os.path.join(run.dir, "PREEMPTED")  # tells the batch script to requeue
 
-    def save_checkpoint():
-        rng = [checkpoint.rng_state()]
-        if info.enabled:
-            rng = [None] * info.world
-            torch.distributed.all_gather_object(rng, checkpoint.rng_state())
-        engine.save(ckpt_dir, {"rng": rng, "state": state, "config_hash": cfg.digest()})
 
-    preempt = Preemption()
-    stopped_early = False
-    model.train()
-    for epoch in range(state["epoch"], t.epochs):
-        t0, seen = time.perf_counter(), 0
-        batches = train_data.epoch(epoch)
-        bar = tqdm(total=len(train_data), initial=state["step_in_epoch"] * t.grad_accum, desc=f"epoch {epoch}",
-                   disable=not info.is_main, leave=False, dynamic_ncols=True)
-        skip = state["step_in_epoch"] * t.grad_accum  # the epoch's batches are deterministic: replay position
-        for i, (images, labels, _) in enumerate(batches):
-            if i < skip:
-                continue
-            last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(train_data)
-            images = normalize(images.to(info.device, non_blocking=True), cfg.data.stats)
-            loss = engine.backward(images, labels.to(info.device, non_blocking=True), last_micro)
-            seen += len(labels)
-            state["epoch_seen"] += len(labels)
-            state["epoch_loss_sum"] += loss.item() * len(labels)
-            bar.update(1)
-            if not last_micro:
-                continue
-            scheduler.step_update(state["global_step"])
-            grad_norm = engine.step()
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            if writer and state["global_step"] % t.log_every == 0:
-                writer.add_scalar("train/loss", loss.item(), state["global_step"])
-                writer.add_scalar("train/lr", engine.optimizer.param_groups[0]["lr"], state["global_step"])
-                writer.add_scalar("train/grad_norm", grad_norm, state["global_step"])
-                writer.add_scalar("train/img_per_s", seen * info.world / (time.perf_counter() - t0), state["global_step"])
-            out_of_budget = t.max_steps and state["global_step"] >= t.max_steps
-            preempted = preempt.any_rank(info)
-            if preempted or out_of_budget:
-                save_checkpoint()
-                stopped_early = True
-                if preempted and info.is_main:
-                    checkpoint.write_text_atomic(preempted_marker, f"step {state['global_step']}\n")
-                break
-            if t.save_every_steps and state["global_step"] % t.save_every_steps == 0:
-                save_checkpoint()
-        bar.close()
-        state["train_time"] += time.perf_counter() - t0
-        state["images"] += seen * info.world
-        if stopped_early:
-            log.info(f"stopped at step {state['global_step']} (epoch {epoch}); resume with --resume latest")
+# ---- one epoch -----------------------------------------------------------------------------------
+
+def train_one_epoch(run: Run, epoch: int) -> bool:
+    """The epoch's optimizer steps, from the saved position when resumed. False if the run stopped
+    inside it (preemption or train.max_steps), with a checkpoint saved."""
+    t, st = run.cfg.train, run.state
+    t0, seen, completed = time.perf_counter(), 0, True
+    skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
+    bar = tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
+               leave=False, dynamic_ncols=True)
+    for i, (images, labels, _) in enumerate(run.train_data.epoch(epoch)):
+        if i < skip:
+            continue
+        last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(run.train_data)
+        images = normalize(images.to(run.info.device, non_blocking=True), run.cfg.data.stats)
+        loss = run.engine.backward(images, labels.to(run.info.device, non_blocking=True), last_micro)
+        seen += len(labels)
+        st.epoch_seen += len(labels)
+        st.epoch_loss_sum += loss.item() * len(labels)
+        bar.update(1)
+        if not last_micro:
+            continue
+        run.scheduler.step_update(st.global_step)
+        grad_norm = run.engine.step()
+        st.global_step += 1
+        st.step_in_epoch += 1
+        log_step(run, loss.item(), grad_norm, seen * run.info.world / (time.perf_counter() - t0))
+        if stop_requested(run):
+            completed = False
             break
-        record = {"epoch": epoch, "train_loss": state["epoch_loss_sum"] / max(1, state["epoch_seen"]),
-                  "lr": engine.optimizer.param_groups[0]["lr"]}
-        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            for name, loader in evals.items():
-                metrics = evaluate(engine, loader, info, manifest.num_classes, cfg.data.stats)
-                record.update({f"{name}_acc1": metrics["acc1"], f"{name}_acc5": metrics["acc5"],
-                               f"{name}_loss": metrics["loss"]})
-                if writer:
-                    for k in ("acc1", "acc5", "loss"):
-                        writer.add_scalar(f"{name}/{k}", metrics[k], state["global_step"])
-        peak = _peak_memory_mb(info.device)
-        if writer:
-            writer.add_scalar("sys/peak_memory_mb", peak, state["global_step"])
-            writer.flush()
-        state["history"].append(record)
-        state.update(epoch=epoch + 1, step_in_epoch=0, epoch_seen=0, epoch_loss_sum=0.0)
-        log.info(f"epoch {epoch + 1}/{t.epochs} loss {record['train_loss']:.4f} lr {record['lr']:.2e}"
-                 + "".join(f" {k} {record[k]:.2f}" for k in ("val_acc1", "test_acc1") if k in record)
-                 + f" {seen * info.world / (time.perf_counter() - t0):.1f} img/s peak {peak:.0f} MB")
-        if (epoch + 1) % t.save_every_epochs == 0 or epoch + 1 == t.epochs:
-            save_checkpoint()
-
-    results = None
-    if not stopped_early:
-        results = summarize(state, cfg, n_trainable, info)
-        adapter = engine.trainable_fp32()  # all ranks: ZeRO-3 gathers the partitions
-        if info.is_main:
-            write_final(cfg, manifest.num_classes, adapter, run_dir, results)
-    if writer:
-        writer.close()
-    barrier(info)
-    return results or {"stopped_at_step": state["global_step"]}
+        if t.save_every_steps and st.global_step % t.save_every_steps == 0:
+            save_checkpoint(run)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    st.train_time += elapsed
+    st.images += seen * run.info.world
+    run.epoch_img_per_s = seen * run.info.world / max(elapsed, 1e-9)
+    return completed
 
 
-def write_final(cfg: RunConfig, num_classes: int, adapter: dict, run_dir: str, results: dict) -> None:
-    """adapter.safetensors, merged.safetensors (a plain timm model) and results.json, from the fp32
-    adapter and a fresh CPU copy of the backbone (engine-independent: works for ZeRO-3 too)."""
-    model = initial_model(cfg, num_classes)
-    with torch.no_grad():
-        for name, p in trainable_parameters(model):
-            p.copy_(adapter[name])
-    save_adapter(model, os.path.join(run_dir, "adapter.safetensors"))
-    merged = merge_rlrr(model) if cfg.model.method == "rlrr" else model
-    tensors = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
-    checkpoint.write_atomic(os.path.join(run_dir, "merged.safetensors"), lambda tmp: save_file(tensors, tmp))
-    checkpoint.write_text_atomic(os.path.join(run_dir, "results.json"), json.dumps(results, indent=1))
-    log.info("results: " + json.dumps({k: results[k] for k in (
-        "test_acc1_final", "test_acc1_at_best_val", "test_acc1_best_over_epochs")}))
-    log.info(f"tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+def log_step(run: Run, loss: float, grad_norm: float, img_per_s: float) -> None:
+    step = run.state.global_step
+    if run.writer and step % run.cfg.train.log_every == 0:
+        run.writer.add_scalar("train/loss", loss, step)
+        run.writer.add_scalar("train/lr", run.engine.optimizer.param_groups[0]["lr"], step)
+        run.writer.add_scalar("train/grad_norm", grad_norm, step)
+        run.writer.add_scalar("train/img_per_s", img_per_s, step)
 
 
-def summarize(state: dict, cfg: RunConfig, n_trainable: int, info: DistInfo) -> dict:
-    evaluated = [r for r in state["history"] if "test_acc1" in r]
+def stop_requested(run: Run) -> bool:
+    """A preemption signal on any rank, or train.max_steps reached: save a checkpoint and stop."""
+    max_steps = run.cfg.train.max_steps
+    out_of_budget = bool(max_steps) and run.state.global_step >= max_steps
+    preempted = run.preempt.any_rank(run.info)  # collective: every rank stops at the same step
+    if not (preempted or out_of_budget):
+        return False
+    save_checkpoint(run)
+    if preempted and run.info.is_main:
+        write_text_atomic(preempted_marker(run), f"step {run.state.global_step}\n")
+    return True
+
+
+def evaluate_all(run: Run, epoch: int) -> dict:
+    """The epoch's record: mean train loss, lr, and every evaluation split when one is due."""
+    st, t = run.state, run.cfg.train
+    record = {"epoch": epoch, "train_loss": st.epoch_loss_sum / max(1, st.epoch_seen),
+              "lr": run.engine.optimizer.param_groups[0]["lr"]}
+    if (epoch + 1) % t.eval_every and epoch + 1 != t.epochs:
+        return record
+    for name, loader in run.evals.items():
+        metrics = evaluate(run.engine, loader, run.info, run.manifest.num_classes, run.cfg.data.stats)
+        for k in ("acc1", "acc5", "loss"):
+            record[f"{name}_{k}"] = metrics[k]
+            if run.writer:
+                run.writer.add_scalar(f"{name}/{k}", metrics[k], st.global_step)
+    return record
+
+
+def end_epoch(run: Run, record: dict) -> None:
+    """Log the epoch, move the state to the next one and checkpoint when due."""
+    st, t = run.state, run.cfg.train
+    peak = peak_memory_mb(run.info.device)
+    if run.writer:
+        run.writer.add_scalar("sys/peak_memory_mb", peak, st.global_step)
+        run.writer.flush()
+    st.history.append(record)
+    st.epoch, st.step_in_epoch, st.epoch_seen, st.epoch_loss_sum = record["epoch"] + 1, 0, 0, 0.0
+    log.info(f"epoch {st.epoch}/{t.epochs} loss {record['train_loss']:.4f} lr {record['lr']:.2e}"
+             + "".join(f" {k} {record[k]:.2f}" for k in ("val_acc1", "test_acc1") if k in record)
+             + f" {run.epoch_img_per_s:.1f} img/s peak {peak:.0f} MB")
+    if st.epoch % t.save_every_epochs == 0 or st.epoch == t.epochs:
+        save_checkpoint(run)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+
+def save_checkpoint(run: Run) -> None:
+    rng = [checkpoint.rng_state()]
+    if run.info.enabled:
+        rng = [None] * run.info.world
+        torch.distributed.all_gather_object(rng, checkpoint.rng_state())
+    run.engine.save(run.ckpt_dir, {"rng": rng, "state": dataclasses.asdict(run.state),
+                                   "config_hash": run.cfg.digest()})
+
+
+def load_checkpoint(run: Run) -> None:
+    try:
+        saved = run.engine.load(run.ckpt_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(saved["rng"]) == run.info.world:
+        checkpoint.set_rng_state(saved["rng"][run.info.rank])
+    run.state = RunState(**saved["state"])
+    log.info(f"resumed {run.dir} at epoch {run.state.epoch} step {run.state.global_step}")
+
+
+# ---- the end -------------------------------------------------------------------------------------
+
+def summarize(run: Run) -> dict:
+    st, cfg = run.state, run.cfg
+    evaluated = [r for r in st.history if "test_acc1" in r]
     with_val = [r for r in evaluated if "val_acc1" in r]
     best_val = max(with_val, key=lambda r: r["val_acc1"]) if with_val else None  # first epoch wins a tie
     return {
@@ -306,8 +360,35 @@ def summarize(state: dict, cfg: RunConfig, n_trainable: int, info: DistInfo) -> 
         "test_acc1_best_over_epochs": max(r["test_acc1"] for r in evaluated) if evaluated else None,
         "note": "test_acc1_best_over_epochs selects the epoch on the test set (the reference protocol); "
                 "report test_acc1_final, or test_acc1_at_best_val when a validation split is used",
-        "epochs": state["epoch"], "steps": state["global_step"], "wall_time_s": round(state["train_time"], 1),
-        "img_per_s": round(state["images"] / max(state["train_time"], 1e-9), 1),
-        "trainable_params": n_trainable, "world_size": info.world, "config_hash": cfg.digest(),
-        "model": cfg.model.name, "method": cfg.model.method, "history": state["history"],
+        "epochs": st.epoch, "steps": st.global_step, "wall_time_s": round(st.train_time, 1),
+        "img_per_s": round(st.images / max(st.train_time, 1e-9), 1),
+        "trainable_params": run.n_trainable, "world_size": run.info.world, "config_hash": cfg.digest(),
+        "model": cfg.model.name, "method": cfg.model.method, "history": st.history,
     }
+
+
+def write_final(run: Run, results: dict) -> None:
+    """adapter.safetensors, merged.safetensors (a plain timm model) and results.json, from the fp32
+    trained tensors and a fresh CPU copy of the initial model (engine-independent: ZeRO-3 too)."""
+    trained = run.engine.trainable_fp32()  # all ranks: ZeRO-3 gathers the partitions
+    if not run.info.is_main:
+        return
+    cfg = run.cfg
+    model = build_model(cfg.model, run.manifest.num_classes, seed=cfg.train.seed)
+    with torch.no_grad():
+        for name, p in trainable_parameters(model):
+            p.copy_(trained[name])
+    save_adapter(model, os.path.join(run.dir, "adapter.safetensors"))
+    merged = merge_rlrr(model) if cfg.model.method == "rlrr" else model
+    tensors = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    write_atomic(os.path.join(run.dir, "merged.safetensors"), lambda tmp: save_file(tensors, tmp))
+    write_json_atomic(os.path.join(run.dir, "results.json"), results)
+    log.info("results: " + json.dumps({k: results[k] for k in (
+        "test_acc1_final", "test_acc1_at_best_val", "test_acc1_best_over_epochs")}))
+    log.info(f"tensorboard --logdir {os.path.join(run.dir, 'tensorboard')}")
+
+
+def close_run(run: Run) -> None:
+    if run.writer:
+        run.writer.close()
+    barrier(run.info)

@@ -19,8 +19,9 @@ def main(shards: str, out: str) -> None:
     result = {}
     for in_memory in (False, True):
         mode = "memory" if in_memory else "stream"
-        train = SplitLoader(manifest, "train800", train=True, batch_size=4, recipe=Recipe("vtab", True, True, image_size=32),
-                            rank=rank, world=world, workers=2, seed=7, in_memory=in_memory)
+        train = SplitLoader(manifest, "train800", train=True, batch_size=4,
+                            recipe=Recipe("vtab", True, True, image_size=32), rank=rank, world=world, workers=2,
+                            seed=7, in_memory=in_memory)
         for epoch in (0, 1):
             batches = [k for _, _, k in train.epoch(epoch)]
             result[f"train_{mode}_epoch{epoch}"] = {"len": len(train), "batches": batches}
@@ -34,7 +35,7 @@ def main(shards: str, out: str) -> None:
             json.dump(gathered, f)
     dist.barrier()
     sys.stdout.flush()
-    os._exit(0)  # gloo can abort during interpreter teardown (ENVIRONMENT.md); all work is done and flushed
+    os._exit(0)  # gloo can abort during interpreter teardown (see launch/train.py); all work is done and flushed
 
 
 if __name__ == "__main__":

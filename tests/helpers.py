@@ -1,7 +1,87 @@
-"""Test helpers: non-trivial adapter values, and Google-format .npz files written from a timm ViT."""
+"""Shared test helpers: tiny datasets and shards, run configs, command lines, non-trivial adapter
+values, and Google-format .npz files written from a timm ViT. Fixtures built on them: conftest.py."""
+import importlib.util
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist (make installs it)
+
+
+def run_tool(name: str, *args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """tools/<name> in a fresh interpreter; arguments may be paths or numbers."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def make_shards(*args) -> subprocess.CompletedProcess:
+    return run_tool("make_shards.py", *args, "--no-progress")
+
+
+def write_image(path: Path, seed: int, size=(40, 30), fmt="JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def make_vtab(root: Path, n_train=12, n_val=4, n_test=10, classes=3) -> Path:
+    """A VTAB-1k task folder (NOAH layout) of random images of varying sizes; the same bytes every time."""
+    lines = {}
+    for split, n in (("train800", n_train), ("val200", n_val), ("test", n_test)):
+        lines[split] = []
+        for i in range(n):
+            rel = f"images/{split}/{i:06d}.jpg"
+            write_image(root / rel, zlib.crc32(f"{split}/{i}".encode()) % 1000, size=(30 + i, 20 + i))
+            lines[split].append(f"{rel} {i % classes}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, ls in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(ls) + "\n")
+    return root
+
+
+def _tool_main(name: str):
+    """The ``main(argv)`` of tools/<name>, to run a tool in this process (no interpreter start-up)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name.removesuffix('.py')}", ROOT / "tools" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def tiny_vtab_shards(tmp: Path, n_train: int, n_val: int, n_test: int, shard_size: int) -> str:
+    """A 4-class VTAB-layout task at 32 px, sharded by tools/make_shards.py in this process; returns the
+    shard folder. (The tool's command line itself is tested in test_make_shards.py.)"""
+    src = make_vtab(tmp / "task", n_train=n_train, n_val=n_val, n_test=n_test, classes=4)
+    argv = ["vtab", "--root", src, "--out", tmp / "shards", "--image-size", 32, "--shard-size", shard_size,
+            "--workers", 1, "--no-progress"]
+    assert _tool_main("make_shards.py")(list(map(str, argv))) == 0
+    return str(tmp / "shards")
+
+
+def write_config(path: Path, shards: str, out: Path, **sections) -> str:
+    """A tiny run config (timm's test_vit at 32 px, 2 epochs, global batch 4) with section overrides."""
+    cfg = {"model": {"name": "test_vit", "img_size": 32, "drop_path": 0.1},
+           "data": {"shards": shards, "train_split": "train800", "val_split": "val200", "flip": True, "workers": 1},
+           "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 4, "lr": 0.01, "log_every": 1},
+           "output_dir": str(out)}
+    for k, v in sections.items():
+        cfg[k].update(v)
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def train_cmd(*args, nproc=None) -> list[str]:
+    """launch/train.py in a fresh interpreter, under torchrun with ``nproc`` processes if given."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    return launcher + [str(ROOT / "launch" / "train.py"), *map(str, args)]
 
 
 @torch.no_grad()

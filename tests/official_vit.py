@@ -1,7 +1,7 @@
 """An independent re-implementation of the official RLRR ViT (zstarN70/RLRR, models/networks.py),
 for conversion tests only.
 
-Module names reproduce the official checkpoint keys (RLRR.md section 5); weights are read straight
+Module names reproduce the official checkpoint keys (docs/method.md, section 5); weights are read straight
 from a Google .npz with numpy, not through timm; each linear builds W' = W * scale_col * scale_line + W
 on every call as the official code does. Eval-mode forward only (its drop path is a no-op in eval).
 """

@@ -1,18 +1,18 @@
 """tools/benchmark.py runs and writes complete JSON (no timing assertions)."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from helpers import run_tool
+
+pytestmark = pytest.mark.integration  # a process per measured mode
 
 
 def test_benchmark_runs_and_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "test_vit", "--img-size", "32",
-                          "--batch-size", "2", "--modes", "rlrr,full,linear", "--warmup", "1", "--steps", "1",
-                          "--windows", "2", "--rounds", "2", "--device", "cpu", "--json", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = run_tool("benchmark.py", "--model", "test_vit", "--img-size", "32", "--batch-size", "2",
+                   "--modes", "rlrr,full,linear", "--warmup", "1", "--steps", "1", "--windows", "2", "--rounds", "2",
+                   "--device", "cpu", "--json", out, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data["training"]) == {"rlrr", "full", "linear"}
@@ -23,17 +23,17 @@ def test_benchmark_runs_and_reports_every_figure(tmp_path):
     t = data["training"]
     assert t["linear"]["trainable_params"] < t["rlrr"]["trainable_params"] < t["full"]["trainable_params"]
     inf = data["inference"]
-    assert all(inf[k] > 0 for k in ("infer_adapted_img_s", "infer_merged_img_s", "infer_plain_img_s", "merged_vs_plain"))
+    assert all(inf[k] > 0 for k in ("infer_adapted_img_s", "infer_merged_img_s", "infer_plain_img_s",
+                                    "merged_vs_plain"))
     assert set(data["rlrr_vs_full"]) == {"speed", "memory"} and data["config"]["model"] == "test_vit"
     assert "rlrr vs full: speed" in res.stdout
 
 
 def test_benchmark_bf16_frozen_weights_halve_the_stored_model(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--model", "test_vit", "--img-size", "32",
-                          "--batch-size", "2", "--modes", "rlrr,full", "--warmup", "1", "--steps", "1", "--windows", "1",
-                          "--rounds", "1", "--device", "cpu", "--precision", "bf16", "--frozen-dtype", "bf16",
-                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+    res = run_tool("benchmark.py", "--model", "test_vit", "--img-size", "32", "--batch-size", "2",
+                   "--modes", "rlrr,full", "--warmup", "1", "--steps", "1", "--windows", "1", "--rounds", "1",
+                   "--device", "cpu", "--precision", "bf16", "--frozen-dtype", "bf16", "--json", out, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "bf16 on cpu, frozen weights in bf16" in res.stdout
     t = json.loads(out.read_text())["training"]
@@ -44,6 +44,5 @@ def test_benchmark_bf16_frozen_weights_halve_the_stored_model(tmp_path):
 def test_benchmark_rejects_bad_options():
     for args, message in ((["--modes", "rlrr,magic"], "unknown mode(s) ['magic']"),
                           (["--frozen-dtype", "bf16"], "--frozen-dtype bf16 needs --precision bf16")):
-        res = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *args],
-                             capture_output=True, text=True, timeout=120)
+        res = run_tool("benchmark.py", *args, timeout=120)
         assert res.returncode == 2 and message in res.stderr, res.stderr

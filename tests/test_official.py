@@ -1,21 +1,17 @@
 """tools/convert_official.py: an official RLRR checkpoint -> our adapter gives the official logits."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from helpers import vit_to_google_npz
-from official_vit import OfficialViT
 from rlrr import create_model, load_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import run_tool, vit_to_google_npz
+from official_vit import OfficialViT
+
+pytestmark = pytest.mark.integration  # the converter as a command
 
 
 def _convert(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_official.py"), *args],
-                          capture_output=True, text=True)
+    return run_tool("convert_official.py", *args)
 
 
 @pytest.fixture(scope="module")

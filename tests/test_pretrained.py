@@ -7,8 +7,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from helpers import vit_to_google_npz
 from rlrr import CheckpointError, create_model, load_pretrained
+
+from helpers import vit_to_google_npz
 
 
 def _backbone_state(model):
@@ -93,7 +94,8 @@ def test_missing_unknown_and_mismatched_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"bad\.pth: cannot read"):
         create_model("test_vit", num_classes=2, pretrained=str(tmp_path / "bad.pth"))
 
-    save_file(timm.create_model("test_vit", num_classes=0, embed_dim=32).state_dict(), str(tmp_path / "small.safetensors"))
+    small = timm.create_model("test_vit", num_classes=0, embed_dim=32)
+    save_file(small.state_dict(), str(tmp_path / "small.safetensors"))
     with pytest.raises(CheckpointError) as e:
         create_model("test_vit", num_classes=2, pretrained=str(tmp_path / "small.safetensors"))
     msg = str(e.value)

@@ -1,20 +1,20 @@
 """tools/report.py and tools/analyze_svd.py on runs made by the real training entry point."""
 import csv
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rlrr.train import main as train_main
-from test_data import tiny_vtab_shards
-from test_train import write_config
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_tool, tiny_vtab_shards, write_config
+
 sys.path.insert(0, str(ROOT / "tools"))
 import report  # noqa: E402
+
+pytestmark = pytest.mark.integration  # command-line tools on runs trained end to end
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,6 @@ def runs(tmp_path_factory):
         cfg = write_config(tmp / f"{task}.yaml", shards, tmp / "sweep", train={"epochs": 2, "batch_size": 4})
         train_main(["--config", cfg])
     return tmp / "sweep"
-
-
-def _tool(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True)
 
 
 def test_paper_row_reproduces_the_papers_means():
@@ -45,7 +41,8 @@ def test_paper_row_reproduces_the_papers_means():
 
 
 def test_report_tables_mark_missing_tasks_and_never_average_them(runs, tmp_path):
-    res = _tool("report.py", runs, "--csv", tmp_path / "r.csv", "--png", tmp_path / "r.png", "--md", tmp_path / "r.md")
+    res = run_tool("report.py", runs, "--csv", tmp_path / "r.csv", "--png", tmp_path / "r.png",
+                   "--md", tmp_path / "r.md")
     assert res.returncode == 0, res.stderr
     ours = {d.name: json.loads((runs / d.name / "results.json").read_text())["test_acc1_final"] for d in runs.iterdir()}
     rows = {r["name"]: r for r in csv.DictReader((tmp_path / "r.csv").open())}
@@ -74,19 +71,19 @@ def test_report_complete_suite_means_and_errors(tmp_path):
     assert table["DTD"]["ours"] == pytest.approx(73.4) and table["DTD"]["runs"] == 2 and not unmatched
     assert table["Specialized"]["ours"] == pytest.approx(85.8)
     assert table["Mean (19 tasks)"]["ours"] == pytest.approx((sum(t.paper for t in report.VTAB) + 0.5) / 19)
-    res = _tool("report.py", tmp_path / "all", "--metric", "at_best_val")
+    res = run_tool("report.py", tmp_path / "all", "--metric", "at_best_val")
     assert res.returncode == 2 and "test_acc1_at_best_val is missing or null" in res.stderr
     (tmp_path / "other" / "imagenet").mkdir(parents=True)
     (tmp_path / "other" / "imagenet" / "results.json").write_text("{}")
-    res = _tool("report.py", tmp_path / "other")
+    res = run_tool("report.py", tmp_path / "other")
     assert res.returncode == 2 and "no run matches a VTAB-1k or FGVC task" in res.stderr
     assert "imagenet is not a VTAB-1k or FGVC task name" in res.stderr
-    res = _tool("report.py", tmp_path / "nothing-here")
+    res = run_tool("report.py", tmp_path / "nothing-here")
     assert res.returncode == 2 and "not a directory" in res.stderr
 
 
 def test_svd_analysis_tables_and_plots(runs, tmp_path):
-    res = _tool("analyze_svd.py", runs / "kitti", "--top-k", "4", "--out", tmp_path / "svd")
+    res = run_tool("analyze_svd.py", runs / "kitti", "--top-k", "4", "--out", tmp_path / "svd")
     assert res.returncode == 0, res.stderr
     rows = list(csv.DictReader((tmp_path / "svd" / "svd.csv").open()))
     layers = [r["layer"] for r in rows]
@@ -97,7 +94,7 @@ def test_svd_analysis_tables_and_plots(runs, tmp_path):
     from rlrr.adapter import read_adapter
     tensors, _ = read_adapter(str(runs / "kitti" / "adapter.safetensors"))
     # recompute one row independently from the adapter file and the run's own merged model
-    merged = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(runs / "kitti" / "merged.safetensors"))
+    merged = load_file(str(runs / "kitti" / "merged.safetensors"))
     w_after = merged["blocks.0.mlp.fc1.weight"].double()
     s_after = torch.linalg.svdvals(w_after)
     assert torch.allclose(torch.tensor(spectra["blocks.0.mlp.fc1"]["after"], dtype=torch.float64), s_after, rtol=1e-4)
@@ -111,5 +108,5 @@ def test_svd_analysis_tables_and_plots(runs, tmp_path):
     for png in ("spectra.png", "angles.png"):
         assert (tmp_path / "svd" / png).read_bytes()[:4] == b"\x89PNG"
     assert "| blocks.0.mlp.fc1 |" in (tmp_path / "svd" / "svd.md").read_text()
-    bad = _tool("analyze_svd.py", tmp_path)
+    bad = run_tool("analyze_svd.py", tmp_path)
     assert bad.returncode == 2 and "config.yaml does not exist" in bad.stderr

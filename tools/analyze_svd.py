@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from rlrr.adapter import load_adapter  # noqa: E402
-from rlrr.checkpoint import write_atomic, write_text_atomic  # noqa: E402
+from rlrr.atomic import write_atomic, write_text_atomic  # noqa: E402
 from rlrr.config import ConfigError, load_config  # noqa: E402
 from rlrr.layers import RLRRLinear, rescaled_weight  # noqa: E402
 
 
 def base_and_adapted(run: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """[(name, W, W')] in float64 for every adapted matrix of the run (q/k/v split)."""
-    from rlrr.train import initial_model
+    from rlrr.model import build_model
     cfg_path, adapter_path = os.path.join(run, "config.yaml"), os.path.join(run, "adapter.safetensors")
     for path in (cfg_path, adapter_path):
         if not os.path.isfile(path):
@@ -43,7 +43,7 @@ def base_and_adapted(run: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     from safetensors import safe_open
     with safe_open(adapter_path, "pt") as f:
         num_classes = json.loads(f.metadata()["num_classes"])
-    model = initial_model(cfg, num_classes)
+    model = build_model(cfg.model, num_classes, seed=cfg.train.seed)  # the run's own initial model
     load_adapter(model, adapter_path)
     out = []
     with torch.no_grad():
@@ -88,7 +88,8 @@ def markdown(rows, k) -> str:
             f"∠V top-{k} (°)", "‖W'−W‖/‖W‖"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['shape']} | {r['sigma1_change_pct']:+.2f} | {r['topk_mean_abs_change_pct']:.2f} | "
+        lines.append(f"| {r['layer']} | {r['shape']} | {r['sigma1_change_pct']:+.2f} | "
+                     f"{r['topk_mean_abs_change_pct']:.2f} | "
                      f"{r['topk_max_abs_change_pct']:.2f} | {r['angle_left_deg']:.2f} | {r['angle_right_deg']:.2f} | "
                      f"{r['rel_frobenius_change']:.4f} |")
     return "\n".join(lines) + "\n"

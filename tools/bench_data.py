@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from rlrr.checkpoint import write_text_atomic
+from rlrr.atomic import write_text_atomic
 from rlrr.data.loader import Manifest, SplitLoader
 from rlrr.data.shards import write_shards
 from rlrr.data.sources import _read_idx, read_vtab

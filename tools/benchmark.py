@@ -16,17 +16,20 @@ model, then the merged and the plain timm model with their windows interleaved.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 
 import timm
 import torch
 
+from rlrr.config import FrozenDtype, ModelConfig, Precision
 from rlrr.engine import AMP_DTYPES
+from rlrr.model import build_model
+from rlrr.train import peak_memory_mb
 
 TRAIN_MODES = ("rlrr", "full", "linear", "lora")
 
@@ -39,34 +42,15 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _peak_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _timm_model(args):
-    from rlrr.adapter import use_fused_attention
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, img_size=args.img_size)
-    use_fused_attention(model, not args.explicit_attn)  # as training does (model.fused_attn)
-    return model
-
-
 def _model(args, mode):
-    from rlrr import apply_rlrr
-    model = _timm_model(args)
-    if mode == "rlrr":
-        apply_rlrr(model)
-    elif mode == "linear":
-        model.requires_grad_(False)
-        model.get_classifier().requires_grad_(True)
-    elif mode == "lora":
+    """The model training builds (rlrr.model.build_model) for a mode; LoRA is peft on the full model."""
+    cfg = ModelConfig(name=args.model, img_size=args.img_size, method="full" if mode in ("lora", "plain") else mode,
+                      fused_attn=not args.explicit_attn)
+    model = build_model(cfg, args.num_classes)
+    if mode == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv"],
                                                  modules_to_save=[model.default_cfg["classifier"]]))
-    if args.frozen_dtype == "bf16":  # train.frozen_dtype; a no-op for full fine-tuning (nothing is frozen)
-        from rlrr.adapter import store_frozen_weights_in
-        store_frozen_weights_in(model, torch.bfloat16)
     return model
 
 
@@ -123,7 +107,11 @@ def measure_training(args, mode) -> dict:
     base_mb = _rss_mb() if device.type == "cpu" else 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = _model(args, mode).to(device).train()
+    model = _model(args, mode)
+    if args.frozen_dtype == "bf16":  # train.frozen_dtype; a no-op for full fine-tuning (nothing is frozen)
+        from rlrr.model import store_frozen_weights_in
+        store_frozen_weights_in(model, torch.bfloat16)
+    model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -140,7 +128,7 @@ def measure_training(args, mode) -> dict:
         opt.zero_grad(set_to_none=True)
 
     rates = _timed(args, {mode: step}, device)[mode]
-    peak = _peak_mb(device) - base_mb
+    peak = peak_memory_mb(device) - base_mb
     ddp_bytes = _ddp_allreduce_bytes(model, x[:1], y[:1])
     return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1),
             "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes,
@@ -149,7 +137,7 @@ def measure_training(args, mode) -> dict:
 
 @torch.no_grad()
 def measure_inference(args) -> dict:
-    from rlrr import apply_rlrr, merge_rlrr
+    from rlrr import merge_rlrr
     device = torch.device(args.device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     dtype = AMP_DTYPES.get(args.precision)
@@ -161,14 +149,32 @@ def measure_inference(args) -> dict:
                 net(x)
         return run
 
-    model = apply_rlrr(_timm_model(args)).to(device).eval()
+    model = _model(args, "rlrr").to(device).eval()
     rates = _timed(args, {"adapted": step(model)}, device)
     merged = merge_rlrr(model)
-    plain = _timm_model(args).to(device).eval()
+    plain = _model(args, "plain").to(device).eval()
     rates.update(_timed(args, {"merged": step(merged), "plain": step(plain)}, device))
     out = {f"infer_{name}_img_s": round(statistics.median(r), 2) for name, r in rates.items()}
     out["merged_vs_plain"] = round(out["infer_merged_img_s"] / out["infer_plain_img_s"], 3)
     return out
+
+
+def print_summary(args, results: dict) -> None:
+    print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}"
+          f"{' (torch.compile)' if args.compile else ''}"
+          f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}"
+          f"{', explicit attention' if args.explicit_attn else ''}")
+    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'params MB':>10s} {'trainable':>12s} "
+          f"{'DDP MB/step':>12s}")
+    for mode, r in results["training"].items():
+        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
+              f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f}")
+    inf = results["inference"]
+    print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
+          f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")
+    if "rlrr_vs_full" in results:
+        ratio = results["rlrr_vs_full"]
+        print(f"rlrr vs full: speed {ratio['speed']:.3f}x, memory {ratio['memory']:.3f}x")
 
 
 def parse_args(argv):
@@ -177,11 +183,11 @@ def parse_args(argv):
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-classes", type=int, default=100)
-    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    ap.add_argument("--precision", choices=typing.get_args(Precision), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default=",".join(TRAIN_MODES), help="training modes to measure")
     ap.add_argument("--compile", action="store_true", help="torch.compile every timed model (train.compile)")
-    ap.add_argument("--frozen-dtype", choices=("fp32", "bf16"), default="fp32",
+    ap.add_argument("--frozen-dtype", choices=typing.get_args(FrozenDtype), default="fp32",
                     help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 needs --precision bf16)")
     ap.add_argument("--explicit-attn", action="store_true",
                     help="explicit softmax attention instead of SDPA everywhere (model.fused_attn=false)")
@@ -240,24 +246,13 @@ def main(argv=None) -> int:
     for r in train.values():
         r["train_img_s"] = round(statistics.median(r["window_img_s"]), 2)
     if "rlrr" in train and "full" in train:
-        results["rlrr_vs_full"] = {"speed": round(train["rlrr"]["train_img_s"] / train["full"]["train_img_s"], 3),
-                                   "memory": round(train["rlrr"]["peak_memory_mb"] / train["full"]["peak_memory_mb"], 3)}
-    print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}"
-          f"{' (torch.compile)' if args.compile else ''}"
-          f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}"
-          f"{', explicit attention' if args.explicit_attn else ''}")
-    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'params MB':>10s} {'trainable':>12s} {'DDP MB/step':>12s}")
-    for mode, r in train.items():
-        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
-              f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f}")
-    inf = results["inference"]
-    print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
-          f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")
-    if "rlrr_vs_full" in results:
-        print(f"rlrr vs full: speed {results['rlrr_vs_full']['speed']:.3f}x, memory {results['rlrr_vs_full']['memory']:.3f}x")
+        rlrr, full = train["rlrr"], train["full"]
+        results["rlrr_vs_full"] = {"speed": round(rlrr["train_img_s"] / full["train_img_s"], 3),
+                                   "memory": round(rlrr["peak_memory_mb"] / full["peak_memory_mb"], 3)}
+    print_summary(args, results)
     if args.json:
-        from rlrr.checkpoint import write_text_atomic
-        write_text_atomic(args.json, json.dumps(results, indent=1))
+        from rlrr.atomic import write_json_atomic
+        write_json_atomic(args.json, results)
     return 0
 
 

@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     tmp = args.out + ".tmp"
     save_file(model.state_dict(), tmp)
     os.replace(tmp, args.out)
-    print(f"wrote {args.out}: vit_small_patch14_dinov2 at {side} px, {sum(v.numel() for v in state.values()):,} parameters")
+    n_params = sum(v.numel() for v in state.values())
+    print(f"wrote {args.out}: vit_small_patch14_dinov2 at {side} px, {n_params:,} parameters")
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Collect results.json from runs and print the VTAB-1k / FGVC tables in the paper's layout, with
-the paper's RLRR row (ViT-B/16, RLRR.md section 7) beside ours and the difference.
+the paper's RLRR row (ViT-B/16, docs/method.md, section 7) beside ours and the difference.
 
     python tools/report.py runs/vtab-20261124/                      # Markdown to stdout
     python tools/report.py runs/vtab-*/ runs/fgvc-*/ --csv report.csv --png report.png --md report.md
@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rlrr.checkpoint import write_atomic, write_text_atomic  # noqa: E402
+from rlrr.atomic import write_atomic, write_text_atomic  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Task:
     paper: float
 
 
-# The paper's RLRR row, ViT-B/16 ImageNet-21k (RLRR.md section 7), in the paper's column order.
+# The paper's RLRR row, ViT-B/16 ImageNet-21k (docs/method.md, section 7), in the paper's column order.
 VTAB = [Task(*t) for t in [
     ("cifar", "CIFAR-100", "Natural", 75.6), ("caltech101", "Caltech101", "Natural", 92.4),
     ("dtd", "DTD", "Natural", 72.9), ("oxford_flowers102", "Flowers102", "Natural", 99.3),

@@ -1,4 +1,4 @@
-"""Input transforms of the reference recipes (RLRR.md section 6), on uint8 images.
+"""Input transforms of the reference recipes (docs/method.md, section 6), on uint8 images.
 
 Three stages, so that loader workers pass uint8 (4x less than float32 between processes) and the
 random parts run vectorised over a batch:
@@ -6,26 +6,26 @@ random parts run vectorised over a batch:
                      hold that size, as ``make_shards --image-size`` writes them);
   ``Recipe.augment`` per batch: random crop + flip (train) or center crop (eval), uint8 NCHW;
   ``normalize``      per batch, where the batch lands (the GPU in training): float, mean/std.
-VTAB: resize to 224 x 224, optional flip. FGVC: resize to 256 x 256, random crop 224 + flip; eval
-center crop 224.
+VTAB: resize to 224 x 224. FGVC: resize to 256 x 256, random crop 224 (eval: center crop 224).
+Both flip at random in training when asked (the reference's FGVC recipe does; data.flip in configs/).
 """
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-MEAN_STD = {
+RecipeName = Literal["vtab", "fgvc"]
+Stats = Literal["half", "imagenet"]
+MEAN_STD: dict[Stats, tuple] = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the reference's VTAB/FGVC normalisation
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
 class Recipe:
-    def __init__(self, recipe: str, train: bool, flip: bool = False, image_size: int = 224):
-        if recipe not in ("vtab", "fgvc"):
-            raise ValueError(f"recipe: expected 'vtab' or 'fgvc', got {recipe!r}")
+    def __init__(self, recipe: RecipeName, train: bool, flip: bool = False, image_size: int = 224):
         self.recipe, self.train, self.image_size = recipe, train, image_size
-        self.flip = train and (flip or recipe == "fgvc")
+        self.flip = train and flip
         side = image_size if recipe == "vtab" else round(image_size * 256 / 224)
         self.size = (side, side)
 
@@ -52,9 +52,7 @@ class Recipe:
         return images.contiguous()
 
 
-def normalize(images: torch.Tensor, stats: str = "half") -> torch.Tensor:
+def normalize(images: torch.Tensor, stats: Stats = "half") -> torch.Tensor:
     """uint8 NCHW batch -> float32, scaled to [0, 1] and standardised with ``stats``."""
-    if stats not in MEAN_STD:
-        raise ValueError(f"normalize: stats must be one of {sorted(MEAN_STD)}, got {stats!r}")
     mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in MEAN_STD[stats])
     return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)  # (x / 255 - mean) / std, in place

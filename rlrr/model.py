@@ -1,0 +1,116 @@
+"""The one model factory: a timm model, its local pre-trained file, the attention and drop-path
+choices, the fine-tuning method and activation checkpointing, from a ``ModelConfig``.
+
+    model = build_model(cfg.model, num_classes, seed=cfg.train.seed)
+
+Training, ``rlrr.create_model``, the tools and the tests all build models here. A method is one
+entry in ``METHODS`` (and its name in ``config.Method``): a function that takes the plain
+pre-trained timm model and decides what trains.
+"""
+import typing
+from typing import Callable, Optional
+
+import timm
+import torch
+import torch.nn as nn
+
+from .adapter import RLRRConfig, apply_rlrr, zero_trainable_head
+from .config import Method, ModelConfig
+from .layers import RLRRLinear
+from .pretrained import load_pretrained
+
+
+def _rlrr(model: nn.Module, m: ModelConfig) -> nn.Module:
+    return apply_rlrr(model, RLRRConfig(init=m.init, split_qkv=m.split_qkv, ssf=m.ssf))
+
+
+def _linear_probe(model: nn.Module, m: ModelConfig) -> nn.Module:
+    model.requires_grad_(False)  # the frozen backbone; only the (zero-initialised) head trains
+    zero_trainable_head(model)
+    return model
+
+
+def _full(model: nn.Module, m: ModelConfig) -> nn.Module:
+    model.requires_grad_(True)  # every weight trains, from the same zero head as the other methods
+    zero_trainable_head(model)
+    return model
+
+
+METHODS: dict[str, Callable[[nn.Module, ModelConfig], nn.Module]] = {
+    "rlrr": _rlrr, "linear": _linear_probe, "full": _full}
+if set(METHODS) != set(typing.get_args(Method)):
+    raise ImportError(f"rlrr.model.METHODS {sorted(METHODS)} and config.Method {typing.get_args(Method)} disagree")
+
+
+def build_model(m: ModelConfig, num_classes: int, seed: Optional[int] = None) -> nn.Module:
+    """The model of ``m`` before training. With ``seed``, whatever the pre-trained file does not set
+    (the head, the adapter; the whole backbone when there is no file) is drawn from that seed alone,
+    so every rank, and a rebuild after training, gets the same model; the caller's RNG state is
+    left as it was."""
+    if seed is None:
+        return _build(m, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _build(m, num_classes)
+
+
+def _build(m: ModelConfig, num_classes: int) -> nn.Module:
+    model = timm.create_model(m.name, pretrained=False, num_classes=num_classes, img_size=m.img_size,
+                              drop_path_rate=m.drop_path, **m.timm_kwargs)
+    if m.pretrained:
+        load_pretrained(model, m.pretrained)
+    use_fused_attention(model, m.fused_attn)
+    if m.drop_path_mode == "dropout":
+        drop_path_as_dropout(model)
+    model = METHODS[m.method](model, m)
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # timm's checkpointing is non-reentrant: frozen inputs still give grads
+    return model
+
+
+def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,
+                 config: Optional[RLRRConfig] = None, **timm_kwargs) -> nn.Module:
+    """``timm.create_model(name)`` without any download, ``pretrained`` loaded from a local file, then
+    RLRR with ``config``. ``img_size`` and ``drop_path_rate`` (timm's stochastic depth) may be given
+    as for timm; the image size defaults to the model's own."""
+    config = config or RLRRConfig()
+    default_cfg = timm.models.get_pretrained_cfg(name)
+    img_size = timm_kwargs.pop("img_size", default_cfg.input_size[-1] if default_cfg else 224)
+    m = ModelConfig(name=name, pretrained=pretrained, img_size=img_size, method="rlrr", init=config.init,
+                    split_qkv=config.split_qkv, ssf=config.ssf, drop_path=timm_kwargs.pop("drop_path_rate", 0.0),
+                    drop_path_mode="stochastic_depth", timm_kwargs=timm_kwargs)
+    return build_model(m, num_classes)
+
+
+def drop_path_as_dropout(model: nn.Module) -> None:
+    """The reference's "drop path": element-wise dropout on the residual branches, at timm's rates."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, timm.layers.DropPath):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, nn.Dropout(module.drop_prob))
+
+
+def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every timm attention module to F.scaled_dot_product_attention (or back) and return how
+    many were switched. timm enables it on ViT but leaves Swin's window attention (bias + shift mask)
+    on the explicit softmax; both paths compute the same function (tests/test_model.py)."""
+    modules = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    for m in modules:
+        m.fused_attn = enabled
+    return len(modules)
+
+
+@torch.no_grad()
+def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep every frozen linear weight matrix (RLRR's base weights; the backbone's under a linear
+    probe) in ``dtype``, in place, and return the bytes saved. Only for bf16 training: those matmuls
+    run in bf16 anyway, and RLRR still builds W' = W * (1 + s_out s_in^T) in fp32 from the stored W
+    (one rounding, as before). Norms, embeddings and biases are small and stay as they are."""
+    saved = 0
+    for module in model.modules():
+        if isinstance(module, (RLRRLinear, nn.Linear)) and not module.weight.requires_grad \
+                and module.weight.dtype != dtype:
+            before = module.weight.element_size()
+            module.weight.data = module.weight.data.to(dtype)
+            saved += module.weight.numel() * (before - module.weight.element_size())
+    return saved

@@ -1,0 +1,78 @@
+"""The train/eval loaders (rlrr/data/loader.py) and the recipes' transforms (rlrr/data/transforms.py)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.transforms import Recipe, normalize
+
+from helpers import ROOT, tiny_vtab_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Uneven on purpose: 22 train images in shards of 3, 23 test images."""
+    return tiny_vtab_shards(tmp_path_factory.mktemp("loader"), n_train=22, n_val=4, n_test=23, shard_size=3)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_train_loader_is_deterministic_and_sized(shards, in_memory):
+    manifest = Manifest(shards)
+    loader = SplitLoader(manifest, "train800", train=True, batch_size=4, in_memory=in_memory, workers=2, seed=3,
+                         recipe=Recipe("vtab", True, flip=True, image_size=32))
+    epoch0 = [(x, k) for x, _, k in loader.epoch(0)]
+    again = [(x, k) for x, _, k in loader.epoch(0)]
+    epoch1 = [k for _, _, k in loader.epoch(1)]
+    assert len(epoch0) == len(loader) and all(len(k) == 4 for _, k in epoch0)
+    assert [k for _, k in epoch0] == [k for _, k in again]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(epoch0, again))  # flips included
+    assert [k for _, k in epoch0] != epoch1
+    assert epoch0[0][0].shape == (4, 3, 32, 32) and epoch0[0][0].dtype == torch.uint8
+
+
+def test_recipes_and_normalize():
+    images = torch.arange(2 * 3 * 256 * 256, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 256, 256)
+    fgvc_eval = Recipe("fgvc", train=False)
+    assert fgvc_eval.size == (256, 256) and torch.equal(fgvc_eval.augment(images), images[:, :, 16:240, 16:240])
+    fgvc_train = Recipe("fgvc", train=True, flip=True)
+    out = fgvc_train.augment(images, torch.Generator().manual_seed(0))
+    again = fgvc_train.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 224, 224) and torch.equal(out, again) and fgvc_train.flip
+    assert not Recipe("fgvc", train=True, flip=False).flip  # data.flip: false is honoured for FGVC too
+    vtab = Recipe("vtab", train=True, flip=True)
+    big = vtab.resize(images[0])
+    assert big.shape == (3, 224, 224) and big.dtype == torch.uint8
+    same = torch.zeros(3, 224, 224, dtype=torch.uint8)
+    assert vtab.resize(same) is same  # pre-resized shards are not resized again
+    flipped = vtab.augment(images[:, :, :224, :224].repeat(50, 1, 1, 1), torch.Generator().manual_seed(1))
+    n_flipped = sum(torch.equal(f, images[i % 2, :, :224, :224].flip(-1)) for i, f in enumerate(flipped))
+    assert 20 < n_flipped < 80  # about half of 100
+    assert not Recipe("vtab", train=True, flip=False).flip and not Recipe("vtab", train=False, flip=True).flip
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    torch.testing.assert_close(normalize(x), torch.tensor([-1.0, 1.0]).view(1, 1, 1, 2).expand(1, 3, 1, 2))
+    torch.testing.assert_close(normalize(x, "imagenet")[0, :, 0, 0],
+                               torch.tensor([-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225]))
+
+
+@pytest.mark.integration
+def test_two_ranks_two_workers_exactly_once_eval_and_equal_train_batches(shards, tmp_path):
+    out = tmp_path / "result.json"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "tests" / "dist_data_check.py"), shards, str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    expected_test = {f"test-{i:08d}" for i in range(23)}
+    for mode in ("stream", "memory"):
+        keys = ranks[0][f"test_{mode}"] + ranks[1][f"test_{mode}"]
+        assert len(keys) == 23 and set(keys) == expected_test, mode  # no padding, no duplicates, none lost
+        for epoch in (0, 1):
+            r0, r1 = (r[f"train_{mode}_epoch{epoch}"] for r in ranks)
+            assert len(r0["batches"]) == len(r1["batches"]) == r0["len"] > 0, (mode, epoch)
+            assert all(len(b) == 4 for b in r0["batches"] + r1["batches"])
+    # in memory, one epoch covers every training image (22 images, 2 ranks x 3 batches x 4 = 24 slots)
+    seen = {k for r in ranks for b in r["train_memory_epoch0"]["batches"] for k in b}
+    assert seen == {f"train800-{i:08d}" for i in range(22)}

@@ -10,19 +10,16 @@ import sys
 
 import torch.distributed as dist
 
-from rlrr.config import ConfigError
-from rlrr.train import main
+from rlrr.train import cli
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ConfigError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = cli(sys.argv[1:])  # 2: a bad input, reported in one line
+    sys.stdout.flush()
+    sys.stderr.flush()
     if dist.is_initialized():
         # gloo may abort (SIGABRT) in interpreter teardown after all work is done, and torchrun would
-        # report the run as failed: flush, meet the other ranks, and leave without the teardown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        dist.barrier()
-        os._exit(0)
+        # report the run as failed: meet the other ranks (after a success), and leave without the teardown
+        if code == 0:
+            dist.barrier()
+        os._exit(code)
+    sys.exit(code)

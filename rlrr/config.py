@@ -6,10 +6,11 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
@@ -29,16 +30,43 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers of a field, attached with ``Annotated[int, Range(1)]``."""
+    low: float
+    high: float = math.inf
+    high_open: bool = True
+    low_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        above = v > self.low if self.low_open else v >= self.low
+        below = v < self.high if self.high_open else v <= self.high
+        return above and below
+
+    def describe(self, kind: type) -> str:
+        noun = "an integer" if kind is int else "a number"
+        if self.high == math.inf:
+            return f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+        return f"{noun} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+PositiveInt = Annotated[int, Range(1)]
+Count = Annotated[int, Range(0)]  # 0 allowed (0 = off, where the comment says so)
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Rate = Annotated[float, Range(0, 1)]
+
+
 @dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224"  # a timm ViT or Swin
     pretrained: Optional[str] = None  # local .npz / .safetensors / .pth
-    img_size: int = 224
+    img_size: PositiveInt = 224
     method: Method = "rlrr"  # rlrr | linear (head only) | full (every weight): docs/method.md
     init: Init = "official"  # official (the reference's random start) | identity (W' = W at step 0)
     split_qkv: Optional[bool] = None  # one input-side vector per q/k/v; null: on for ViT, off for Swin
     ssf: bool = True  # RLRR's SSF scale/shift after the norms (off only for ablations)
-    drop_path: float = 0.0
+    drop_path: Rate = 0.0
     drop_path_mode: DropPathMode = "dropout"  # dropout (the reference) | stochastic_depth (timm)
     grad_checkpointing: bool = False
     fused_attn: bool = True  # SDPA in every attention module (Swin too); false: the explicit softmax
@@ -48,7 +76,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = ""  # folder with manifest.json (tools/make_shards.py)
-    num_classes: Optional[int] = None  # if set, must equal the manifest's class count
+    num_classes: Optional[PositiveInt] = None  # if set, must equal the manifest's class count
     train_split: str = "train800val200"
     val_split: Optional[str] = None  # selection split; null: no selection
     test_split: str = "test"
@@ -56,33 +84,33 @@ class DataConfig:
     flip: bool = False  # random horizontal flip in training (the FGVC configs set it, as the reference does)
     stats: Stats = "half"  # half (mean = std = 0.5, the reference) | imagenet
     in_memory: Optional[bool] = None  # null: in memory when a split has at most in_memory_max samples
-    in_memory_max: int = 5000
-    workers: int = 2
-    eval_batch_size_per_rank: int = 64  # evaluation batch on each rank (train.batch_size is global)
+    in_memory_max: Count = 5000
+    workers: Count = 2  # loader processes per rank (0: load in the training process)
+    eval_batch_size_per_rank: PositiveInt = 64  # evaluation batch on each rank (train.batch_size is global)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    warmup_epochs: int = 10
-    batch_size: int = 32  # global: per-rank batch = batch_size / (world size * grad_accum)
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_lr: float = 1e-7
-    min_lr: float = 1e-8
-    weight_decay: float = 5e-5
-    clip_grad: Optional[float] = None
+    epochs: PositiveInt = 100
+    warmup_epochs: Count = 10
+    batch_size: PositiveInt = 32  # global: per-rank batch = batch_size / (world size * grad_accum)
+    grad_accum: PositiveInt = 1
+    lr: PositiveFloat = 1e-3
+    warmup_lr: NonNegativeFloat = 1e-7
+    min_lr: NonNegativeFloat = 1e-8
+    weight_decay: NonNegativeFloat = 5e-5
+    clip_grad: Optional[PositiveFloat] = None  # max global gradient norm; null: no clipping
     precision: Precision = "fp32"
     frozen_dtype: FrozenDtype = "fp32"  # how frozen linear weights are stored (bf16 needs precision bf16)
     engine: EngineName = "ddp"
     zero_stage: ZeroStage = 2
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; batch, clipping and precision are filled in from here
-    seed: int = 42
-    eval_every: int = 1  # epochs
-    save_every_epochs: int = 1
-    save_every_steps: int = 0  # 0: only at epoch ends
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); for tests and smoke runs
-    log_every: int = 10
+    seed: Count = 42
+    eval_every: PositiveInt = 1  # epochs
+    save_every_epochs: PositiveInt = 1
+    save_every_steps: Count = 0  # 0: only at epoch ends
+    max_steps: Count = 0  # stop after this many optimizer steps (0: run all epochs); for tests and smoke runs
+    log_every: PositiveInt = 10
     compile: bool = False  # torch.compile the model (DDP) / the engine (DeepSpeed): one compile at start
 
 
@@ -112,11 +140,24 @@ def choices(hint) -> Optional[tuple]:
 
 
 def check_value(value: Any, hint, key: str, source: str):
-    """``value`` checked (and int -> float widened) against the type ``hint``; ConfigError otherwise."""
+    """``value`` checked against the type ``hint`` (Optional, Annotated with a Range, Literal, or a
+    plain type); int -> float widened, and a float written as YAML 1.1 reads it ("2e-3", a string)
+    parsed. ConfigError otherwise."""
     if typing.get_origin(hint) is typing.Union:  # Optional[X]
         if value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is Annotated:
+        hint, bounds = typing.get_args(hint)
+        value = check_value(value, hint, key, source)
+        if value not in bounds:
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {bounds.describe(hint)}")
+        return value
+    if hint is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     allowed = choices(hint)
     if allowed is not None:
         # type too: YAML's true must not pass for 1, nor 1 for true
@@ -135,7 +176,7 @@ def check_value(value: Any, hint, key: str, source: str):
 
 def check_dataclass(obj, source: str) -> None:
     """Every field of a (frozen) dataclass instance against its type; for the library's own option classes."""
-    hints = typing.get_type_hints(type(obj))
+    hints = typing.get_type_hints(type(obj), include_extras=True)
     for f in dataclasses.fields(obj):
         check_value(getattr(obj, f.name), hints[f.name], f.name, source)
 
@@ -174,7 +215,7 @@ def _build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.')} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {}
     for k, v in data.items():
         if prefix + k in RENAMED:
@@ -220,17 +261,15 @@ def _check(cfg: RunConfig, source: str) -> None:
     if not cfg.data.shards:
         raise ConfigError(f"{source}: data.shards is required (a folder made by tools/make_shards.py)")
     t = cfg.train
-    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
-                       ("train.grad_accum", t.grad_accum)):
-        if value < 1:
-            raise ConfigError(f"{source}: {key} = {value}: expected a positive integer")
-    if not 0 <= t.warmup_epochs <= t.epochs:
+    if t.warmup_epochs > t.epochs:
         raise ConfigError(f"{source}: train.warmup_epochs = {t.warmup_epochs}: expected 0..train.epochs ({t.epochs})")
     if t.frozen_dtype == "bf16" and t.precision != "bf16":
         raise ConfigError(f"{source}: train.frozen_dtype = bf16 needs train.precision = bf16 "
                           f"(got {t.precision}): only bf16 matmuls leave the model unchanged")
-    if not 0.0 <= cfg.model.drop_path < 1.0:
-        raise ConfigError(f"{source}: model.drop_path = {cfg.model.drop_path}: expected a rate in [0, 1)")
+    name = cfg.run_name
+    if name is not None and (not name or os.path.isabs(name) or os.path.normpath(name) != name
+                             or name in (".", "..") or os.sep in name):
+        raise ConfigError(f"{source}: run_name = {name!r}: expected a plain folder name (no path separators or '..')")
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

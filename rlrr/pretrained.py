@@ -15,12 +15,15 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
+from .config import ConfigError
+
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _SHOW = 5  # mismatched keys named in an error
 
 
-class CheckpointError(ValueError):
-    """A pre-trained file that is missing, of an unknown format, or does not fit the model."""
+class CheckpointError(ConfigError):
+    """A pre-trained file that is missing, of an unknown format, or does not fit the model (an input the
+    user must fix, like any ConfigError)."""
 
 
 def _first(keys, n=_SHOW) -> str:

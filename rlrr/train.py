@@ -10,6 +10,7 @@ merged.safetensors, results.json (and PREEMPTED while a preempted run waits for 
 """
 import argparse
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import timm
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
@@ -31,9 +33,9 @@ from . import checkpoint
 from .adapter import count_trainable, merge_rlrr, save_adapter, trainable_parameters
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, load_config, save_config
-from .data.loader import Manifest, SplitLoader
+from .data.loader import Manifest, ManifestError, SplitLoader
 from .data.transforms import Recipe, normalize
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, world_from_env
 from .engine import ENGINES
 from .evaluate import evaluate
 from .model import build_model, store_frozen_weights_in
@@ -107,6 +109,18 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+def cli(argv=None) -> int:
+    """``main`` for a command line: a bad input (config, file, name) is one line on stderr, printed by
+    rank 0 only, and exit code 2; anything else is a bug and keeps its traceback."""
+    try:
+        main(argv)
+    except ConfigError as e:
+        if world_from_env()[0] == 0:
+            print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
@@ -132,6 +146,7 @@ def main(argv=None) -> dict:
 
 def setup_run(cfg: RunConfig, resume_requested: bool) -> Run:
     preempt = Preemption()  # first: a signal that arrives while the model loads is still honoured
+    manifest = check_inputs(cfg)  # before any process group: a bad input fails every rank at once
     info = init_distributed(always=cfg.train.engine == "deepspeed")  # DeepSpeed wants a process group, even of 1
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s",
                         stream=sys.stdout, force=True)
@@ -139,10 +154,6 @@ def setup_run(cfg: RunConfig, resume_requested: bool) -> Run:
     t = cfg.train
     micro = per_rank_batch(cfg, info)
     torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
-    manifest = Manifest(cfg.data.shards)
-    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
-        raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has "
-                          f"{manifest.num_classes} classes")
     model = build_model(cfg.model, manifest.num_classes, seed=t.seed)
     if t.frozen_dtype == "bf16":  # before the move: the GPU never holds the fp32 copy
         saved = store_frozen_weights_in(model, torch.bfloat16)
@@ -163,6 +174,30 @@ def setup_run(cfg: RunConfig, resume_requested: bool) -> Run:
         load_checkpoint(run)
     open_run_dir(run, resume)
     return run
+
+
+def check_inputs(cfg: RunConfig) -> Manifest:
+    """Every file and name the run reads, checked up front: one clear line instead of a traceback
+    per rank minutes later. Returns the shard manifest."""
+    m = cfg.model
+    if not timm.is_model(m.name):
+        close = difflib.get_close_matches(m.name, timm.list_models(), n=3, cutoff=0.6)
+        raise ConfigError(f"model.name = {m.name!r}: not a timm model"
+                          + (f"; did you mean {' or '.join(close)}?" if close else ""))
+    for key, path in (("model.pretrained", m.pretrained), ("train.deepspeed_config", cfg.train.deepspeed_config)):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{key} = {path!r}: file not found")
+    try:
+        manifest = Manifest(cfg.data.shards)
+        for split in (cfg.data.train_split, cfg.data.test_split, cfg.data.val_split):
+            if split:
+                manifest.split(split)
+    except ManifestError as e:
+        raise ConfigError(f"data: {e}") from None
+    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
+        raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has "
+                          f"{manifest.num_classes} classes")
+    return manifest
 
 
 def decide_run_dir(cfg: RunConfig, info: DistInfo, resume_requested: bool) -> tuple[str, bool]:

@@ -25,11 +25,21 @@ def _error(*overrides, path=None) -> str:
     ("modle.name=x", "unknown key modle; did you mean model"),
     ("train.frozen_dtype=bf16", "train.frozen_dtype = bf16 needs train.precision = bf16 (got fp32)"),
     ("data.eval_batch_size=32", "data.eval_batch_size was renamed to data.eval_batch_size_per_rank"),
-    ("model.drop_path=1.5", "model.drop_path = 1.5: expected a rate in [0, 1)"),
+    ("model.drop_path=1.5", "model.drop_path = 1.5: expected a number in [0, 1)"),
+    ("train.eval_every=0", "train.eval_every = 0: expected an integer >= 1"),
+    ("train.clip_grad=-1", "train.clip_grad = -1.0: expected a number > 0"),
+    ("train.max_steps=-5", "train.max_steps = -5: expected an integer >= 0"),
 ])
 def test_errors_name_the_key_value_and_what_was_expected(override, message):
     text = _error(override)
     assert message in text and "\n" not in text, text
+
+
+def test_numbers_are_read_as_a_user_means_them(tmp_path):
+    cfg = load_config(None, ["data.shards=x", "train.lr=2e-3", "train.weight_decay=1e-4", "train.clip_grad=1"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.clip_grad) == (2e-3, 1e-4, 1.0)
+    (tmp_path / "c.yaml").write_text("data: {shards: s}\ntrain: {lr: 5e-4}\n")  # YAML 1.1 reads 5e-4 as a string
+    assert load_config(str(tmp_path / "c.yaml")).train.lr == 5e-4
 
 
 def test_renamed_key_in_a_file_names_the_file_and_the_new_key(tmp_path):

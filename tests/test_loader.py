@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.loader import Manifest, ManifestError, SplitLoader
 from rlrr.data.transforms import Recipe, normalize
 
 from helpers import ROOT, tiny_vtab_shards
@@ -31,6 +31,22 @@ def test_train_loader_is_deterministic_and_sized(shards, in_memory):
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(epoch0, again))  # flips included
     assert [k for _, k in epoch0] != epoch1
     assert epoch0[0][0].shape == (4, 3, 32, 32) and epoch0[0][0].dtype == torch.uint8
+
+
+def test_manifest_errors_name_the_file_and_paths_cannot_leave_the_folder(shards, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    data = json.loads((bad / "manifest.json").read_text())
+    data["splits"]["test"]["shards"][0]["path"] = "../../etc/passwd"
+    (bad / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"shard path '\.\./\.\./etc/passwd' leaves the manifest's folder"):
+        Manifest(str(bad)).split("test")
+    with pytest.raises(ManifestError, match="no split 'tset'; splits are"):
+        Manifest(str(bad)).split("tset")
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not a readable manifest"):
+        Manifest(str(bad))
 
 
 def test_recipes_and_normalize():

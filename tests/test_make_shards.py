@@ -118,8 +118,14 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     res = make_shards("vtab", "--root", src, "--out", out)
     assert res.returncode == 2 and "not empty; pass --overwrite" in res.stderr
     assert (out / "keep.txt").read_text() == "precious"
-    assert make_shards("vtab", "--root", src, "--out", out, "--overwrite").returncode == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    res = make_shards("vtab", "--root", src, "--out", out, "--overwrite")  # not a folder make_shards wrote
+    assert res.returncode == 2 and "holds no manifest.json: --overwrite only replaces a shard folder" in res.stderr
+    assert (out / "keep.txt").read_text() == "precious"
+    shards = tmp_path / "shards"
+    assert make_shards("vtab", "--root", src, "--out", shards).returncode == 0
+    (shards / "stale.txt").write_text("old")
+    assert make_shards("vtab", "--root", src, "--out", shards, "--overwrite").returncode == 0
+    assert not (shards / "stale.txt").exists() and (shards / "manifest.json").exists()
 
 
 def test_real_fashion_mnist_idx(tmp_path):

@@ -38,25 +38,40 @@ class Split:
     num_samples: int
 
 
+class ManifestError(ValueError):
+    """A shard manifest that is missing, unreadable, or asks for something it does not hold."""
+
+
 class Manifest:
     def __init__(self, path: str):
         self.path = path if path.endswith(".json") else os.path.join(path, "manifest.json")
         self.root = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"shard manifest not found: {self.path} (make it with tools/make_shards.py)")
-        with open(self.path) as f:
-            self.data = json.load(f)
-        if self.data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{self.path}: format {self.data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+            raise ManifestError(f"shard manifest not found: {self.path} (make it with tools/make_shards.py)")
+        try:
+            with open(self.path) as f:
+                self.data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ManifestError(f"{self.path}: not a readable manifest ({e})") from None
+        if not isinstance(self.data, dict) or self.data.get("format") != MANIFEST_FORMAT:
+            found = self.data.get("format") if isinstance(self.data, dict) else None
+            raise ManifestError(f"{self.path}: format {found!r}, expected {MANIFEST_FORMAT!r}")
         self.num_classes = int(self.data["num_classes"])
         self.class_names = list(self.data["class_names"])
 
     def split(self, name: str) -> Split:
         splits = self.data["splits"]
         if name not in splits:
-            raise KeyError(f"{self.path}: no split {name!r}; splits are {sorted(splits)}")
+            raise ManifestError(f"{self.path}: no split {name!r}; splits are {sorted(splits)}")
         s = splits[name]
-        return Split(name, [os.path.join(self.root, x["path"]) for x in s["shards"]], int(s["num_samples"]))
+        return Split(name, [self._inside(x["path"]) for x in s["shards"]], int(s["num_samples"]))
+
+    def _inside(self, rel: str) -> str:
+        """A shard path of the manifest, which must stay inside the manifest's folder."""
+        path = os.path.normpath(os.path.join(self.root, rel))
+        if os.path.isabs(rel) or os.path.commonpath([path, self.root]) != self.root:
+            raise ManifestError(f"{self.path}: shard path {rel!r} leaves the manifest's folder")
+        return path
 
 
 def decode(sample: dict) -> tuple[torch.Tensor, int, str]:

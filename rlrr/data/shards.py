@@ -93,8 +93,12 @@ def write_shards(source: Source, out: str, *, image_size: Optional[int] = None, 
                  fmt: str = "auto", shard_size: int = 256, workers: int = 1, strict: bool = False,
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Encode every split of ``source`` into shards under ``out``; returns the manifest."""
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if not os.path.isfile(os.path.join(out, "manifest.json")):  # never delete a folder we did not make
+            raise FileExistsError(f"{out} holds no manifest.json: --overwrite only replaces a shard folder "
+                                  "written by make_shards")
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.tmp-")
@@ -114,7 +118,7 @@ def write_shards(source: Source, out: str, *, image_size: Optional[int] = None, 
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
         if os.path.exists(out):
-            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+            shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

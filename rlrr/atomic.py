@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 
-def _fsync_path(path: str) -> None:
+def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -30,9 +30,9 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(directory)
+        fsync_path(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1,10 +1,12 @@
-"""Resumable training state: RNG streams, written atomically, loaded with weights_only=True."""
+"""Resumable training state: RNG streams, files written atomically next to the previous one (kept as
+a fallback), loaded with weights_only=True."""
+import os
 import random
 
 import numpy as np
 import torch
 
-from .atomic import torch_save_atomic
+from .atomic import fsync_path, write_atomic
 
 
 def rng_state() -> dict:
@@ -26,8 +28,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(obj: dict, path: str) -> None:
-    torch_save_atomic(obj, path)
+def save(obj: dict, path: str, previous: str) -> None:
+    """Write ``obj`` to ``path`` atomically; the file it replaces becomes ``previous`` (the fallback if
+    the new one is ever unreadable). The new file is on disk before the old one moves."""
+    def write(tmp):
+        torch.save(obj, tmp)
+        fsync_path(tmp)
+        if os.path.exists(path):
+            os.replace(path, previous)
+    write_atomic(path, write)
 
 
 def load(path: str) -> dict:

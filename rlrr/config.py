@@ -111,6 +111,7 @@ class TrainConfig:
     save_every_steps: Count = 0  # 0: only at epoch ends
     max_steps: Count = 0  # stop after this many optimizer steps (0: run all epochs); for tests and smoke runs
     log_every: PositiveInt = 10
+    dist_timeout_s: Annotated[float, Range(10)] = 900.0  # bounds process-group start-up and every collective
     compile: bool = False  # torch.compile the model (DDP) / the engine (DeepSpeed): one compile at start
 
 

@@ -1,6 +1,7 @@
 """Process-group set-up for one process, torchrun (env://) and SLURM srun (one task per GPU)."""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,8 +32,18 @@ def world_from_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-def init_distributed(always: bool = False) -> DistInfo:
-    """Join the process group (also for a single process when ``always``)."""
+def restart_attempt() -> str:
+    """Which start of the job this is: torchrun restarts and SLURM requeues both count."""
+    return f"{os.environ.get('TORCHELASTIC_RESTART_COUNT') or 0}.{os.environ.get('SLURM_RESTART_COUNT') or 0}"
+
+
+def init_distributed(always: bool = False, timeout_s: float = 900) -> DistInfo:
+    """Join the process group (also for a single process when ``always``). ``timeout_s`` bounds the
+    rendezvous and every collective, so a lost peer ends the run instead of hanging it.
+
+    The group's keys live under a prefix per restart attempt: torchrun keeps its store across
+    restarts, and a restarted rank could otherwise read the address a dead rank published in the
+    previous attempt and fail to connect (or wait for it)."""
     rank, local_rank, world = world_from_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -45,7 +56,10 @@ def init_distributed(always: bool = False) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000) if world == 1 else "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        timeout = timedelta(seconds=timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        store = dist.PrefixStore(f"rlrr/attempt-{restart_attempt()}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                 **({"device_id": device} if device.type == "cuda" else {}))
     return DistInfo(rank, local_rank, world, device)
 

@@ -2,11 +2,14 @@
 
 Both expose the same small interface to the loop in train.py: ``backward``, ``step``, ``forward``
 (eval), ``trainable_fp32`` (full fp32 adapter tensors on every rank), ``save`` / ``load`` of the
-resumable state (frozen weights are never written) and ``optimizer`` (for the LR schedule).
+resumable state (frozen weights are never written), ``checkpoints`` (the saved states, newest first:
+the newest and the one before it are kept, so an unreadable newest one has a fallback) and
+``optimizer`` (for the LR schedule).
 """
 import contextlib
 import json
 import os
+import re
 import shutil
 import typing
 
@@ -16,15 +19,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
 from .adapter import trainable_parameters
+from .atomic import write_text_atomic
 from .config import EngineName
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, barrier, broadcast_object
 from .optim import build_optimizer, param_groups
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
 
 
 class DDPEngine:
-    MARKER = "last.pt"  # present once a resumable checkpoint exists
+    FILES = ("last.pt", "prev.pt")  # newest first
 
     def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
         t = cfg.train
@@ -64,17 +68,22 @@ class DDPEngine:
     def trainable_fp32(self) -> dict:
         return {n: p.detach().float().cpu() for n, p in trainable_parameters(self.model)}
 
+    @classmethod
+    def checkpoints(cls, directory: str) -> list[str]:
+        return [f for f in cls.FILES if os.path.isfile(os.path.join(directory, f))]
+
     def save(self, directory: str, client: dict) -> None:
         if self.info.is_main:
-            checkpoint.save({"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
-                                    "scaler": self.scaler.state_dict(), **client}, os.path.join(directory, "last.pt"))
+            state = {"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
+                     "scaler": self.scaler.state_dict(), **client}
+            checkpoint.save(state, *(os.path.join(directory, f) for f in self.FILES))
         barrier(self.info)
 
-    def load(self, directory: str) -> dict:
-        saved = checkpoint.load(os.path.join(directory, "last.pt"))
+    def load(self, directory: str, name: str) -> dict:
+        saved = checkpoint.load(os.path.join(directory, name))
         params = dict(trainable_parameters(self.model))
         if sorted(saved["trainable"]) != sorted(params):
-            raise ValueError(f"{directory}/last.pt: its trainable tensors differ from this config's model")
+            raise ValueError(f"{directory}/{name}: its trainable tensors differ from this config's model")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved["trainable"][n])
@@ -85,8 +94,10 @@ class DDPEngine:
 
 class DeepSpeedEngine:
     """ZeRO stage 0-3 over the trainable parameters only (frozen ones are partitioned under stage 3
-    and never reach the optimizer or the checkpoints)."""
-    MARKER = "latest"
+    and never reach the optimizer or the checkpoints). Checkpoints are tags ``step<N>`` (``step<N>.<k>``
+    when a step is saved twice), each marked complete only after every rank has written its shards;
+    ``latest`` names only complete tags."""
+    COMPLETE = "COMPLETE"
 
     def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
         import deepspeed  # imported here: plain DDP runs never pay for it
@@ -128,19 +139,41 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_get_full_fp32_param
         return {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in trainable_parameters(self.model)}
 
+    @staticmethod
+    def _tags(directory: str) -> list[str]:
+        """Every tag folder, newest first."""
+        def order(tag):
+            step, _, k = tag[len("step"):].partition(".")
+            return int(step), int(k or 0)
+        tags = [t for t in (os.listdir(directory) if os.path.isdir(directory) else [])
+                if re.fullmatch(r"step\d+(\.\d+)?", t) and os.path.isdir(os.path.join(directory, t))]
+        return sorted(tags, key=order, reverse=True)
+
+    @classmethod
+    def checkpoints(cls, directory: str) -> list[str]:
+        return [t for t in cls._tags(directory) if os.path.isfile(os.path.join(directory, t, cls.COMPLETE))]
+
     def save(self, directory: str, client: dict) -> None:
-        tag = f"step{client['state']['global_step']}"
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client, exclude_frozen_parameters=True)
-        if self.info.is_main:  # `latest` now names the new tag: drop the older ones
-            for old in os.listdir(directory):
-                if old.startswith("step") and old != tag and os.path.isdir(os.path.join(directory, old)):
+        tag, k = f"step{client['state']['global_step']}", 0
+        while os.path.exists(os.path.join(directory, tag if not k else f"{tag}.{k}")):
+            k += 1  # never overwrite a tag in place: a crash mid-save would leave neither version
+        tag = broadcast_object(self.info, tag if not k else f"{tag}.{k}")  # rank 0's listing decides
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client, exclude_frozen_parameters=True,
+                                    save_latest=False)
+        barrier(self.info)  # every rank's shards are written
+        if self.info.is_main:
+            write_text_atomic(os.path.join(directory, tag, self.COMPLETE), "")
+            write_text_atomic(os.path.join(directory, "latest"), tag)
+            keep = set(self.checkpoints(directory)[:2])  # this one and its fallback
+            for old in self._tags(directory):
+                if old not in keep:
                     shutil.rmtree(os.path.join(directory, old))
         barrier(self.info)
 
-    def load(self, directory: str) -> dict:
-        path, client = self.engine.load_checkpoint(directory, load_module_strict=False)
+    def load(self, directory: str, tag: str) -> dict:
+        path, client = self.engine.load_checkpoint(directory, tag=tag, load_module_strict=False)
         if path is None:
-            raise ValueError(f"{directory}: DeepSpeed found no checkpoint to load")
+            raise ValueError(f"{directory}/{tag}: DeepSpeed found no checkpoint to load")
         return client
 
 

@@ -35,7 +35,15 @@ from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import Manifest, ManifestError, SplitLoader
 from .data.transforms import Recipe, normalize
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, world_from_env
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    restart_attempt,
+    world_from_env,
+)
 from .engine import ENGINES
 from .evaluate import evaluate
 from .model import build_model, store_frozen_weights_in
@@ -104,6 +112,8 @@ def parse_args(argv):
     ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="override config keys, e.g. train.lr=0.003 (repeatable)")
     ap.add_argument("--resume", choices=["latest"], help="continue the run in <output_dir>/<run_name>")
+    ap.add_argument("--allow-config-change", action="store_true",
+                    help="resume even though keys other than run length and logging changed since the checkpoint")
     ap.add_argument("--print-run-dir", action="store_true",
                     help="print the run directory this config resolves to and exit (for batch scripts)")
     return ap.parse_args(argv)
@@ -129,7 +139,7 @@ def main(argv=None) -> dict:
             raise ConfigError("run_name is not set, so the run directory is only decided at start; set run_name")
         print(os.path.join(cfg.output_dir, cfg.run_name))
         return {}
-    run = setup_run(cfg, resume_requested=args.resume == "latest")
+    run = setup_run(cfg, args.resume, args.allow_config_change)
     for epoch in range(run.state.epoch, cfg.train.epochs):
         if not train_one_epoch(run, epoch):
             log.info(f"stopped at step {run.state.global_step} (epoch {epoch}); resume with --resume latest")
@@ -144,13 +154,15 @@ def main(argv=None) -> dict:
 
 # ---- setup ---------------------------------------------------------------------------------------
 
-def setup_run(cfg: RunConfig, resume_requested: bool) -> Run:
+def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: bool = False) -> Run:
+    """``resume``: "latest" to continue the run (a restart by torchrun or SLURM continues by itself)."""
     preempt = Preemption()  # first: a signal that arrives while the model loads is still honoured
     manifest = check_inputs(cfg)  # before any process group: a bad input fails every rank at once
-    info = init_distributed(always=cfg.train.engine == "deepspeed")  # DeepSpeed wants a process group, even of 1
+    # DeepSpeed wants a process group, even of 1
+    info = init_distributed(always=cfg.train.engine == "deepspeed", timeout_s=cfg.train.dist_timeout_s)
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s",
                         stream=sys.stdout, force=True)
-    run_dir, resume = decide_run_dir(cfg, info, resume_requested)
+    run_dir, resuming = decide_run_dir(cfg, info, resume is not None)
     t = cfg.train
     micro = per_rank_batch(cfg, info)
     torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
@@ -170,9 +182,9 @@ def setup_run(cfg: RunConfig, resume_requested: bool) -> Run:
                                 t.warmup_lr, t.min_lr)
     run = Run(cfg, info, run_dir, preempt, manifest, model, engine, scheduler, train_data, evals, micro,
               steps_per_epoch, n_trainable)
-    if resume:
-        load_checkpoint(run)
-    open_run_dir(run, resume)
+    if resuming:
+        load_checkpoint(run, allow_config_change)
+    open_run_dir(run, resuming)
     return run
 
 
@@ -205,12 +217,12 @@ def decide_run_dir(cfg: RunConfig, info: DistInfo, resume_requested: bool) -> tu
     ranks must not race it. A restart by torchrun --max-restarts or a SLURM requeue resumes by itself."""
     run_dir = os.path.join(cfg.output_dir, broadcast_object(info, cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    marker = os.path.join(ckpt_dir, ENGINES[cfg.train.engine].MARKER)
-    restarted = any(int(os.environ.get(v) or 0) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-    resume = broadcast_object(info, (resume_requested or restarted) and os.path.isfile(marker))
+    saved = ENGINES[cfg.train.engine].checkpoints(ckpt_dir)
+    restarted = restart_attempt() != "0.0"
+    resume = broadcast_object(info, (resume_requested or restarted) and bool(saved))
     existing = broadcast_object(info, os.path.exists(ckpt_dir))
     if resume_requested and not resume:
-        raise ConfigError(f"--resume latest: no checkpoint at {marker}")
+        raise ConfigError(f"--resume latest: no {cfg.train.engine} checkpoint in {ckpt_dir}")
     if not resume and existing and not restarted:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume latest or choose another run_name")
     return run_dir, resume
@@ -359,24 +371,60 @@ def peak_memory_mb(device) -> float:
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
+# keys a resumed run may change: how long it runs and how it logs and saves, not what it trains
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_epochs",
+                     "train.save_every_steps", "train.log_every", "data.eval_batch_size_per_rank", "output_dir",
+                     "run_name")
+
+
 def save_checkpoint(run: Run) -> None:
     rng = [checkpoint.rng_state()]
     if run.info.enabled:
         rng = [None] * run.info.world
         torch.distributed.all_gather_object(rng, checkpoint.rng_state())
-    run.engine.save(run.ckpt_dir, {"rng": rng, "state": dataclasses.asdict(run.state),
+    run.engine.save(run.ckpt_dir, {"rng": rng, "state": dataclasses.asdict(run.state), "config": run.cfg.to_dict(),
                                    "config_hash": run.cfg.digest()})
 
 
-def load_checkpoint(run: Run) -> None:
-    try:
-        saved = run.engine.load(run.ckpt_dir)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+def load_checkpoint(run: Run, allow_config_change: bool = False) -> None:
+    """The newest checkpoint every rank can read (an unreadable newest one falls back to the one
+    before it); the config must not have changed in anything that matters to training."""
+    failures = []
+    for name in run.engine.checkpoints(run.ckpt_dir):
+        try:
+            saved = run.engine.load(run.ckpt_dir, name)
+        except Exception as e:  # a truncated, empty or half-written file: any reader error
+            saved = None
+            failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if all_reduce_sum(run.info, torch.tensor([float(saved is None)], device=run.info.device)).item() == 0:
+            break
+    else:
+        raise ConfigError(f"{run.ckpt_dir}: no usable checkpoint ({'; '.join(failures) or 'none found'})")
+    if failures:
+        log.warning(f"resume: skipped unreadable checkpoint(s) {'; '.join(failures)}; using {name}")
+    check_config_unchanged(saved.get("config"), run.cfg, allow_config_change)
     if len(saved["rng"]) == run.info.world:
         checkpoint.set_rng_state(saved["rng"][run.info.rank])
     run.state = RunState(**saved["state"])
-    log.info(f"resumed {run.dir} at epoch {run.state.epoch} step {run.state.global_step}")
+    log.info(f"resumed {run.dir} at epoch {run.state.epoch} step {run.state.global_step} ({name})")
+
+
+def check_config_unchanged(saved: Optional[dict], cfg: RunConfig, allow: bool) -> None:
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "timm_kwargs" else {prefix + k: v})
+        return out
+    if saved is None:
+        return
+    old, new = flat(saved), flat(cfg.to_dict())
+    changed = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if changed and not allow:
+        raise ConfigError(f"resume: the config changed since the checkpoint: {', '.join(changed)}; "
+                          "pass --allow-config-change to resume anyway")
+    if changed:
+        log.warning(f"resume with a changed config: {', '.join(changed)}")
 
 
 # ---- the end -------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
     engine.save(str(tmp_path), {"state": {"global_step": 1}})
     trained = engine.trainable_fp32()
     other_model, other = _engine([])
-    other.load(str(tmp_path))
+    assert other.checkpoints(str(tmp_path)) == ["last.pt"]
+    other.load(str(tmp_path), "last.pt")
     assert all(torch.equal(trained[n], t) for n, t in other.trainable_fp32().items())
     assert other.optimizer.state_dict()["state"].keys() == engine.optimizer.state_dict()["state"].keys()

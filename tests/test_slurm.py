@@ -96,7 +96,7 @@ def _resumed_step(run: Path) -> int:
     logs = "".join(p.read_text() for p in sorted((run / "logs").glob("*.log")))
     lines = [line for line in logs.splitlines() if f"resumed {run} at epoch" in line]
     assert len(lines) == 1, logs[-3000:]
-    return int(lines[0].rsplit("step", 1)[1])
+    return int(lines[0].rsplit("step", 1)[1].split()[0])
 
 
 def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, shards, tmp_path):

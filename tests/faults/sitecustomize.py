@@ -1,0 +1,68 @@
+"""Fault injection for the reliability tests, from outside the library: put this folder on PYTHONPATH
+and Python imports it at start-up in every process (torchrun's workers included). Each fault is
+armed by an environment variable and fires once per test (a marker file, RLRR_FAULT_ONCE, remembers
+that it fired, so a restarted worker runs clean):
+
+  RLRR_FAULT_KILL_IN_SAVE=N   SIGKILL this process in the middle of its N-th torch.save to a file (half written)
+  RLRR_FAULT_NAN_AT=N         the N-th training loss (a cross-entropy under autograd) is NaN
+  RLRR_FAULT_RAISE_AT=N       raise RuntimeError at the N-th training loss
+  RLRR_FAULT_RANK=R           only on this rank (default 0)
+"""
+import os
+
+_once = os.environ.get("RLRR_FAULT_ONCE")
+
+
+def _armed() -> bool:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return rank == os.environ.get("RLRR_FAULT_RANK", "0") and not (_once and os.path.exists(_once))
+
+
+def _fired() -> None:
+    if _once:
+        with open(_once, "w") as f:
+            f.write(str(os.getpid()))
+
+
+def _counter(var: str):
+    target, seen = int(os.environ[var]), [0]
+
+    def hit() -> bool:
+        seen[0] += 1
+        return seen[0] == target and _armed()
+    return hit
+
+
+if "RLRR_FAULT_KILL_IN_SAVE" in os.environ:
+    import signal
+
+    import torch
+    _save, _hit = torch.save, _counter("RLRR_FAULT_KILL_IN_SAVE")
+
+    def _killing_save(obj, f, *args, **kwargs):
+        # only saves to files count (torch.distributed pickles objects through torch.save into buffers)
+        if not isinstance(f, (str, os.PathLike)) or not _hit():
+            return _save(obj, f, *args, **kwargs)
+        _save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # leave half of it, as a crash mid-write would
+            fh.truncate(os.path.getsize(f) // 2)
+        _fired()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = _killing_save
+
+for _var in ("RLRR_FAULT_NAN_AT", "RLRR_FAULT_RAISE_AT"):
+    if _var in os.environ:
+        import torch
+        import torch.nn.functional as F
+        _ce, _hit_loss, _kind = F.cross_entropy, _counter(_var), _var
+
+        def _faulty_cross_entropy(*args, **kwargs):
+            loss = _ce(*args, **kwargs)
+            if torch.is_grad_enabled() and _hit_loss():
+                _fired()
+                if _kind == "RLRR_FAULT_RAISE_AT":
+                    raise RuntimeError("injected failure (RLRR_FAULT_RAISE_AT)")
+                return loss * float("nan")
+            return loss
+        F.cross_entropy = _faulty_cross_entropy
+        torch.nn.functional.cross_entropy = _faulty_cross_entropy

@@ -1,0 +1,103 @@
+"""Faults from outside the process: corrupted checkpoints, changed configs, processes killed while
+they write a checkpoint (faults injected by tests/faults/sitecustomize.py on PYTHONPATH)."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlrr.config import ConfigError
+from rlrr.train import main
+
+from helpers import ROOT, train_cmd, write_config
+
+FAULTS = str(ROOT / "tests" / "faults")
+
+
+def _adapter(run) -> dict:
+    return load_file(str(run / "adapter.safetensors"))
+
+
+def _assert_same_adapter(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_shards, tmp_path_factory):
+    """An uninterrupted single-process run to compare with."""
+    tmp = tmp_path_factory.mktemp("straight")
+    main(["--config", write_config(tmp / "straight.yaml", tiny_shards, tmp / "runs")])
+    return tmp / "runs" / "straight"
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_shards, tmp_path, straight, capsys):
+    cfg = write_config(tmp_path / "fb.yaml", tiny_shards, tmp_path / "runs", train={"save_every_steps": 2})
+    assert main(["--config", cfg, "--set", "train.max_steps=5"]) == {"stopped_at_step": 5}
+    ckpt = tmp_path / "runs" / "fb" / "checkpoints"
+    assert torch.load(ckpt / "prev.pt", weights_only=True)["state"]["global_step"] == 4
+    size = (ckpt / "last.pt").stat().st_size
+    with open(ckpt / "last.pt", "r+b") as f:  # a crash that left half a file
+        f.truncate(size // 2)
+    main(["--config", cfg, "--resume", "latest"])
+    out = capsys.readouterr().out
+    assert "skipped unreadable checkpoint(s) last.pt: RuntimeError" in out and "using prev.pt" in out
+    _assert_same_adapter(_adapter(tmp_path / "runs" / "fb"), _adapter(straight))
+
+
+def test_nothing_readable_left_is_one_clear_error(tiny_shards, tmp_path):
+    cfg = write_config(tmp_path / "gone.yaml", tiny_shards, tmp_path / "runs", train={"save_every_steps": 2})
+    main(["--config", cfg, "--set", "train.max_steps=3"])
+    ckpt = tmp_path / "runs" / "gone" / "checkpoints"
+    (ckpt / "last.pt").write_bytes(b"")
+    (ckpt / "prev.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match=r"checkpoints: no usable checkpoint \(last.pt: .*; prev.pt: .*\)") as e:
+        main(["--config", cfg, "--resume", "latest"])
+    assert "\n" not in str(e.value)
+
+
+def test_resume_refuses_a_changed_config_unless_told(tiny_shards, tmp_path):
+    cfg = write_config(tmp_path / "chg.yaml", tiny_shards, tmp_path / "runs")
+    main(["--config", cfg, "--set", "train.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"resume: the config changed since the checkpoint: "
+                                          r"model.drop_path \(0.1 -> 0.0\), train.lr \(0.01 -> 0.02\); "
+                                          r"pass --allow-config-change"):
+        main(["--config", cfg, "--resume", "latest", "--set", "train.lr=0.02", "model.drop_path=0.0"])
+    # run length and logging may change; with the flag anything may
+    assert main(["--config", cfg, "--resume", "latest", "--set", "train.max_steps=4", "train.log_every=2"]) == \
+        {"stopped_at_step": 4}
+    results = main(["--config", cfg, "--resume", "latest", "--allow-config-change", "--set", "train.lr=0.02"])
+    assert results["steps"] == 12
+
+
+def _torchrun(cfg, run_name, env=None, restarts=0):
+    cmd = train_cmd("--config", cfg, "--set", f"run_name={run_name}", nproc=2)
+    cmd.insert(cmd.index("--standalone") + 1, f"--max-restarts={restarts}")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_run(engine, tiny_shards, tmp_path):
+    """torchrun --max-restarts=1; rank 0 is SIGKILLed half-way through writing its third checkpoint:
+    the restarted workers resume from the last complete one and finish with the same adapter."""
+    train = {"save_every_steps": 4}
+    if engine != "ddp":
+        train.update(engine="deepspeed", zero_stage=int(engine[-1]))
+    cfg = write_config(tmp_path / f"{engine}.yaml", tiny_shards, tmp_path / "runs", train=train)
+    res = _torchrun(cfg, "straight")
+    assert res.returncode == 0, res.stderr[-3000:]
+    saves_per_checkpoint = 1 if engine == "ddp" else 2  # DeepSpeed: model states + rank 0's optimizer shard
+    env = {"PYTHONPATH": FAULTS, "RLRR_FAULT_KILL_IN_SAVE": str(2 * saves_per_checkpoint + 1),
+           "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
+    res = _torchrun(cfg, "killed", env, restarts=1)
+    assert (tmp_path / "fired").exists(), res.stderr[-3000:]  # the fault did fire
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed" in res.stdout and "at epoch 1 step 6" in res.stdout, res.stdout[-2000:]
+    runs = tmp_path / "runs"
+    _assert_same_adapter(_adapter(runs / "killed"), _adapter(runs / "straight"))
+    a, b = (json.loads((runs / r / "results.json").read_text()) for r in ("killed", "straight"))
+    assert a["history"] == b["history"] and a["steps"] == b["steps"] == 12

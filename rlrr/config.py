@@ -24,6 +24,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 FrozenDtype = Literal["fp32", "bf16"]
 EngineName = Literal["ddp", "deepspeed"]  # rlrr.engine.ENGINES holds one class per name
 ZeroStage = Literal[0, 1, 2, 3]
+NonFinite = Literal["skip", "stop"]
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,8 @@ class TrainConfig:
     min_lr: NonNegativeFloat = 1e-8
     weight_decay: NonNegativeFloat = 5e-5
     clip_grad: Optional[PositiveFloat] = None  # max global gradient norm; null: no clipping
+    nonfinite: NonFinite = "skip"  # a non-finite loss or gradient: drop the step (skip) or stop the run
+    nonfinite_max_in_a_row: PositiveInt = 10  # skip: stop after more than this many dropped steps in a row
     precision: Precision = "fp32"
     frozen_dtype: FrozenDtype = "fp32"  # how frozen linear weights are stored (bf16 needs precision bf16)
     engine: EngineName = "ddp"

@@ -8,6 +8,7 @@ the newest and the one before it are kept, so an unreadable newest one has a fal
 """
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -49,21 +50,32 @@ class DDPEngine:
         with self.autocast():
             return self.net(images).float()
 
-    def backward(self, images, labels, last_micro: bool) -> torch.Tensor:
+    def backward(self, images, labels, last_micro: bool, loss_ok=None) -> tuple[torch.Tensor, bool]:
+        """(loss, done): the backward runs only if ``loss_ok(loss)`` (collective: every rank agrees)."""
         sync = contextlib.nullcontext() if last_micro or not self.info.enabled else self.net.no_sync()
         with sync:
             loss = nn.functional.cross_entropy(self.forward(images), labels)
+            if loss_ok is not None and not loss_ok(loss.detach()):
+                return loss.detach(), False
             self.scaler.scale(loss / self.grad_accum).backward()
-        return loss.detach()
+        return loss.detach(), True
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, bool]:
+        """(gradient norm, applied): a non-finite norm leaves the weights as they are (the same on
+        every rank: the gradients were all-reduced)."""
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(self.model)],
-                                              self.clip if self.clip else float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+                                              self.clip if self.clip else float("inf")).item()
+        applied = math.isfinite(norm) or self.scaler.is_enabled()  # fp16: the scaler skips and rescales itself
+        if applied:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
+        return norm, applied and math.isfinite(norm)
+
+    def discard(self) -> None:
+        """Drop the gradients accumulated in this window (a micro-batch of it was not finite)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def trainable_fp32(self) -> dict:
         return {n: p.detach().float().cpu() for n, p in trainable_parameters(self.model)}
@@ -125,15 +137,25 @@ class DeepSpeedEngine:
         # bf16/fp16 engines hold the module in that dtype; inputs follow, logits come back in fp32
         return self.engine(images.to(self.dtype) if self.dtype else images).float()
 
-    def backward(self, images, labels, last_micro: bool) -> torch.Tensor:
+    def backward(self, images, labels, last_micro: bool, loss_ok=None) -> tuple[torch.Tensor, bool]:
         loss = nn.functional.cross_entropy(self.forward(images), labels)
+        if loss_ok is not None and not loss_ok(loss.detach()):
+            return loss.detach(), False
         self.engine.backward(loss)
-        return loss.detach()
+        return loss.detach(), True
 
-    def step(self) -> float:
+    def step(self) -> tuple[float, bool]:
+        """(gradient norm, applied). DeepSpeed's ZeRO-1/2 and bf16 optimizers skip a step whose
+        gradient norm is not finite and report it as inf; the norm is None when DeepSpeed did not
+        compute one."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if norm is None:
+            return float("nan"), True
+        return float(norm), math.isfinite(float(norm))
+
+    def discard(self) -> None:
+        self.engine.zero_grad()
 
     def trainable_fp32(self) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param

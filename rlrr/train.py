@@ -63,6 +63,12 @@ class RunState:
     images: int = 0
     epoch_seen: int = 0  # this rank's samples and loss sum in the current epoch (its mean train loss)
     epoch_loss_sum: float = 0.0
+    nonfinite_skipped: int = 0  # optimizer steps dropped for a non-finite loss or gradient
+    nonfinite_in_a_row: int = 0
+
+
+class RunStopped(RuntimeError):
+    """The run stopped itself for a reason the user must see (one line), e.g. a non-finite loss."""
 
 
 class Preemption:
@@ -121,13 +127,14 @@ def parse_args(argv):
 
 def cli(argv=None) -> int:
     """``main`` for a command line: a bad input (config, file, name) is one line on stderr, printed by
-    rank 0 only, and exit code 2; anything else is a bug and keeps its traceback."""
+    rank 0 only, and exit code 2; a run that stopped itself (RunStopped) likewise, exit code 3;
+    anything else is a bug and keeps its traceback."""
     try:
         main(argv)
-    except ConfigError as e:
+    except (ConfigError, RunStopped) as e:
         if world_from_env()[0] == 0:
             print(f"train: error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, ConfigError) else 3
     return 0
 
 
@@ -275,38 +282,73 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     """The epoch's optimizer steps, from the saved position when resumed. False if the run stopped
     inside it (preemption or train.max_steps), with a checkpoint saved."""
     t, st = run.cfg.train, run.state
-    t0, seen, completed = time.perf_counter(), 0, True
+    t0, seen, completed, window_finite = time.perf_counter(), 0, True, True
     skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
-    bar = tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
-               leave=False, dynamic_ncols=True)
-    for i, (images, labels, _) in enumerate(run.train_data.epoch(epoch)):
-        if i < skip:
-            continue
-        last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(run.train_data)
-        images = normalize(images.to(run.info.device, non_blocking=True), run.cfg.data.stats)
-        loss = run.engine.backward(images, labels.to(run.info.device, non_blocking=True), last_micro)
-        seen += len(labels)
-        st.epoch_seen += len(labels)
-        st.epoch_loss_sum += loss.item() * len(labels)
-        bar.update(1)
-        if not last_micro:
-            continue
-        run.scheduler.step_update(st.global_step)
-        grad_norm = run.engine.step()
-        st.global_step += 1
-        st.step_in_epoch += 1
-        log_step(run, loss.item(), grad_norm, seen * run.info.world / (time.perf_counter() - t0))
-        if stop_requested(run):
-            completed = False
-            break
-        if t.save_every_steps and st.global_step % t.save_every_steps == 0:
-            save_checkpoint(run)
-    bar.close()
+    with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
+              leave=False, dynamic_ncols=True) as bar:  # closed (its line cleared) on an exception too
+        for i, (images, labels, _) in enumerate(run.train_data.epoch(epoch)):
+            if i < skip:
+                continue
+            last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(run.train_data)
+            seen += len(labels)
+            bar.update(1)
+            if window_finite:  # once a micro-batch of the window is not finite, the window is dropped
+                images = normalize(images.to(run.info.device, non_blocking=True), run.cfg.data.stats)
+                loss, window_finite = run.engine.backward(images, labels.to(run.info.device, non_blocking=True),
+                                                          last_micro, lambda x: finite_on_every_rank(run.info, x))
+                if window_finite:
+                    st.epoch_seen += len(labels)
+                    st.epoch_loss_sum += loss.item() * len(labels)
+            if not last_micro:
+                continue
+            grad_norm = optimizer_step(run, window_finite)
+            window_finite = True
+            log_step(run, loss.item(), grad_norm, seen * run.info.world / (time.perf_counter() - t0))
+            if stop_requested(run):
+                completed = False
+                break
+            if t.save_every_steps and st.global_step % t.save_every_steps == 0:
+                save_checkpoint(run)
     elapsed = time.perf_counter() - t0
     st.train_time += elapsed
     st.images += seen * run.info.world
     run.epoch_img_per_s = seen * run.info.world / max(elapsed, 1e-9)
     return completed
+
+
+def finite_on_every_rank(info: DistInfo, loss: torch.Tensor) -> bool:
+    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=info.device)
+    return all_reduce_sum(info, bad).item() == 0
+
+
+def optimizer_step(run: Run, window_finite: bool) -> float:
+    """One optimizer step at the end of an accumulation window, or none when the window's loss or
+    gradient was not finite on some rank (train.nonfinite). Returns the gradient norm."""
+    st = run.state
+    run.scheduler.step_update(st.global_step)
+    if window_finite:
+        grad_norm, applied = run.engine.step()
+    else:
+        run.engine.discard()
+        grad_norm, applied = float("nan"), False
+    st.global_step += 1  # a dropped step still uses up its batches: the replay position stays exact
+    st.step_in_epoch += 1
+    if applied:
+        st.nonfinite_in_a_row = 0
+        return grad_norm
+    st.nonfinite_skipped += 1
+    st.nonfinite_in_a_row += 1
+    what = "loss" if not window_finite else "gradient norm"
+    log.warning(f"step {st.global_step}: non-finite {what}; the step was dropped on every rank "
+                f"({st.nonfinite_skipped} dropped so far)")
+    if run.writer:
+        run.writer.add_scalar("train/nonfinite_skipped", st.nonfinite_skipped, st.global_step)
+    t = run.cfg.train
+    if t.nonfinite == "stop" or st.nonfinite_in_a_row > t.nonfinite_max_in_a_row:
+        raise RunStopped(f"non-finite {what} at step {st.global_step} ({st.nonfinite_in_a_row} in a row, "
+                         f"train.nonfinite = {t.nonfinite}); the weights were not updated and the last "
+                         "checkpoint holds the last finite state")
+    return grad_norm
 
 
 def log_step(run: Run, loss: float, grad_norm: float, img_per_s: float) -> None:
@@ -378,6 +420,10 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "tra
 
 
 def save_checkpoint(run: Run) -> None:
+    """Save the resumable state; never one with non-finite weights (the previous one stays)."""
+    if not all(torch.isfinite(t).all() for t in run.engine.trainable_fp32().values()):
+        raise RunStopped(f"non-finite trainable weights at step {run.state.global_step}; not saved, the last "
+                         "checkpoint holds the last finite state")
     rng = [checkpoint.rng_state()]
     if run.info.enabled:
         rng = [None] * run.info.world
@@ -445,6 +491,7 @@ def summarize(run: Run) -> dict:
                 "report test_acc1_final, or test_acc1_at_best_val when a validation split is used",
         "epochs": st.epoch, "steps": st.global_step, "wall_time_s": round(st.train_time, 1),
         "img_per_s": round(st.images / max(st.train_time, 1e-9), 1),
+        "nonfinite_skipped": st.nonfinite_skipped,
         "trainable_params": run.n_trainable, "world_size": run.info.world, "config_hash": cfg.digest(),
         "model": cfg.model.name, "method": cfg.model.method, "history": st.history,
     }

@@ -37,11 +37,26 @@ def test_gradient_accumulation_matches_one_big_batch():
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4, msg=n)
 
 
+def test_a_non_finite_loss_or_gradient_never_reaches_the_weights():
+    model, engine = _engine([])
+    before = engine.trainable_fp32()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    loss, done = engine.backward(images, labels, last_micro=True, loss_ok=lambda x: False)
+    assert not done and all(p.grad is None for p in model.parameters())  # no backward ran
+    engine.backward(images, labels, last_micro=True)
+    model.head.weight.grad[0, 0] = float("nan")
+    norm, applied = engine.step()
+    assert not applied and norm != norm  # NaN norm: no update
+    after = engine.trainable_fp32()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(p.grad is None for p in model.parameters())  # and the bad gradients are gone
+
+
 def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
     model, engine = _engine(["train.clip_grad=0.001"])
     engine.backward(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]), last_micro=True)
-    norm = engine.step()
-    assert norm > 0.001  # the norm before clipping is reported
+    norm, applied = engine.step()
+    assert norm > 0.001 and applied  # the norm before clipping is reported
     engine.save(str(tmp_path), {"state": {"global_step": 1}})
     trained = engine.trainable_fp32()
     other_model, other = _engine([])

@@ -101,3 +101,40 @@ def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_
     _assert_same_adapter(_adapter(runs / "killed"), _adapter(runs / "straight"))
     a, b = (json.loads((runs / r / "results.json").read_text()) for r in ("killed", "straight"))
     assert a["history"] == b["history"] and a["steps"] == b["steps"] == 12
+
+
+def _faulty(env: dict, tmp_path) -> dict:
+    return {"PYTHONPATH": FAULTS, "RLRR_FAULT_ONCE": str(tmp_path / "fired"), **env}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+def test_nan_loss_is_skipped_on_every_rank_and_counted(engine, tiny_shards, tmp_path):
+    """train.nonfinite: skip (the default); the NaN comes on rank 1 only, at its 5th training loss."""
+    train = {} if engine == "ddp" else {"engine": "deepspeed", "zero_stage": 3}
+    cfg = write_config(tmp_path / "skip.yaml", tiny_shards, tmp_path / "runs", train=train)
+    res = _torchrun(cfg, "skip", _faulty({"RLRR_FAULT_NAN_AT": "5", "RLRR_FAULT_RANK": "1"}, tmp_path))
+    assert res.returncode == 0 and (tmp_path / "fired").exists(), res.stderr[-3000:]
+    assert "step 5: non-finite loss; the step was dropped on every rank (1 dropped so far)" in res.stdout
+    run = tmp_path / "runs" / "skip"
+    results = json.loads((run / "results.json").read_text())
+    assert results["nonfinite_skipped"] == 1 and results["steps"] == 12
+    assert all(torch.isfinite(t).all() for t in _adapter(run).values())
+    if engine == "ddp":
+        saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert saved["state"]["nonfinite_skipped"] == 1
+        assert all(torch.isfinite(t).all() for t in saved["trainable"].values())
+
+
+@pytest.mark.integration
+def test_nan_loss_with_stop_ends_every_rank_with_one_line_and_keeps_the_finite_checkpoint(tiny_shards, tmp_path):
+    cfg = write_config(tmp_path / "stop.yaml", tiny_shards, tmp_path / "runs",
+                       train={"nonfinite": "stop", "save_every_steps": 2})
+    res = _torchrun(cfg, "stop", _faulty({"RLRR_FAULT_NAN_AT": "5", "RLRR_FAULT_RANK": "1"}, tmp_path))
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("train: error:")]
+    assert errors == ["train: error: non-finite loss at step 5 (1 in a row, train.nonfinite = stop); the weights "
+                      "were not updated and the last checkpoint holds the last finite state"], res.stderr[-3000:]
+    assert "exitcode  : 3" in res.stderr
+    saved = torch.load(tmp_path / "runs" / "stop" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["state"]["global_step"] == 4 and all(torch.isfinite(t).all() for t in saved["trainable"].values())

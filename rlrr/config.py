@@ -115,6 +115,7 @@ class TrainConfig:
     max_steps: Count = 0  # stop after this many optimizer steps (0: run all epochs); for tests and smoke runs
     log_every: PositiveInt = 10
     dist_timeout_s: Annotated[float, Range(10)] = 900.0  # bounds process-group start-up and every collective
+    watchdog_s: Annotated[float, Range(0)] = 1200.0  # no batch done for this long: print stacks, exit 1 (0: off)
     compile: bool = False  # torch.compile the model (DDP) / the engine (DeepSpeed): one compile at start
 
 

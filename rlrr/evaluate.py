@@ -1,4 +1,6 @@
 """Top-1/top-5 accuracy over a split, each sample counted once across all ranks (torchmetrics)."""
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -8,31 +10,40 @@ from .distributed import DistInfo, all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str) -> dict:
-    """Accuracy over ``loader``'s split; a count other than the split's (padding, a lost shard) is an error.
+def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
+             interrupted: Callable[[], bool] = lambda: False, heartbeat: Callable[[], None] = lambda: None
+             ) -> Optional[dict]:
+    """Accuracy over ``loader``'s split; a count other than the split's (padding, a lost shard) is an
+    error. None if ``interrupted()`` became true on any rank (all ranks stop together).
 
-    Ranks may hold different numbers of batches (exactly-once evaluation); ranks with fewer run
-    ignored forward passes up to the largest count, since ZeRO-3 gathers weights collectively."""
+    Ranks may hold different numbers of batches (exactly-once evaluation); the ranks step in lockstep,
+    one small all-reduce per batch, and a rank that has run out makes ignored forward passes while
+    others still have batches (ZeRO-3 gathers weights collectively)."""
     model = engine.model
     model.eval()
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(info.device)
     top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(info.device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, count
-    batches = 0
-    for images, labels, _ in loader.epoch(0):
-        images, labels = normalize(images.to(info.device, non_blocking=True), stats), labels.to(info.device)
+    batches = iter(loader.epoch(0))
+    while True:
+        batch = next(batches, None)
+        flags = all_reduce_sum(info, torch.tensor([float(batch is not None), float(interrupted())], device=info.device))
+        if flags[1] > 0:
+            model.train()
+            return None
+        if flags[0] == 0:
+            break
+        heartbeat()
+        if batch is None:
+            size = loader.recipe.image_size
+            engine.forward(torch.zeros(1, 3, size, size, device=info.device))
+            continue
+        images, labels = normalize(batch[0].to(info.device, non_blocking=True), stats), batch[1].to(info.device)
         logits = engine.forward(images)
-        batches += 1
         top1.update(logits, labels)
         top5.update(logits, labels)
         loss_sum += torch.tensor([nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
                                  dtype=torch.float64, device=info.device)
-    if info.enabled:
-        most = torch.tensor([batches], device=info.device)
-        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        size = loader.recipe.image_size
-        for _ in range(int(most.item()) - batches):
-            engine.forward(torch.zeros(1, 3, size, size, device=info.device))
     all_reduce_sum(info, loss_sum)
     seen, expected = int(loss_sum[1].item()), loader.split.num_samples
     if seen != expected:

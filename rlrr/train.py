@@ -11,6 +11,7 @@ merged.safetensors, results.json (and PREEMPTED while a preempted run waits for 
 import argparse
 import dataclasses
 import difflib
+import faulthandler
 import json
 import logging
 import math
@@ -135,7 +136,23 @@ def cli(argv=None) -> int:
         if world_from_env()[0] == 0:
             print(f"train: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 3
+    except RuntimeError as e:
+        if not lost_a_peer(e):
+            raise
+        # another rank failed and its own error says why: one line here, not a second traceback
+        print(f"train: rank {world_from_env()[0]} stopped: another rank failed ({str(e).splitlines()[0][:200]})",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def lost_a_peer(e: BaseException) -> bool:
+    """A collective that failed because another process went away (gloo, NCCL, the c10d store)."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "NCCL communicator was aborted"))
 
 
 def main(argv=None) -> dict:
@@ -147,12 +164,16 @@ def main(argv=None) -> dict:
         print(os.path.join(cfg.output_dir, cfg.run_name))
         return {}
     run = setup_run(cfg, args.resume, args.allow_config_change)
-    for epoch in range(run.state.epoch, cfg.train.epochs):
-        if not train_one_epoch(run, epoch):
-            log.info(f"stopped at step {run.state.global_step} (epoch {epoch}); resume with --resume latest")
-            close_run(run)
-            return {"stopped_at_step": run.state.global_step}
-        end_epoch(run, evaluate_all(run, epoch))
+    try:
+        for epoch in range(run.state.epoch, cfg.train.epochs):
+            record = evaluate_all(run, epoch) if train_one_epoch(run, epoch) else None
+            if record is None:  # stopped (preemption or train.max_steps), with a checkpoint saved
+                log.info(f"stopped at step {run.state.global_step} (epoch {epoch}); resume with --resume latest")
+                close_run(run)
+                return {"stopped_at_step": run.state.global_step}
+            end_epoch(run, record)
+    finally:  # the final merge may take long on a large model, and nothing else waits on it
+        watchdog(run, off=True)
     results = summarize(run)
     write_final(run, results)
     close_run(run)
@@ -287,6 +308,7 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
               leave=False, dynamic_ncols=True) as bar:  # closed (its line cleared) on an exception too
         for i, (images, labels, _) in enumerate(run.train_data.epoch(epoch)):
+            watchdog(run)
             if i < skip:
                 continue
             last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(run.train_data)
@@ -365,23 +387,43 @@ def stop_requested(run: Run) -> bool:
     max_steps = run.cfg.train.max_steps
     out_of_budget = bool(max_steps) and run.state.global_step >= max_steps
     preempted = run.preempt.any_rank(run.info)  # collective: every rank stops at the same step
-    if not (preempted or out_of_budget):
-        return False
+    if preempted or out_of_budget:
+        stop_with_checkpoint(run, preempted)
+    return preempted or out_of_budget
+
+
+def stop_with_checkpoint(run: Run, preempted: bool) -> None:
     save_checkpoint(run)
     if preempted and run.info.is_main:
         write_text_atomic(preempted_marker(run), f"step {run.state.global_step}\n")
-    return True
 
 
-def evaluate_all(run: Run, epoch: int) -> dict:
-    """The epoch's record: mean train loss, lr, and every evaluation split when one is due."""
+def watchdog(run: Run, off: bool = False) -> None:
+    """(Re-)arm the watchdog: if no batch completes within train.watchdog_s, print every thread's
+    Python stack and exit with code 1, so that torchrun or SLURM restarts the job (which resumes)
+    instead of a hung rank holding the allocation. C-level: it fires while Python is stuck in a
+    collective too. Armed from the first batch on."""
+    if off or not run.cfg.train.watchdog_s:
+        faulthandler.cancel_dump_traceback_later()
+    else:
+        faulthandler.dump_traceback_later(run.cfg.train.watchdog_s, exit=True, file=sys.__stderr__)
+
+
+def evaluate_all(run: Run, epoch: int) -> Optional[dict]:
+    """The epoch's record: mean train loss, lr, and every evaluation split when one is due. None if a
+    preemption signal arrived during evaluation: the checkpoint then holds the trained epoch, and
+    the resumed run evaluates it."""
     st, t = run.state, run.cfg.train
     record = {"epoch": epoch, "train_loss": st.epoch_loss_sum / max(1, st.epoch_seen),
               "lr": run.engine.optimizer.param_groups[0]["lr"]}
     if (epoch + 1) % t.eval_every and epoch + 1 != t.epochs:
         return record
     for name, loader in run.evals.items():
-        metrics = evaluate(run.engine, loader, run.info, run.manifest.num_classes, run.cfg.data.stats)
+        metrics = evaluate(run.engine, loader, run.info, run.manifest.num_classes, run.cfg.data.stats,
+                           interrupted=lambda: run.preempt.requested, heartbeat=lambda: watchdog(run))
+        if metrics is None:
+            stop_with_checkpoint(run, preempted=True)
+            return None
         for k in ("acc1", "acc5", "loss"):
             record[f"{name}_{k}"] = metrics[k]
             if run.writer:

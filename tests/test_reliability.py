@@ -2,7 +2,9 @@
 they write a checkpoint (faults injected by tests/faults/sitecustomize.py on PYTHONPATH)."""
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -138,3 +140,39 @@ def test_nan_loss_with_stop_ends_every_rank_with_one_line_and_keeps_the_finite_c
     assert "exitcode  : 3" in res.stderr
     saved = torch.load(tmp_path / "runs" / "stop" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["state"]["global_step"] == 4 and all(torch.isfinite(t).all() for t in saved["trainable"].values())
+
+
+@pytest.mark.integration
+def test_one_rank_failing_ends_every_rank_quickly_and_its_error_shows_once(tiny_shards, tmp_path):
+    cfg = write_config(tmp_path / "fail.yaml", tiny_shards, tmp_path / "runs")
+    t0 = time.monotonic()
+    res = _torchrun(cfg, "fail", _faulty({"RLRR_FAULT_RAISE_AT": "3", "RLRR_FAULT_RANK": "1"}, tmp_path))
+    assert res.returncode != 0 and time.monotonic() - t0 < 60
+    assert res.stderr.count("RuntimeError: injected failure (RLRR_FAULT_RAISE_AT)") == 1, res.stderr[-3000:]
+    assert res.stderr.count("Traceback (most recent call last)") <= 2  # the failing rank's, and torchrun's summary
+    assert "train: rank 0 stopped: another rank failed" in res.stderr
+
+
+@pytest.mark.integration
+def test_a_stalled_rank_is_caught_by_the_watchdog(tiny_shards, tmp_path):
+    """SIGSTOP one worker: the other waits in a collective; the watchdog prints its stacks and exits,
+    torchrun ends the job, all within a bounded time."""
+    cfg = write_config(tmp_path / "stall.yaml", tiny_shards, tmp_path / "runs",
+                       train={"epochs": 400, "eval_every": 1000, "watchdog_s": 10})
+    cmd = train_cmd("--config", cfg, nproc=2)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "epoch 2/400" in line:
+                break
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[1]), signal.SIGSTOP)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and time.monotonic() - t0 < 90
+        assert "Timeout (0:00:10)!" in err and "most recent call first" in err, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "stall.yaml")])

@@ -38,9 +38,9 @@ def shards(tiny_shards):
     return tiny_shards
 
 
-def _sbatch_in_root(cluster, *args):
+def _sbatch_in_root(cluster, *args, env=None):
     """sbatch from the repository root (SLURM_SUBMIT_DIR is where the scripts find launch/train.py)."""
-    res = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env={**cluster.env, **JOB_ENV},
+    res = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env={**cluster.env, **JOB_ENV, **(env or {})},
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return int(res.stdout.strip().split(";")[0])
@@ -131,6 +131,29 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tm
     assert _resumed_step(run) == stopped  # resumed exactly where the signal stopped it
     assert not (run / "PREEMPTED").exists()
     assert json.loads((run / "results.json").read_text())["steps"] == 24 * 6
+
+
+def test_usr1_during_evaluation_checkpoints_requeues_and_resumes(cluster, shards, tmp_path):
+    """The signal lands while the ranks evaluate (each evaluation batch made slow from outside): they
+    stop together, save the trained epoch, the script requeues, and the resumed job evaluates it."""
+    cfg = write_config(tmp_path / "evalsig.yaml", shards, tmp_path / "runs",
+                       data={"eval_batch_size_per_rank": 1}, train={"epochs": 3})
+    run, marker = tmp_path / "runs" / "evalsig", tmp_path / "evaluating"
+    faults = {"PYTHONPATH": str(ROOT / "tests" / "faults"), "RLRR_FAULT_SLOW_EVAL": str(marker),
+              "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
+    job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg,
+                          env=faults)
+    _wait_for(marker)
+    cluster.run("scancel", "--signal=USR1", str(job))
+    cluster.start_requeued_now(job)
+    state = cluster.wait(job, timeout=600)
+    batch_log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED", batch_log + cluster.diagnose(job)
+    assert "stopped early at step 6;" in batch_log and f"requeueing job {job}" in batch_log  # the end of epoch 1
+    assert _resumed_step(run) == 6
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 18 and [r["epoch"] for r in results["history"]] == [0, 1, 2]
+    assert all("test_acc1" in r for r in results["history"])  # epoch 0 was evaluated after the resume
 
 
 def test_sweep_submits_one_array_task_per_config(cluster, shards, tmp_path):

@@ -11,9 +11,11 @@ seed and epoch. Small splits can instead be decoded once and kept in memory as o
 Eval: shard i goes to exactly one (rank, worker) pair, and every sample is seen exactly once: no
 padding, no duplicates (a short last batch instead). In memory, rank r takes samples r::world.
 """
+import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 from dataclasses import dataclass
@@ -174,6 +176,17 @@ class _MemoryEpoch:
                    [self.keys[i] for i in idx.tolist()])
 
 
+@functools.cache
+def worker_context():
+    """Loader workers come from a forkserver: forked from a clean single-threaded process that has
+    imported this module once, never from the training process, whose other threads (TensorBoard's
+    writer, tqdm's monitor, queue feeders) may hold a lock at the moment of a fork and leave the
+    child deadlocked. A run forks workers for every epoch and evaluation."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class SplitLoader:
     """Builds each epoch's batches for one split on this rank. ``len()`` is the batches per epoch
     (train: equal on every rank)."""
@@ -228,4 +241,5 @@ class SplitLoader:
                                  self.world, self.seed, epoch, self.shuffle_buffer)
         else:
             stream = EvalStream(self.split.shards, self.batch_size, self.recipe, self.rank, self.world)
-        return DataLoader(stream, batch_size=None, num_workers=self.workers, persistent_workers=False)
+        return DataLoader(stream, batch_size=None, num_workers=self.workers,
+                          multiprocessing_context=worker_context() if self.workers else None)

@@ -6,6 +6,7 @@ that it fired, so a restarted worker runs clean):
   RLRR_FAULT_KILL_IN_SAVE=N   SIGKILL this process in the middle of its N-th torch.save to a file (half written)
   RLRR_FAULT_NAN_AT=N         the N-th training loss (a cross-entropy under autograd) is NaN
   RLRR_FAULT_RAISE_AT=N       raise RuntimeError at the N-th training loss
+  RLRR_FAULT_SLOW_EVAL=PATH   every evaluation batch takes a second, and PATH is created at the first one
   RLRR_FAULT_RANK=R           only on this rank (default 0)
 """
 import os
@@ -66,3 +67,19 @@ for _var in ("RLRR_FAULT_NAN_AT", "RLRR_FAULT_RAISE_AT"):
             return loss
         F.cross_entropy = _faulty_cross_entropy
         torch.nn.functional.cross_entropy = _faulty_cross_entropy
+
+if "RLRR_FAULT_SLOW_EVAL" in os.environ and _armed():
+    import time
+
+    import torch
+    import torch.nn.functional as F
+    _eval_ce = F.cross_entropy
+
+    def _slow_eval_cross_entropy(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            _fired()
+            open(os.environ["RLRR_FAULT_SLOW_EVAL"], "a").close()
+            time.sleep(1.0)
+        return _eval_ce(*args, **kwargs)
+    F.cross_entropy = _slow_eval_cross_entropy
+    torch.nn.functional.cross_entropy = _slow_eval_cross_entropy

@@ -87,6 +87,7 @@ class DataConfig:
     in_memory: Optional[bool] = None  # null: in memory when a split has at most in_memory_max samples
     in_memory_max: Count = 5000
     workers: Count = 2  # loader processes per rank (0: load in the training process)
+    verify: Optional[bool] = None  # check the shards' sha256 before training; null: when they are <= 2 GiB
     eval_batch_size_per_rank: PositiveInt = 64  # evaluation batch on each rank (train.batch_size is global)
 
 

@@ -34,7 +34,7 @@ from . import checkpoint
 from .adapter import count_trainable, merge_rlrr, save_adapter, trainable_parameters
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, load_config, save_config
-from .data.loader import Manifest, ManifestError, SplitLoader
+from .data.loader import DataError, Manifest, ManifestError, SplitLoader
 from .data.transforms import Recipe, normalize
 from .distributed import (
     DistInfo,
@@ -66,6 +66,7 @@ class RunState:
     epoch_loss_sum: float = 0.0
     nonfinite_skipped: int = 0  # optimizer steps dropped for a non-finite loss or gradient
     nonfinite_in_a_row: int = 0
+    samples_skipped: int = 0  # this rank's unreadable training samples, skipped
 
 
 class RunStopped(RuntimeError):
@@ -132,10 +133,12 @@ def cli(argv=None) -> int:
     anything else is a bug and keeps its traceback."""
     try:
         main(argv)
-    except (ConfigError, RunStopped) as e:
+    except (ConfigError, DataError, RunStopped) as e:
         if world_from_env()[0] == 0:
-            print(f"train: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 3
+            # a DataError raised in a loader process arrives wrapped in its traceback: its last line says it
+            message = str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
+            print(f"train: error: {message}", file=sys.stderr)
+        return 3 if isinstance(e, RunStopped) else 2
     except RuntimeError as e:
         if not lost_a_peer(e):
             raise
@@ -185,11 +188,11 @@ def main(argv=None) -> dict:
 def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: bool = False) -> Run:
     """``resume``: "latest" to continue the run (a restart by torchrun or SLURM continues by itself)."""
     preempt = Preemption()  # first: a signal that arrives while the model loads is still honoured
+    logging.basicConfig(level=logging.INFO if world_from_env()[0] == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     manifest = check_inputs(cfg)  # before any process group: a bad input fails every rank at once
     # DeepSpeed wants a process group, even of 1
     info = init_distributed(always=cfg.train.engine == "deepspeed", timeout_s=cfg.train.dist_timeout_s)
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="%(asctime)s %(message)s",
-                        stream=sys.stdout, force=True)
     run_dir, resuming = decide_run_dir(cfg, info, resume is not None)
     t = cfg.train
     micro = per_rank_batch(cfg, info)
@@ -227,17 +230,24 @@ def check_inputs(cfg: RunConfig) -> Manifest:
     for key, path in (("model.pretrained", m.pretrained), ("train.deepspeed_config", cfg.train.deepspeed_config)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{key} = {path!r}: file not found")
+    splits = [s for s in (cfg.data.train_split, cfg.data.test_split, cfg.data.val_split) if s]
     try:
         manifest = Manifest(cfg.data.shards)
-        for split in (cfg.data.train_split, cfg.data.test_split, cfg.data.val_split):
-            if split:
-                manifest.split(split)
+        for split in splits:
+            manifest.split(split)
+        if cfg.data.verify is not False and world_from_env()[1] == 0:  # once per node
+            checked = manifest.verify(splits, max_bytes=None if cfg.data.verify else VERIFY_UP_TO_BYTES)
+            if checked:
+                log.info(f"verified the sha256 of {checked / 2**20:.0f} MB of shards")
     except ManifestError as e:
         raise ConfigError(f"data: {e}") from None
     if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
         raise ConfigError(f"data.num_classes = {cfg.data.num_classes} but {manifest.path} has "
                           f"{manifest.num_classes} classes")
     return manifest
+
+
+VERIFY_UP_TO_BYTES = 2 * 2**30  # data.verify: null checks the shards' sha256 when they add up to at most this
 
 
 def decide_run_dir(cfg: RunConfig, info: DistInfo, resume_requested: bool) -> tuple[str, bool]:
@@ -439,6 +449,11 @@ def end_epoch(run: Run, record: dict) -> None:
         run.writer.add_scalar("sys/peak_memory_mb", peak, st.global_step)
         run.writer.flush()
     st.history.append(record)
+    skipped = run.train_data.take_skipped()
+    if skipped:
+        st.samples_skipped += skipped
+        log.warning(f"epoch {record['epoch']}: {skipped} unreadable training sample(s) skipped on rank "
+                    f"{run.info.rank} (their shards and keys are in the log above)")
     st.epoch, st.step_in_epoch, st.epoch_seen, st.epoch_loss_sum = record["epoch"] + 1, 0, 0, 0.0
     log.info(f"epoch {st.epoch}/{t.epochs} loss {record['train_loss']:.4f} lr {record['lr']:.2e}"
              + "".join(f" {k} {record[k]:.2f}" for k in ("val_acc1", "test_acc1") if k in record)
@@ -519,6 +534,7 @@ def check_config_unchanged(saved: Optional[dict], cfg: RunConfig, allow: bool) -
 
 def summarize(run: Run) -> dict:
     st, cfg = run.state, run.cfg
+    skipped = all_reduce_sum(run.info, torch.tensor([st.samples_skipped], device=run.info.device)).item()
     evaluated = [r for r in st.history if "test_acc1" in r]
     with_val = [r for r in evaluated if "val_acc1" in r]
     best_val = max(with_val, key=lambda r: r["val_acc1"]) if with_val else None  # first epoch wins a tie
@@ -534,6 +550,7 @@ def summarize(run: Run) -> dict:
         "epochs": st.epoch, "steps": st.global_step, "wall_time_s": round(st.train_time, 1),
         "img_per_s": round(st.images / max(st.train_time, 1e-9), 1),
         "nonfinite_skipped": st.nonfinite_skipped,
+        "train_samples_skipped": int(skipped),
         "trainable_params": run.n_trainable, "world_size": run.info.world, "config_hash": cfg.digest(),
         "model": cfg.model.name, "method": cfg.model.method, "history": st.history,
     }

@@ -1,17 +1,21 @@
 """Faults from outside the process: corrupted checkpoints, changed configs, processes killed while
 they write a checkpoint (faults injected by tests/faults/sitecustomize.py on PYTHONPATH)."""
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rlrr.config import ConfigError
-from rlrr.train import main
+from rlrr.train import cli, main
 
 from helpers import ROOT, train_cmd, write_config
 
@@ -176,3 +180,116 @@ def test_a_stalled_rank_is_caught_by_the_watchdog(tiny_shards, tmp_path):
         if proc.poll() is None:
             proc.kill()
         subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "stall.yaml")])
+
+
+def _copy_task(tiny_shards, tmp_path) -> Path:
+    dst = tmp_path / "shards"
+    shutil.copytree(tiny_shards, dst)
+    return dst
+
+
+def _rewrite_member(shard: Path, suffix: str, change) -> str:
+    """Rewrite the first member ending in ``suffix`` of a tar shard with ``change(bytes)``; returns its key."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    target = next(m.name for m, _ in members if m.name.endswith(suffix))
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            data = change(data) if m.name == target else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return target.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_an_undecodable_training_image_is_skipped_and_counted(tiny_shards, tmp_path, in_memory):
+    shards = _copy_task(tiny_shards, tmp_path)
+    shard = sorted((shards / "train800").glob("*.tar"))[1]
+    key = _rewrite_member(shard, ".jpg", lambda b: b"not an image" + b[:20])
+    cfg = write_config(tmp_path / "bad.yaml", str(shards), tmp_path / "runs",
+                       data={"verify": False, "in_memory": in_memory})
+    res = subprocess.run(train_cmd("--config", cfg), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "runs" / "bad" / "results.json").read_text())
+    assert results["train_samples_skipped"] >= 1 and results["steps"] == 12
+    assert f"skipped an unreadable training sample: {shard} key {key}" in res.stderr
+
+
+def test_a_truncated_training_shard_is_skipped_and_counted(tiny_shards, tmp_path):
+    shards = _copy_task(tiny_shards, tmp_path)
+    shard = sorted((shards / "train800").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:700])
+    cfg = write_config(tmp_path / "trunc.yaml", str(shards), tmp_path / "runs",
+                       data={"verify": False, "in_memory": False})
+    res = subprocess.run(train_cmd("--config", cfg), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "runs" / "trunc" / "results.json").read_text())["train_samples_skipped"] >= 1
+    assert "skipped the rest of an unreadable training shard: " in res.stderr and str(shard) in res.stderr
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("truncate_test", "unreadable shard: "),
+    ("label", "label 9 outside 0..3"),
+])
+def test_unreadable_evaluation_data_or_a_bad_label_is_one_line_naming_the_shard(tiny_shards, tmp_path, capsys,
+                                                                                damage, expected):
+    shards = _copy_task(tiny_shards, tmp_path)
+    shard = sorted((shards / "test").glob("*.tar"))[1]
+    if damage == "truncate_test":
+        shard.write_bytes(shard.read_bytes()[:700])
+    else:
+        key = _rewrite_member(shard, ".cls", lambda b: b"9")
+        expected = f"{shard}: sample {key}: {expected}"
+    cfg = write_config(tmp_path / "evalbad.yaml", str(shards), tmp_path / "runs", data={"verify": False})
+    assert cli(["--config", cfg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train: error: ") and expected in err[-1] and str(shard) in err[-1], err[-3:]
+
+
+def test_a_damaged_shard_fails_the_sha256_check_before_training(tiny_shards, tmp_path, capsys):
+    shards = _copy_task(tiny_shards, tmp_path)
+    shard = sorted((shards / "test").glob("*.tar"))[0]
+    _rewrite_member(shard, ".cls", lambda b: b"1")
+    cfg = write_config(tmp_path / "sha.yaml", str(shards), tmp_path / "runs")
+    assert cli(["--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{shard}: sha256" in err and "does not match the manifest" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_a_rank_killed_mid_epoch_restarts_and_equals_an_uninterrupted_run(in_memory, tiny_shards, tmp_path):
+    """SIGKILL from outside to one worker, mid-epoch, under torchrun --max-restarts=1."""
+    cfg = write_config(tmp_path / "k.yaml", tiny_shards, tmp_path / "runs",
+                       data={"in_memory": in_memory}, train={"epochs": 4, "save_every_steps": 3})
+    res = _torchrun(cfg, "straight")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = train_cmd("--config", cfg, "--set", "run_name=killed", nproc=2)
+    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "epoch 1/4" in line:  # the second epoch is under way
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed" in out, out[-2000:]
+    runs = tmp_path / "runs"
+    _assert_same_adapter(_adapter(runs / "killed"), _adapter(runs / "straight"))
+    a, b = (json.loads((runs / r / "results.json").read_text()) for r in ("killed", "straight"))
+    assert a["history"] == b["history"]
+
+
+@pytest.mark.integration
+def test_two_hundred_evaluations_with_streaming_loaders_and_workers_do_not_hang(tiny_shards, tmp_path):
+    """The fork-while-threads-hold-locks hazard: every epoch and evaluation starts loader workers."""
+    cfg = write_config(tmp_path / "stress.yaml", tiny_shards, tmp_path / "runs",  # val and test: 2 per epoch
+                       data={"in_memory": False, "workers": 1}, model={"drop_path": 0.0},
+                       train={"epochs": 100, "warmup_epochs": 1, "log_every": 50, "save_every_epochs": 50,
+                              "watchdog_s": 60})
+    res = _torchrun(cfg, "stress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    history = json.loads((tmp_path / "runs" / "stress" / "results.json").read_text())["history"]
+    assert len(history) == 100 and all("val_acc1" in r and "test_acc1" in r for r in history)  # 200 evaluations

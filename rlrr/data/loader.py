@@ -18,6 +18,9 @@ import math
 import multiprocessing
 import os
 import random
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -44,6 +47,10 @@ class ManifestError(ValueError):
     """A shard manifest that is missing, unreadable, or asks for something it does not hold."""
 
 
+class DataError(ValueError):
+    """A shard that cannot be read where every sample counts (evaluation), or a label out of range."""
+
+
 class Manifest:
     def __init__(self, path: str):
         self.path = path if path.endswith(".json") else os.path.join(path, "manifest.json")
@@ -68,6 +75,28 @@ class Manifest:
         s = splits[name]
         return Split(name, [self._inside(x["path"]) for x in s["shards"]], int(s["num_samples"]))
 
+    def verify(self, splits: list[str], max_bytes: Optional[int] = None) -> int:
+        """Check the sha256 of every shard of ``splits`` against the manifest; returns the bytes read,
+        0 if they add up to more than ``max_bytes``. A mismatch is a ManifestError naming the shard."""
+        import hashlib
+        shards = {x["path"]: x for name in splits for x in self.data["splits"][name]["shards"]}
+        paths = {rel: self._inside(rel) for rel in shards}
+        total = sum(os.path.getsize(p) for p in paths.values() if os.path.exists(p))
+        if max_bytes is not None and total > max_bytes:
+            return 0
+        for rel, path in paths.items():
+            expected = shards[rel].get("sha256")
+            if not os.path.isfile(path):
+                raise ManifestError(f"{path}: shard missing")
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            if expected and h.hexdigest() != expected:
+                raise ManifestError(f"{path}: sha256 {h.hexdigest()[:12]}... does not match the manifest's "
+                                    f"{expected[:12]}...: the shard is damaged; copy or make it again")
+        return total
+
     def _inside(self, rel: str) -> str:
         """A shard path of the manifest, which must stay inside the manifest's folder."""
         path = os.path.normpath(os.path.join(self.root, rel))
@@ -86,8 +115,50 @@ def decode(sample: dict) -> tuple[torch.Tensor, int, str]:
     return image, int(sample["cls"]), sample["__key__"]
 
 
-def read_split(shards: list[str]) -> Iterator[tuple[torch.Tensor, int, str]]:
-    return map(decode, wds.tarfile_samples({"url": u} for u in shards))
+def _raise_naming_the_shard(exn: Exception) -> bool:
+    raise DataError(f"unreadable shard: {exn}") from None  # webdataset appends " @ <shard>" to the message
+
+
+def checked(item: tuple[torch.Tensor, int, str], num_classes: Optional[int], url: str):
+    label = item[1]
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise DataError(f"{url}: sample {item[2]}: label {label} outside 0..{num_classes - 1}")
+    return item
+
+
+def read_split(shards: list[str], num_classes: Optional[int] = None) -> Iterator[tuple[torch.Tensor, int, str]]:
+    """Every sample of ``shards``, in order; any unreadable part is a DataError naming the shard."""
+    for sample in wds.tarfile_samples(({"url": u} for u in shards), handler=_raise_naming_the_shard):
+        try:
+            item = decode(sample)
+        except Exception as e:
+            raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: cannot decode "
+                            f"({type(e).__name__}: {e})") from None
+        yield checked(item, num_classes, sample.get("__url__"))
+
+
+def read_tolerant(samples, num_classes: Optional[int], skipped) -> Iterator[tuple[torch.Tensor, int, str]]:
+    """Decode training samples, skipping (and counting in the shared ``skipped`` value) those that cannot
+    be read: one bad image must not kill a rank, nor every restart after it."""
+    for sample in samples:
+        try:
+            item = decode(sample)
+        except Exception as e:
+            with skipped.get_lock():
+                skipped.value += 1
+            print(f"rlrr: skipped an unreadable training sample: {sample.get('__url__')} key {sample.get('__key__')} "
+                  f"({type(e).__name__}: {str(e)[:200]})", file=sys.stderr, flush=True)
+            continue
+        yield checked(item, num_classes, sample.get("__url__"))
+
+
+def _skip_broken_tar(skipped):
+    def handler(exn: Exception) -> bool:
+        with skipped.get_lock():
+            skipped.value += 1
+        print(f"rlrr: skipped the rest of an unreadable training shard: {exn}", file=sys.stderr, flush=True)
+        return True
+    return handler
 
 
 def _seed(*parts) -> int:
@@ -126,9 +197,16 @@ def _worker() -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """Fixed-length, resampled-on-exhaustion, shuffled stream of training batches for one rank."""
 
-    def __init__(self, shards, batches_per_worker, batch_size, recipe, rank, world, seed, epoch, buffer=1000):
+    def __init__(self, shards, batches_per_worker, batch_size, recipe, rank, world, seed, epoch, buffer=1000,
+                 num_classes=None, skipped=None):
         self.shards, self.batches_per_worker, self.batch_size, self.recipe = shards, batches_per_worker, batch_size, recipe
-        self.rank, self.world, self.seed, self.epoch, self.buffer = rank, world, seed, epoch, buffer
+        self.rank, self.world, self.seed, self.buffer = rank, world, seed, buffer
+        self.epoch_box = epoch  # a shared Value: persistent workers read the current epoch at each __iter__
+        self.num_classes, self.skipped = num_classes, skipped
+
+    @property
+    def epoch(self) -> int:
+        return self.epoch_box.value
 
     def _urls(self, worker: int, num_workers: int) -> Iterator[str]:
         order = list(self.shards)
@@ -142,21 +220,23 @@ class TrainStream(IterableDataset):
         worker, num_workers = _worker()
         rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
         samples = wds.shuffle(self.buffer, self.buffer // 4, rng=rng)(
-            wds.tarfile_samples({"url": u} for u in self._urls(worker, num_workers)))
-        yield from _batches(map(decode, samples), self.batch_size, self.recipe,
+            wds.tarfile_samples(({"url": u} for u in self._urls(worker, num_workers)),
+                                handler=_skip_broken_tar(self.skipped)))
+        yield from _batches(read_tolerant(samples, self.num_classes, self.skipped), self.batch_size, self.recipe,
                             _generator(self.seed, self.epoch, self.rank, worker, "augment"), self.batches_per_worker)
 
 
 class EvalStream(IterableDataset):
     """Each shard read by exactly one (rank, worker); every sample exactly once."""
 
-    def __init__(self, shards, batch_size, recipe, rank, world):
+    def __init__(self, shards, batch_size, recipe, rank, world, num_classes=None):
         self.shards, self.batch_size, self.recipe, self.rank, self.world = shards, batch_size, recipe, rank, world
+        self.num_classes = num_classes
 
     def __iter__(self):
         worker, num_workers = _worker()
         mine = self.shards[self.rank::self.world][worker::num_workers]
-        yield from _batches(read_split(mine), self.batch_size, self.recipe, None)
+        yield from _batches(read_split(mine, self.num_classes), self.batch_size, self.recipe, None)
 
 
 class _MemoryEpoch:
@@ -176,12 +256,37 @@ class _MemoryEpoch:
                    [self.keys[i] for i in idx.tolist()])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")  # a zombie has died
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: signal 0 only asks whether the process exists
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def _exit_with(trainer: int, worker_id: int) -> None:
+    """worker_init_fn: end this loader process once the training process is gone (killed, crashed).
+    A forkserver's children cannot see that themselves: their parent is the forkserver, which in turn
+    lives as long as any of them holds its liveness pipe."""
+    def watch():
+        while _alive(trainer):
+            time.sleep(1.0)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="rlrr-trainer-watch").start()
+
+
 @functools.cache
 def worker_context():
     """Loader workers come from a forkserver: forked from a clean single-threaded process that has
     imported this module once, never from the training process, whose other threads (TensorBoard's
     writer, tqdm's monitor, queue feeders) may hold a lock at the moment of a fork and leave the
-    child deadlocked. A run forks workers for every epoch and evaluation."""
+    child deadlocked. Workers are persistent: each split's start once per run."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     return ctx
@@ -195,6 +300,10 @@ class SplitLoader:
                  rank: int = 0, world: int = 1, workers: int = 2, seed: int = 0, in_memory: bool = False,
                  shuffle_buffer: int = 1000):
         self.split = manifest.split(split)
+        self.num_classes = manifest.num_classes
+        self._stream_loader = None
+        # training samples skipped as unreadable, counted across this rank's loader processes
+        self.skipped = worker_context().Value("i", 0) if train else None
         self.train, self.batch_size, self.recipe = train, batch_size, recipe
         self.rank, self.world, self.workers, self.seed, self.shuffle_buffer = rank, world, workers, seed, shuffle_buffer
         self.in_memory = in_memory
@@ -209,13 +318,20 @@ class SplitLoader:
             self._load()
 
     def _load(self):
+        if self.train:
+            raw = wds.tarfile_samples(({"url": u} for u in self.split.shards), handler=_skip_broken_tar(self.skipped))
+            items = read_tolerant(raw, self.num_classes, self.skipped)
+        else:
+            items = read_split(self.split.shards, self.num_classes)
         images, labels, keys = [], [], []
-        for image, label, key in read_split(self.split.shards):
+        for image, label, key in items:
             images.append(self.recipe.resize(image))
             labels.append(label)
             keys.append(key)
-        if len(images) != self.split.num_samples:
-            raise ValueError(f"split {self.split.name}: read {len(images)} samples, manifest says {self.split.num_samples}")
+        if not images:
+            raise DataError(f"split {self.split.name}: no readable sample in {len(self.split.shards)} shard(s)")
+        if not self.train and len(images) != self.split.num_samples:
+            raise DataError(f"split {self.split.name}: read {len(images)} samples, manifest says {self.split.num_samples}")
         self.images, self.labels, self.keys = torch.stack(images), torch.tensor(labels), keys
 
     def __len__(self):
@@ -225,21 +341,35 @@ class SplitLoader:
             return math.ceil(len(range(self.rank, self.split.num_samples, self.world)) / self.batch_size)
         raise TypeError("a streaming eval loader has no fixed length per rank")
 
+    def take_skipped(self) -> int:
+        """Training samples skipped as unreadable since the last call."""
+        with self.skipped.get_lock():
+            n, self.skipped.value = self.skipped.value, 0
+        return n
+
     def epoch(self, epoch: int):
         if self.in_memory:
             if self.train:
                 # one permutation for all ranks; rank r takes every world-th index, wrapped to equal length
-                order = torch.randperm(self.split.num_samples, generator=_generator(self.seed, epoch))
+                order = torch.randperm(len(self.labels), generator=_generator(self.seed, epoch))
                 need = self.num_batches * self.batch_size * self.world
                 indices = order.repeat(math.ceil(need / len(order)))[:need][self.rank::self.world]
                 gen = _generator(self.seed, epoch, self.rank, "augment")
             else:
                 indices, gen = torch.arange(self.rank, self.split.num_samples, self.world), None
             return _MemoryEpoch(self.images, self.labels, self.keys, indices, self.batch_size, self.recipe, gen)
+        if self._stream_loader is None:  # made once: its worker processes start once per run, not per epoch
+            if self.train:
+                stream = TrainStream(self.split.shards, self.per_worker, self.batch_size, self.recipe, self.rank,
+                                     self.world, self.seed, worker_context().Value("q", 0), self.shuffle_buffer,
+                                     self.num_classes, self.skipped)
+            else:
+                stream = EvalStream(self.split.shards, self.batch_size, self.recipe, self.rank, self.world,
+                                    self.num_classes)
+            self._stream_loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
+                                             persistent_workers=self.workers > 0,
+                                             worker_init_fn=functools.partial(_exit_with, os.getpid()),
+                                             multiprocessing_context=worker_context() if self.workers else None)
         if self.train:
-            stream = TrainStream(self.split.shards, self.per_worker, self.batch_size, self.recipe, self.rank,
-                                 self.world, self.seed, epoch, self.shuffle_buffer)
-        else:
-            stream = EvalStream(self.split.shards, self.batch_size, self.recipe, self.rank, self.world)
-        return DataLoader(stream, batch_size=None, num_workers=self.workers,
-                          multiprocessing_context=worker_context() if self.workers else None)
+            self._stream_loader.dataset.epoch_box.value = epoch  # read by the workers when the epoch starts
+        return self._stream_loader

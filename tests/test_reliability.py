@@ -201,6 +201,7 @@ def _rewrite_member(shard: Path, suffix: str, change) -> str:
     return target.rsplit(".", 1)[0]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("in_memory", [False, True])
 def test_an_undecodable_training_image_is_skipped_and_counted(tiny_shards, tmp_path, in_memory):
     shards = _copy_task(tiny_shards, tmp_path)
@@ -215,6 +216,7 @@ def test_an_undecodable_training_image_is_skipped_and_counted(tiny_shards, tmp_p
     assert f"skipped an unreadable training sample: {shard} key {key}" in res.stderr
 
 
+@pytest.mark.integration
 def test_a_truncated_training_shard_is_skipped_and_counted(tiny_shards, tmp_path):
     shards = _copy_task(tiny_shards, tmp_path)
     shard = sorted((shards / "train800").glob("*.tar"))[0]

@@ -369,6 +369,10 @@ class SplitLoader:
             self._stream_loader = DataLoader(stream, batch_size=None, num_workers=self.workers,
                                              persistent_workers=self.workers > 0,
                                              worker_init_fn=functools.partial(_exit_with, os.getpid()),
+                                             # its own seed stream: drawing from the global one would shift
+                                             # the model's dropout on every epoch and evaluation, so that a
+                                             # resumed run (fewer loaders made) would train differently
+                                             generator=_generator(self.seed, self.rank, self.split.name, "loader"),
                                              multiprocessing_context=worker_context() if self.workers else None)
         if self.train:
             self._stream_loader.dataset.epoch_box.value = epoch  # read by the workers when the epoch starts

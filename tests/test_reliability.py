@@ -295,3 +295,25 @@ def test_two_hundred_evaluations_with_streaming_loaders_and_workers_do_not_hang(
     assert res.returncode == 0, res.stderr[-3000:]
     history = json.loads((tmp_path / "runs" / "stress" / "results.json").read_text())["history"]
     assert len(history) == 100 and all("val_acc1" in r and "test_acc1" in r for r in history)  # 200 evaluations
+
+
+@pytest.mark.integration
+def test_a_damaged_deepspeed_tag_falls_back_to_the_previous_one(tiny_shards, tmp_path):
+    cfg = write_config(tmp_path / "ds.yaml", tiny_shards, tmp_path / "runs",
+                       train={"engine": "deepspeed", "zero_stage": 2, "save_every_steps": 3})
+    res = _torchrun(cfg, "straight")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd_stop = ["--set", "run_name=damaged", "train.max_steps=7"]
+    res = subprocess.run(train_cmd("--config", cfg, *cmd_stop, nproc=2), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "damaged" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step7"
+    # step 6 was saved twice (a step save and the epoch end): a new tag, never the old one overwritten
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step6.1", "step7"]
+    for f in (ckpt / "step7").glob("*optim_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])  # a crash (or a full disk) after the tag was marked complete
+    res = subprocess.run(train_cmd("--config", cfg, "--set", "run_name=damaged", "--resume", "latest", nproc=2),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipped unreadable checkpoint(s) step7" in res.stdout and "at epoch 1 step 6 (step6.1)" in res.stdout
+    _assert_same_adapter(_adapter(tmp_path / "runs" / "damaged"), _adapter(tmp_path / "runs" / "straight"))

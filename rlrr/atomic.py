@@ -9,8 +9,6 @@ import os
 import tempfile
 from typing import Callable
 
-import torch
-
 
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -47,7 +45,3 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))
-
-
-def torch_save_atomic(obj: dict, path: str) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -1,10 +1,10 @@
 """The two ways to run a training step: DDP (plain torch) and DeepSpeed ZeRO 0-3.
 
 Both expose the same small interface to the loop in train.py: ``backward``, ``step``, ``forward``
-(eval), ``trainable_fp32`` (full fp32 adapter tensors on every rank), ``save`` / ``load`` of the
-resumable state (frozen weights are never written), ``checkpoints`` (the saved states, newest first:
-the newest and the one before it are kept, so an unreadable newest one has a fallback) and
-``optimizer`` (for the LR schedule).
+(eval), ``trainable_fp32`` (full fp32 adapter tensors on every rank), ``trainable_finite``,
+``save`` / ``load`` of the resumable state (frozen weights are never written), ``checkpoints`` (the
+saved states, newest first: the newest and the one before it are kept, so an unreadable newest one
+has a fallback) and ``optimizer`` (for the LR schedule).
 """
 import contextlib
 import json
@@ -79,6 +79,9 @@ class DDPEngine:
 
     def trainable_fp32(self) -> dict:
         return {n: p.detach().float().cpu() for n, p in trainable_parameters(self.model)}
+
+    def trainable_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for _, p in trainable_parameters(self.model))  # in place, no copy
 
     @classmethod
     def checkpoints(cls, directory: str) -> list[str]:
@@ -160,6 +163,10 @@ class DeepSpeedEngine:
     def trainable_fp32(self) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param
         return {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in trainable_parameters(self.model)}
+
+    def trainable_finite(self) -> bool:
+        # the fp32 master copies (ZeRO-3: gathered, every rank takes part)
+        return all(torch.isfinite(t).all() for t in self.trainable_fp32().values())
 
     @staticmethod
     def _tags(directory: str) -> list[str]:

@@ -478,7 +478,7 @@ RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "tra
 
 def save_checkpoint(run: Run) -> None:
     """Save the resumable state; never one with non-finite weights (the previous one stays)."""
-    if not all(torch.isfinite(t).all() for t in run.engine.trainable_fp32().values()):
+    if not run.engine.trainable_finite():
         raise RunStopped(f"non-finite trainable weights at step {run.state.global_step}; not saved, the last "
                          "checkpoint holds the last finite state")
     rng = [checkpoint.rng_state()]

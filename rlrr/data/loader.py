@@ -30,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import MANIFEST_FORMAT
+from .shards import MANIFEST_FORMAT, sha256_file
 from .transforms import Recipe
 
 IMAGE_KEYS = ("jpg", "png")
@@ -78,7 +78,6 @@ class Manifest:
     def verify(self, splits: list[str], max_bytes: Optional[int] = None) -> int:
         """Check the sha256 of every shard of ``splits`` against the manifest; returns the bytes read,
         0 if they add up to more than ``max_bytes``. A mismatch is a ManifestError naming the shard."""
-        import hashlib
         shards = {x["path"]: x for name in splits for x in self.data["splits"][name]["shards"]}
         paths = {rel: self._inside(rel) for rel in shards}
         total = sum(os.path.getsize(p) for p in paths.values() if os.path.exists(p))
@@ -88,12 +87,9 @@ class Manifest:
             expected = shards[rel].get("sha256")
             if not os.path.isfile(path):
                 raise ManifestError(f"{path}: shard missing")
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if expected and h.hexdigest() != expected:
-                raise ManifestError(f"{path}: sha256 {h.hexdigest()[:12]}... does not match the manifest's "
+            digest = sha256_file(path)
+            if expected and digest != expected:
+                raise ManifestError(f"{path}: sha256 {digest[:12]}... does not match the manifest's "
                                     f"{expected[:12]}...: the shard is damaged; copy or make it again")
         return total
 
@@ -144,19 +140,22 @@ def read_tolerant(samples, num_classes: Optional[int], skipped) -> Iterator[tupl
         try:
             item = decode(sample)
         except Exception as e:
-            with skipped.get_lock():
-                skipped.value += 1
-            print(f"rlrr: skipped an unreadable training sample: {sample.get('__url__')} key {sample.get('__key__')} "
-                  f"({type(e).__name__}: {str(e)[:200]})", file=sys.stderr, flush=True)
+            _skip(skipped, f"an unreadable training sample: {sample.get('__url__')} key {sample.get('__key__')} "
+                           f"({type(e).__name__}: {str(e)[:200]})")
             continue
         yield checked(item, num_classes, sample.get("__url__"))
 
 
+def _skip(skipped, what: str) -> None:
+    """Count a skip in the shared value (loader processes and this one) and say what was skipped."""
+    with skipped.get_lock():
+        skipped.value += 1
+    print(f"rlrr: skipped {what}", file=sys.stderr, flush=True)
+
+
 def _skip_broken_tar(skipped):
     def handler(exn: Exception) -> bool:
-        with skipped.get_lock():
-            skipped.value += 1
-        print(f"rlrr: skipped the rest of an unreadable training shard: {exn}", file=sys.stderr, flush=True)
+        _skip(skipped, f"the rest of an unreadable training shard: {exn}")
         return True
     return handler
 

@@ -60,7 +60,7 @@ def _encode(job: tuple) -> tuple[Optional[bytes], str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -158,7 +158,7 @@ def _write_split(pool, root, split, items, image_size, resize, fmt, shard_size, 
     if writer is not None:
         writer.close()
     for s in shards:
-        s["sha256"] = _sha256(os.path.join(root, s["path"]))
+        s["sha256"] = sha256_file(os.path.join(root, s["path"]))
     return {"num_samples": count, "shards": shards}
 
 

@@ -2,9 +2,9 @@
 
 Both expose the same small interface to the loop in train.py: ``backward``, ``step``, ``forward``
 (eval), ``trainable_fp32`` (full fp32 adapter tensors on every rank), ``trainable_finite``,
-``save`` / ``load`` of the resumable state (frozen weights are never written), ``checkpoints`` (the
-saved states, newest first: the newest and the one before it are kept, so an unreadable newest one
-has a fallback) and ``optimizer`` (for the LR schedule).
+``optimizer_updates``, ``save`` / ``load`` of the resumable state (frozen weights are never
+written), ``checkpoints`` (the saved states, newest first: the newest and the one before it are
+kept, so an unreadable newest one has a fallback) and ``optimizer`` (for the LR schedule).
 """
 import contextlib
 import json
@@ -26,6 +26,15 @@ from .distributed import DistInfo, barrier, broadcast_object
 from .optim import build_optimizer, param_groups
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
+
+
+def optimizer_updates(optimizer) -> int:
+    """How many updates the (innermost, torch) optimizer applied: Adam's own per-parameter step count,
+    which checkpoints carry. Independent of the loop's counters, so a mismatch shows a miscount."""
+    while getattr(optimizer, "optimizer", optimizer) is not optimizer:  # DeepSpeed's ZeRO wrappers
+        optimizer = optimizer.optimizer
+    steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
+    return max(steps, default=0)
 
 
 class DDPEngine:
@@ -82,6 +91,9 @@ class DDPEngine:
 
     def trainable_finite(self) -> bool:
         return all(torch.isfinite(p).all() for _, p in trainable_parameters(self.model))  # in place, no copy
+
+    def optimizer_updates(self) -> int:
+        return optimizer_updates(self.optimizer)
 
     @classmethod
     def checkpoints(cls, directory: str) -> list[str]:
@@ -141,6 +153,10 @@ class DeepSpeedEngine:
         return self.engine(images.to(self.dtype) if self.dtype else images).float()
 
     def backward(self, images, labels, last_micro: bool, loss_ok=None) -> tuple[torch.Tensor, bool]:
+        # The loop calls step() once per accumulation window, and an epoch's last window may be short:
+        # tell DeepSpeed where the window ends instead of letting it count micro-batches itself
+        # (its count would put an update every grad_accum**2 micro-batches and drift at epoch ends).
+        self.engine.set_gradient_accumulation_boundary(last_micro)
         loss = nn.functional.cross_entropy(self.forward(images), labels)
         if loss_ok is not None and not loss_ok(loss.detach()):
             return loss.detach(), False
@@ -162,11 +178,17 @@ class DeepSpeedEngine:
 
     def trainable_fp32(self) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param
-        return {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in trainable_parameters(self.model)}
+        def full(p):
+            master = safe_get_full_fp32_param(p)
+            return p if master is None else master  # None: ZeRO-0 in fp32 keeps no separate master copy
+        return {n: full(p).detach().float().cpu() for n, p in trainable_parameters(self.model)}
 
     def trainable_finite(self) -> bool:
         # the fp32 master copies (ZeRO-3: gathered, every rank takes part)
         return all(torch.isfinite(t).all() for t in self.trainable_fp32().values())
+
+    def optimizer_updates(self) -> int:
+        return optimizer_updates(self.engine.optimizer)
 
     @staticmethod
     def _tags(directory: str) -> list[str]:

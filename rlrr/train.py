@@ -547,7 +547,8 @@ def summarize(run: Run) -> dict:
         "test_acc1_best_over_epochs": max(r["test_acc1"] for r in evaluated) if evaluated else None,
         "note": "test_acc1_best_over_epochs selects the epoch on the test set (the reference protocol); "
                 "report test_acc1_final, or test_acc1_at_best_val when a validation split is used",
-        "epochs": st.epoch, "steps": st.global_step, "wall_time_s": round(st.train_time, 1),
+        "epochs": st.epoch, "steps": st.global_step, "optimizer_updates": run.engine.optimizer_updates(),
+        "wall_time_s": round(st.train_time, 1),
         "img_per_s": round(st.images / max(st.train_time, 1e-9), 1),
         "nonfinite_skipped": st.nonfinite_skipped,
         "train_samples_skipped": int(skipped),

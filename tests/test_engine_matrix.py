@@ -1,0 +1,113 @@
+"""Every engine path trains the same model: the engine equivalence matrix, through launch/train.py.
+
+Reference: one process, DDP engine, grad_accum 1. Every cell (2 processes: DDP, DeepSpeed ZeRO 0-3)
+uses the same global batch, fp32 and the same data order (in memory, no flip, no drop-path), so its
+adapter must equal the reference's up to fp32 rounding. The factors are engine (5), grad_accum (1, 2),
+clip_grad (off, on) and model.grad_checkpointing (off, on); the ten cells below hold every value of
+every factor and every pair of values of every two factors (a covering array of strength 2: the full
+product would be 40 runs).
+
+Tolerance: |cell - reference| <= 1e-4 on every adapter entry after 6 AdamW steps at lr 1e-2 (the
+entries move by up to ~6e-2; rounding differences between reduction orders stay below 3e-5). One
+exception: the key third of each qkv bias shift. Softmax ignores a constant added to every key, so
+that bias has an exactly zero gradient; Adam divides rounding noise by its own size and moves those
+entries by up to lr per step in a direction set by the noise. They are left out of the comparison.
+"""
+import json
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import train_cmd, write_config
+
+pytestmark = pytest.mark.integration
+
+ATOL = 1e-4
+CLIP = 0.05  # below the tiny model's gradient norms, so clipping changes every step
+#       name         engine     stage accum clip  checkpointing
+CELLS = [("ddp-a1",  "ddp",       None, 1, False, False),
+         ("ddp-a2",  "ddp",       None, 2, True,  True),
+         ("z0-a1",   "deepspeed", 0,    1, True,  False),
+         ("z0-a2",   "deepspeed", 0,    2, False, True),
+         ("z1-a1",   "deepspeed", 1,    1, False, True),
+         ("z1-a2",   "deepspeed", 1,    2, True,  False),
+         ("z2-a1",   "deepspeed", 2,    1, True,  True),
+         ("z2-a2",   "deepspeed", 2,    2, False, False),
+         ("z3-a1",   "deepspeed", 3,    1, False, False),
+         ("z3-a2",   "deepspeed", 3,    2, True,  True)]
+
+
+def test_the_cells_cover_every_pair_of_factor_values():
+    factors = [[c[1] + str(c[2]) for c in CELLS], [c[3] for c in CELLS], [c[4] for c in CELLS], [c[5] for c in CELLS]]
+    for i in range(len(factors)):
+        for j in range(i + 1, len(factors)):
+            pairs = set(zip(factors[i], factors[j]))
+            assert len(pairs) == len(set(factors[i])) * len(set(factors[j])), (i, j)
+
+
+@pytest.fixture(scope="module")
+def matrix(tiny_shards, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("matrix")
+    cfg = write_config(tmp / "m.yaml", tiny_shards, tmp / "runs", model={"drop_path": 0.0},
+                       data={"flip": False, "in_memory": True},
+                       train={"epochs": 1, "warmup_epochs": 0, "lr": 0.01, "eval_every": 100})
+
+    def run(name, *overrides, nproc=None):
+        res = subprocess.run(train_cmd("--config", cfg, "--set", f"run_name={name}", *overrides, nproc=nproc),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
+        run_dir = tmp / "runs" / name
+        return load_file(str(run_dir / "adapter.safetensors")), json.loads((run_dir / "results.json").read_text())
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def references(matrix):
+    return {clip: matrix(f"ref-clip{clip}", *([f"train.clip_grad={CLIP}"] if clip else [])) for clip in (False, True)}
+
+
+def comparable(adapter: dict) -> dict:
+    out = {}
+    for name, t in adapter.items():
+        if name.endswith("attn.qkv.bias_shift"):  # drop the key third (see the module docstring)
+            third = t.shape[0] // 3
+            t = torch.cat([t[:third], t[2 * third:]])
+        out[name] = t
+    return out
+
+
+def test_clipping_is_active_in_the_reference(references):
+    plain, clipped = comparable(references[False][0]), comparable(references[True][0])
+    assert max((plain[k] - clipped[k]).abs().max().item() for k in plain) > 100 * ATOL
+
+
+@pytest.mark.parametrize("name,engine,stage,accum,clip,ckpt", CELLS, ids=[c[0] for c in CELLS])
+def test_every_engine_cell_trains_the_reference_model(matrix, references, name, engine, stage, accum, clip, ckpt):
+    overrides = [f"train.engine={engine}", f"train.grad_accum={accum}", f"model.grad_checkpointing={ckpt}"]
+    overrides += [f"train.zero_stage={stage}"] if stage is not None else []
+    overrides += [f"train.clip_grad={CLIP}"] if clip else []
+    adapter, results = matrix(name, *overrides, nproc=2)
+    ref_adapter, ref_results = references[clip]
+    assert results["world_size"] == 2
+    # 24 samples, global batch 4: 6 optimizer steps, counted by the loop and by Adam itself
+    assert results["steps"] == ref_results["steps"] == 6
+    assert results["optimizer_updates"] == ref_results["optimizer_updates"] == 6
+    got, want = comparable(adapter), comparable(ref_adapter)
+    assert got.keys() == want.keys()
+    worst = max(((got[k] - want[k]).abs().max().item(), k) for k in want)
+    assert worst[0] <= ATOL, f"{name}: {worst[1]} differs by {worst[0]:.2e} from the one-process DDP reference"
+
+
+def test_a_short_last_window_is_one_update_under_both_engines(matrix):
+    """24 samples, global batch 10 = 2 ranks x 1 x grad_accum 5: 12 micro-batches per rank, so the
+    epoch ends with a window of 2; DeepSpeed must close it where the loop does."""
+    overrides = ["train.batch_size=10", "train.grad_accum=5"]
+    ddp, ddp_results = matrix("short-ddp", *overrides, nproc=2)
+    ds, ds_results = matrix("short-z2", *overrides, "train.engine=deepspeed", "train.zero_stage=2", nproc=2)
+    assert ddp_results["steps"] == ds_results["steps"] == 3
+    assert ddp_results["optimizer_updates"] == ds_results["optimizer_updates"] == 3
+    got, want = comparable(ds), comparable(ddp)
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= ATOL

@@ -82,9 +82,11 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return norm, applied and math.isfinite(norm)
 
-    def discard(self) -> None:
-        """Drop the gradients accumulated in this window (a micro-batch of it was not finite)."""
+    def discard(self) -> bool:
+        """Drop the gradients accumulated in this window (a micro-batch of it was not finite); True:
+        none of them is left."""
         self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def trainable_fp32(self) -> dict:
         return {n: p.detach().float().cpu() for n, p in trainable_parameters(self.model)}
@@ -145,6 +147,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
         self.model = model
         self.stage = self.engine.zero_optimization_stage()
+        self.backwards_in_window = 0
         if t.compile:
             self.engine.compile()
 
@@ -161,6 +164,7 @@ class DeepSpeedEngine:
         if loss_ok is not None and not loss_ok(loss.detach()):
             return loss.detach(), False
         self.engine.backward(loss)
+        self.backwards_in_window += 1
         return loss.detach(), True
 
     def step(self) -> tuple[float, bool]:
@@ -168,13 +172,20 @@ class DeepSpeedEngine:
         gradient norm is not finite and report it as inf; the norm is None when DeepSpeed did not
         compute one."""
         self.engine.step()
+        self.backwards_in_window = 0
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             return float("nan"), True
         return float(norm), math.isfinite(float(norm))
 
-    def discard(self) -> None:
+    def discard(self) -> bool:
+        # ZeRO 0, 1 and 3 drop what the window accumulated with zero_grad; ZeRO-2 keeps it in its own
+        # partition buffers and would add it to the next window's update
+        self.engine.optimizer.zero_grad()
         self.engine.zero_grad()
+        left = self.stage == 2 and self.backwards_in_window > 0
+        self.backwards_in_window = 0
+        return not left
 
     def trainable_fp32(self) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param

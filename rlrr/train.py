@@ -361,7 +361,10 @@ def optimizer_step(run: Run, window_finite: bool) -> float:
     if window_finite:
         grad_norm, applied = run.engine.step()
     else:
-        run.engine.discard()
+        if not run.engine.discard():
+            raise RunStopped(f"non-finite loss at step {st.global_step + 1} inside an accumulation window: "
+                             "DeepSpeed ZeRO-2 cannot drop the gradients the window already accumulated; the "
+                             "last checkpoint holds the last finite state (ZeRO-1/3 or grad_accum 1 drop the window)")
         grad_norm, applied = float("nan"), False
     st.global_step += 1  # a dropped step still uses up its batches: the replay position stays exact
     st.step_in_epoch += 1

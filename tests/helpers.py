@@ -84,6 +84,19 @@ def train_cmd(*args, nproc=None) -> list[str]:
     return launcher + [str(ROOT / "launch" / "train.py"), *map(str, args)]
 
 
+def comparable_adapter(adapter: dict) -> dict:
+    """The adapter without the key third of each qkv bias shift: softmax ignores a constant added to
+    every key, so that bias has an exactly zero gradient, and Adam turns rounding noise into lr-sized
+    steps there. Runs that differ only in reduction order are compared on the rest."""
+    out = {}
+    for name, t in adapter.items():
+        if name.endswith("attn.qkv.bias_shift"):
+            third = t.shape[0] // 3
+            t = torch.cat([t[:third], t[2 * third:]])
+        out[name] = t
+    return out
+
+
 @torch.no_grad()
 def randomize_trainable(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
     """Move every trainable tensor away from its initial value (zero head and shifts included)."""

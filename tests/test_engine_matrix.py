@@ -17,9 +17,9 @@ import json
 import subprocess
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
+from helpers import comparable_adapter as comparable
 from helpers import train_cmd, write_config
 
 pytestmark = pytest.mark.integration
@@ -67,16 +67,6 @@ def matrix(tiny_shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def references(matrix):
     return {clip: matrix(f"ref-clip{clip}", *([f"train.clip_grad={CLIP}"] if clip else [])) for clip in (False, True)}
-
-
-def comparable(adapter: dict) -> dict:
-    out = {}
-    for name, t in adapter.items():
-        if name.endswith("attn.qkv.bias_shift"):  # drop the key third (see the module docstring)
-            third = t.shape[0] // 3
-            t = torch.cat([t[:third], t[2 * third:]])
-        out[name] = t
-    return out
 
 
 def test_clipping_is_active_in_the_reference(references):

@@ -108,7 +108,7 @@ class TrainConfig:
     frozen_dtype: FrozenDtype = "fp32"  # how frozen linear weights are stored (bf16 needs precision bf16)
     engine: EngineName = "ddp"
     zero_stage: ZeroStage = 2
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON; batch, clipping and precision are filled in from here
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON's tuning knobs; it may not contradict this config
     seed: Count = 42
     eval_every: PositiveInt = 1  # epochs
     save_every_epochs: PositiveInt = 1

@@ -73,6 +73,15 @@ def broadcast_object(info: DistInfo, obj):
     return box[0]
 
 
+def gather_object(info: DistInfo, obj) -> list:
+    """Every rank's value, in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -2,9 +2,10 @@
 
 Both expose the same small interface to the loop in train.py: ``backward``, ``step``, ``forward``
 (eval), ``trainable_fp32`` (full fp32 adapter tensors on every rank), ``trainable_finite``,
-``optimizer_updates``, ``save`` / ``load`` of the resumable state (frozen weights are never
-written), ``checkpoints`` (the saved states, newest first: the newest and the one before it are
-kept, so an unreadable newest one has a fallback) and ``optimizer`` (for the LR schedule).
+``optimizer_updates``, ``parameter_elements_held``, ``save`` / ``load`` of the resumable state
+(frozen weights are never written), ``checkpoints`` (the saved states, newest first: the newest and
+the one before it are kept, so an unreadable newest one has a fallback) and ``optimizer`` (for the
+LR schedule).
 """
 import contextlib
 import json
@@ -21,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint
 from .adapter import trainable_parameters
 from .atomic import write_text_atomic
-from .config import EngineName
+from .config import ConfigError, EngineName
 from .distributed import DistInfo, barrier, broadcast_object
 from .optim import build_optimizer, param_groups
 
@@ -97,6 +98,10 @@ class DDPEngine:
     def optimizer_updates(self) -> int:
         return optimizer_updates(self.optimizer)
 
+    def parameter_elements_held(self) -> int:
+        """Parameter elements (frozen ones included) this rank holds: all of them under DDP."""
+        return sum(p.numel() for p in self.model.parameters())
+
     @classmethod
     def checkpoints(cls, directory: str) -> list[str]:
         return [f for f in cls.FILES if os.path.isfile(os.path.join(directory, f))]
@@ -121,6 +126,48 @@ class DDPEngine:
         return saved
 
 
+def deepspeed_config(t, world: int) -> dict:
+    """The DeepSpeed config of a run: train.deepspeed_config's JSON (tuning knobs: buckets, overlap,
+    offload, ZeRO-3 thresholds) plus what the run config decides. A JSON may repeat a run-owned value
+    or say "auto"; a different value is a ConfigError naming both, never silently overridden."""
+    ds = {}
+    if t.deepspeed_config:
+        try:
+            with open(t.deepspeed_config) as f:
+                ds = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"train.deepspeed_config = {t.deepspeed_config!r}: not a readable JSON ({e})") from None
+        if not isinstance(ds, dict):
+            raise ConfigError(f"{t.deepspeed_config}: expected a JSON object")
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"{t.deepspeed_config}: remove \"{section}\": rlrr builds AdamW over the trainable "
+                              "parameters and its own schedule from train.lr, weight_decay, warmup_epochs, min_lr")
+    micro = t.batch_size // (world * t.grad_accum)
+    owned = {  # DeepSpeed key path: (run config key, value)
+        ("train_batch_size",): ("train.batch_size", t.batch_size),
+        ("train_micro_batch_size_per_gpu",): (f"train.batch_size / (world {world} x train.grad_accum)", micro),
+        ("gradient_accumulation_steps",): ("train.grad_accum", t.grad_accum),
+        ("gradient_clipping",): ("train.clip_grad", t.clip_grad or 0.0),
+        ("bf16", "enabled"): ("train.precision", t.precision == "bf16"),
+        ("fp16", "enabled"): ("train.precision", t.precision == "fp16"),
+        ("zero_optimization", "stage"): ("train.zero_stage", t.zero_stage),
+    }
+    for path, (key, value) in owned.items():
+        node = ds
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        given = node.get(path[-1], "auto")
+        if given != "auto" and given != value:
+            shown = t.precision if key == "train.precision" else value
+            raise ConfigError(f"{t.deepspeed_config}: {'.'.join(path)} = {json.dumps(given)} conflicts with {key} = "
+                              f"{shown}; make them agree or leave the key out of the JSON (the run config sets it)")
+        node[path[-1]] = value
+    ds["zero_allow_untested_optimizer"] = True  # torch's AdamW over the trainable parameters
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
 class DeepSpeedEngine:
     """ZeRO stage 0-3 over the trainable parameters only (frozen ones are partitioned under stage 3
     and never reach the optimizer or the checkpoints). Checkpoints are tags ``step<N>`` (``step<N>.<k>``
@@ -131,17 +178,7 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
         import deepspeed  # imported here: plain DDP runs never pay for it
         t = cfg.train
-        ds = {}
-        if t.deepspeed_config:
-            with open(t.deepspeed_config) as f:
-                ds = json.load(f)
-        # batch, accumulation, clipping and precision always come from the run config
-        ds.update({"train_batch_size": t.batch_size, "train_micro_batch_size_per_gpu": micro,
-                   "gradient_accumulation_steps": t.grad_accum, "gradient_clipping": t.clip_grad or 0.0,
-                   "bf16": {"enabled": t.precision == "bf16"}, "fp16": {"enabled": t.precision == "fp16"},
-                   "zero_allow_untested_optimizer": True})
-        ds.setdefault("zero_optimization", {"stage": t.zero_stage})
-        ds.setdefault("steps_per_print", 10 ** 9)
+        self.config = ds = deepspeed_config(t, info.world)
         self.info, self.dtype = info, AMP_DTYPES.get(t.precision)
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
@@ -200,6 +237,10 @@ class DeepSpeedEngine:
 
     def optimizer_updates(self) -> int:
         return optimizer_updates(self.engine.optimizer)
+
+    def parameter_elements_held(self) -> int:
+        # ZeRO-3 keeps each parameter's own partition in ds_tensor (the full one only while gathered)
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
 
     @staticmethod
     def _tags(directory: str) -> list[str]:

@@ -41,11 +41,12 @@ from .distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    gather_object,
     init_distributed,
     restart_attempt,
     world_from_env,
 )
-from .engine import ENGINES
+from .engine import ENGINES, deepspeed_config
 from .evaluate import evaluate
 from .model import build_model, store_frozen_weights_in
 from .optim import build_scheduler
@@ -230,6 +231,8 @@ def check_inputs(cfg: RunConfig) -> Manifest:
     for key, path in (("model.pretrained", m.pretrained), ("train.deepspeed_config", cfg.train.deepspeed_config)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"{key} = {path!r}: file not found")
+    if cfg.train.engine == "deepspeed":
+        deepspeed_config(cfg.train, world_from_env()[2])  # a JSON that contradicts the run config
     splits = [s for s in (cfg.data.train_split, cfg.data.test_split, cfg.data.val_split) if s]
     try:
         manifest = Manifest(cfg.data.shards)
@@ -296,6 +299,8 @@ def open_run_dir(run: Run, resumed: bool) -> None:
     if os.path.exists(preempted_marker(run)):
         os.remove(preempted_marker(run))
     save_config(cfg, os.path.join(run.dir, "config.yaml"))
+    if t.engine == "deepspeed":  # what DeepSpeed was given: the JSON's knobs and the run's values
+        write_json_atomic(os.path.join(run.dir, "deepspeed.json"), run.engine.config)
     run.writer = SummaryWriter(os.path.join(run.dir, "tensorboard"), purge_step=step if resumed else None)
     run.writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```", step)
     log.info(f"run {run.dir}: {cfg.model.name} ({cfg.model.method}), {run.n_trainable:,} trainable "
@@ -538,6 +543,7 @@ def check_config_unchanged(saved: Optional[dict], cfg: RunConfig, allow: bool) -
 def summarize(run: Run) -> dict:
     st, cfg = run.state, run.cfg
     skipped = all_reduce_sum(run.info, torch.tensor([st.samples_skipped], device=run.info.device)).item()
+    held = gather_object(run.info, run.engine.parameter_elements_held())  # ZeRO-3: about 1/world each
     evaluated = [r for r in st.history if "test_acc1" in r]
     with_val = [r for r in evaluated if "val_acc1" in r]
     best_val = max(with_val, key=lambda r: r["val_acc1"]) if with_val else None  # first epoch wins a tie
@@ -555,7 +561,8 @@ def summarize(run: Run) -> dict:
         "img_per_s": round(st.images / max(st.train_time, 1e-9), 1),
         "nonfinite_skipped": st.nonfinite_skipped,
         "train_samples_skipped": int(skipped),
-        "trainable_params": run.n_trainable, "world_size": run.info.world, "config_hash": cfg.digest(),
+        "trainable_params": run.n_trainable, "parameter_elements_per_rank": held,
+        "world_size": run.info.world, "config_hash": cfg.digest(),
         "model": cfg.model.name, "method": cfg.model.method, "history": st.history,
     }
 

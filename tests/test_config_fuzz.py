@@ -8,7 +8,7 @@ import pytest
 from rlrr.config import DataConfig, ModelConfig, Range, TrainConfig, choices
 from rlrr.train import cli
 
-from helpers import write_config
+from helpers import ROOT, write_config
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
@@ -87,3 +87,13 @@ def test_malformed_files_are_one_line_and_exit_2(text, expected, tmp_path, capsy
     assert cli(["--config", str(tmp_path / "fuzz.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+def test_a_deepspeed_json_contradicting_the_run_config_is_one_line_and_exit_2(tiny_shards, tmp_path, capsys):
+    cfg = write_config(tmp_path / "ds.yaml", tiny_shards, tmp_path / "runs")
+    path = ROOT / "configs" / "deepspeed" / "zero3_bf16.json"
+    assert cli(["--config", cfg, "--set", "train.engine=deepspeed", f"train.deepspeed_config={path}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"train: error: {path}: bf16.enabled = true conflicts with train.precision = fp32; make them "
+                   "agree or leave the key out of the JSON (the run config sets it)\n")
+    assert not (tmp_path / "runs").exists()

@@ -1,10 +1,16 @@
-"""rlrr/engine.py, in process: the DDP engine's accumulation and its checkpoint round trip."""
+"""rlrr/engine.py, in process: the DDP engine's accumulation and its checkpoint round trip; the DeepSpeed
+config resolution."""
+import json
+
+import pytest
 import torch
 
-from rlrr.config import load_config
+from rlrr.config import ConfigError, load_config
 from rlrr.distributed import DistInfo
-from rlrr.engine import ENGINES, DDPEngine
+from rlrr.engine import ENGINES, DDPEngine, deepspeed_config
 from rlrr.model import build_model
+
+from helpers import ROOT
 
 
 def _engine(tmp_cfg, accum=1):
@@ -64,3 +70,61 @@ def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
     other.load(str(tmp_path), "last.pt")
     assert all(torch.equal(trained[n], t) for n, t in other.trainable_fp32().items())
     assert other.optimizer.state_dict()["state"].keys() == engine.optimizer.state_dict()["state"].keys()
+
+
+def _train(*overrides):
+    return load_config(None, ["data.shards=x", "train.engine=deepspeed", *overrides]).train
+
+
+def test_the_run_config_fills_in_what_a_deepspeed_json_leaves_out_or_marks_auto(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"train_batch_size": "auto", "bf16": {"enabled": "auto"},
+                                                  "zero_optimization": {"overlap_comm": False}}))
+    ds = deepspeed_config(_train(f"train.deepspeed_config={tmp_path / 'ds.json'}", "train.batch_size=32",
+                                 "train.grad_accum=2", "train.clip_grad=1.5", "train.zero_stage=3",
+                                 "train.precision=bf16"), world=4)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.5
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    assert ds["zero_optimization"] == {"overlap_comm": False, "stage": 3}  # the JSON's own knobs stay
+
+
+@pytest.mark.parametrize("name,stage", [("zero1_bf16", 1), ("zero2_bf16", 2), ("zero3_bf16", 3)])
+def test_each_shipped_deepspeed_json_agrees_with_its_run_config_and_refuses_another(name, stage):
+    path = ROOT / "configs" / "deepspeed" / f"{name}.json"
+    ds = deepspeed_config(_train(f"train.deepspeed_config={path}", f"train.zero_stage={stage}",
+                                 "train.precision=bf16"), world=2)
+    assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"]
+    with pytest.raises(ConfigError) as e:
+        deepspeed_config(_train(f"train.deepspeed_config={path}", f"train.zero_stage={stage}"), world=2)
+    assert str(e.value) == (f"{path}: bf16.enabled = true conflicts with train.precision = fp32; make them agree "
+                            "or leave the key out of the JSON (the run config sets it)")
+    other = 3 if stage != 3 else 2
+    with pytest.raises(ConfigError, match=f"zero_optimization.stage = {stage} conflicts with train.zero_stage = "
+                                          f"{other};"):
+        deepspeed_config(_train(f"train.deepspeed_config={path}", f"train.zero_stage={other}",
+                                "train.precision=bf16"), world=2)
+
+
+@pytest.mark.parametrize("content,expected", [
+    ({"train_batch_size": 64}, "train_batch_size = 64 conflicts with train.batch_size = 32"),
+    ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu = 2 conflicts with train.batch_size / "
+                                            "(world 4 x train.grad_accum) = 8"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps = 4 conflicts with train.grad_accum = 1"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping = 1.0 conflicts with train.clip_grad = 0.0"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled = true conflicts with train.precision = fp32"),
+    ({"optimizer": {"type": "Adam"}}, "remove \"optimizer\": rlrr builds AdamW"),
+    ({"scheduler": {"type": "WarmupLR"}}, "remove \"scheduler\""),
+    ([1, 2], "expected a JSON object"),
+])
+def test_a_deepspeed_json_that_contradicts_the_run_config_is_one_clear_error(content, expected, tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps(content))
+    with pytest.raises(ConfigError) as e:
+        deepspeed_config(_train(f"train.deepspeed_config={tmp_path / 'ds.json'}", "train.batch_size=32"), world=4)
+    assert str(e.value).startswith(f"{tmp_path / 'ds.json'}: ") and expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_deepspeed_json_that_is_not_json_is_one_clear_error(tmp_path):
+    (tmp_path / "ds.json").write_text("{stage: 2")
+    with pytest.raises(ConfigError, match=r"train.deepspeed_config = '.*ds.json': not a readable JSON"):
+        deepspeed_config(_train(f"train.deepspeed_config={tmp_path / 'ds.json'}"), world=1)

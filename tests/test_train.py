@@ -141,8 +141,9 @@ def _adapter(run: Path) -> dict:
 
 
 @integration
-def test_deepspeed_zero2_resume_is_exact_and_zero3_bf16_runs(shards, tmp_path):
-    """2 processes each: ZeRO-2 straight vs stopped + resumed (identical adapters); ZeRO-3 bf16 end to end."""
+def test_deepspeed_zero2_resume_is_exact(shards, tmp_path):
+    """2 processes each: ZeRO-2 straight vs stopped + resumed (identical adapters). ZeRO-3 and the
+    shipped JSONs (bf16): tests/test_scale.py."""
     cfg = write_config(tmp_path / "ds.yaml", shards, tmp_path / "runs", train={"engine": "deepspeed", "zero_stage": 2})
     runs = tmp_path / "runs"
     for args in (["--set", "run_name=straight"], ["--set", "run_name=halves", "train.max_steps=8"],
@@ -156,14 +157,6 @@ def test_deepspeed_zero2_resume_is_exact_and_zero3_bf16_runs(shards, tmp_path):
     states = torch.load(next((runs / "halves" / "checkpoints" / "step12").glob("*model_states.pt")),
                         map_location="cpu", weights_only=True)
     assert "blocks.0.attn.qkv.weight" not in states["module"] and "blocks.0.attn.qkv.scale_in" in states["module"]
-
-    res = subprocess.run(train_cmd("--config", cfg, "--set", "run_name=z3", "train.zero_stage=3",
-                                    "train.precision=bf16", nproc=2), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads((runs / "z3" / "results.json").read_text())
-    assert results["world_size"] == 2 and results["steps"] == 12 and 0 <= results["test_acc1_final"] <= 100
-    plain = timm.create_model("test_vit", num_classes=4, img_size=32)
-    plain.load_state_dict(load_file(str(runs / "z3" / "merged.safetensors")), strict=True)
 
 
 @integration

@@ -1,0 +1,72 @@
+"""DeepSpeed ZeRO-3 and the shipped DeepSpeed JSONs through launch/train.py under torchrun (2 processes)."""
+import json
+import subprocess
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from helpers import ROOT, comparable_adapter, train_cmd, write_config
+
+pytestmark = pytest.mark.integration
+
+
+def _run(cfg, name, *overrides, nproc=2):
+    res = subprocess.run(train_cmd("--config", cfg, "--set", f"run_name={name}", *overrides, nproc=nproc),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
+    return res
+
+
+def _merged_comparable(merged: dict) -> dict:
+    """merged.safetensors without the key third of each qkv bias (see helpers.comparable_adapter)."""
+    return comparable_adapter({k.replace("qkv.bias", "qkv.bias_shift"): v for k, v in merged.items()})
+
+
+def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shards, tmp_path):
+    cfg = write_config(tmp_path / "z3.yaml", tiny_shards, tmp_path / "runs", model={"drop_path": 0.0},
+                       data={"flip": False}, train={"engine": "deepspeed", "zero_stage": 3})
+    runs = tmp_path / "runs"
+    _run(cfg, "straight")
+    _run(cfg, "halves", "train.max_steps=7")
+    _run(cfg, "halves", "--resume", "latest")
+    _run(cfg, "ddp", "train.engine=ddp")
+
+    # resume: bit for bit the uninterrupted run
+    a, b = (load_file(str(runs / name / "adapter.safetensors")) for name in ("straight", "halves"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # partitioning: each rank holds about half of all parameter elements, the frozen ones included
+    z3 = json.loads((runs / "straight" / "results.json").read_text())
+    ddp = json.loads((runs / "ddp" / "results.json").read_text())
+    total = ddp["parameter_elements_per_rank"][0]
+    assert ddp["parameter_elements_per_rank"] == [total, total]
+    held = z3["parameter_elements_per_rank"]
+    assert len(held) == 2 and all(0.49 * total <= h <= 0.52 * total for h in held), (held, total)
+
+    # the merged model is a plain timm model equal to the DDP run's (fp32, reduction order aside)
+    plain = timm.create_model("test_vit", num_classes=4, img_size=32)
+    merged = load_file(str(runs / "straight" / "merged.safetensors"))
+    plain.load_state_dict(merged, strict=True)
+    got, want = _merged_comparable(merged), _merged_comparable(load_file(str(runs / "ddp" / "merged.safetensors")))
+    assert got.keys() == want.keys()
+    worst = max(((got[k] - want[k]).abs().max().item(), k) for k in want)
+    assert worst[0] <= 1e-4, worst
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_shipped_deepspeed_json_trains(stage, tiny_shards, tmp_path):
+    path = ROOT / "configs" / "deepspeed" / f"zero{stage}_bf16.json"
+    cfg = write_config(tmp_path / "ds.yaml", tiny_shards, tmp_path / "runs",
+                       train={"engine": "deepspeed", "zero_stage": stage, "precision": "bf16",
+                              "deepspeed_config": str(path), "epochs": 1})
+    _run(cfg, "run")
+    given = json.loads((tmp_path / "runs" / "run" / "deepspeed.json").read_text())
+    shipped = json.loads(path.read_text())
+    assert given["zero_optimization"] == shipped["zero_optimization"] and given["bf16"] == {"enabled": True}
+    assert given["train_batch_size"] == 4 and given["train_micro_batch_size_per_gpu"] == 2
+    results = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    assert results["optimizer_updates"] == results["steps"] == 6
+    plain = timm.create_model("test_vit", num_classes=4, img_size=32)
+    plain.load_state_dict(load_file(str(tmp_path / "runs" / "run" / "merged.safetensors")), strict=True)

@@ -1,6 +1,9 @@
-"""DeepSpeed ZeRO-3 and the shipped DeepSpeed JSONs through launch/train.py under torchrun (2 processes)."""
+"""Scale paths through launch/train.py under torchrun: DeepSpeed ZeRO-3, the shipped DeepSpeed JSONs,
+and multi-node (two torchrun agents on this machine)."""
 import json
+import socket
 import subprocess
+import sys
 
 import pytest
 import timm
@@ -70,3 +73,25 @@ def test_each_shipped_deepspeed_json_trains(stage, tiny_shards, tmp_path):
     assert results["optimizer_updates"] == results["steps"] == 6
     plain = timm.create_model("test_vit", num_classes=4, img_size=32)
     plain.load_state_dict(load_file(str(tmp_path / "runs" / "run" / "merged.safetensors")), strict=True)
+
+
+def test_two_torchrun_agents_with_a_c10d_rendezvous_train_what_one_agent_with_four_processes_trains(
+        tiny_shards, tmp_path):
+    """Multi-node on one machine: two agents (--nnodes=2, 2 processes each) meet at a c10d rendezvous
+    and form one world of 4; node rank, local rank and global rank all differ from each other."""
+    cfg = write_config(tmp_path / "mn.yaml", tiny_shards, tmp_path / "runs", train={"epochs": 1})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test-{port}",
+             str(ROOT / "launch" / "train.py"), "--config", cfg, "--set", "run_name=two-nodes"]
+    agents = [subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [a.communicate(timeout=300) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(err[-2000:] for _, err in outs)
+    # global rank 0 (the only rank that logs the run) lives on exactly one of the two nodes
+    assert sum("world 4, global batch 4 (1 x 4 x 1)" in out for out, _ in outs) == 1, outs
+    _run(cfg, "one-node", nproc=4)
+    two, one = (load_file(str(tmp_path / "runs" / n / "adapter.safetensors")) for n in ("two-nodes", "one-node"))
+    assert two.keys() == one.keys() and all(torch.equal(two[k], one[k]) for k in one)
+    assert json.loads((tmp_path / "runs" / "two-nodes" / "results.json").read_text())["world_size"] == 4

@@ -6,13 +6,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import ROOT, write_config
-from slurm_cluster import Cluster, available
+from slurm_cluster import Cluster, available, resumed_step, wait_for
 
 # The scripts ask for GPUs and many CPUs (cluster defaults); this CPU node has 2 cores and none.
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]
@@ -44,14 +43,6 @@ def _sbatch_in_root(cluster, *args, env=None):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return int(res.stdout.strip().split(";")[0])
-
-
-def _wait_for(path: Path, timeout=300):
-    deadline = time.time() + timeout
-    while not path.exists():
-        if time.time() > deadline:
-            raise TimeoutError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.5)
 
 
 def test_torchrun_job_trains_and_logs_into_the_run_directory(cluster, shards, tmp_path):
@@ -92,25 +83,18 @@ def _long_config(tmp_path, shards, name):
                         train={"epochs": 24, "eval_every": 1000, "save_every_steps": 5})
 
 
-def _resumed_step(run: Path) -> int:
-    logs = "".join(p.read_text() for p in sorted((run / "logs").glob("*.log")))
-    lines = [line for line in logs.splitlines() if f"resumed {run} at epoch" in line]
-    assert len(lines) == 1, logs[-3000:]
-    return int(lines[0].rsplit("step", 1)[1].split()[0])
-
-
 def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, shards, tmp_path):
     cfg = _long_config(tmp_path, shards, "requeued")
     run = tmp_path / "runs" / "requeued"
     job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg)
-    _wait_for(run / "checkpoints" / "last.pt")
+    wait_for(run / "checkpoints" / "last.pt")
     cluster.run("scontrol", "requeue", str(job))
     cluster.start_requeued_now(job)
     state = cluster.wait(job, timeout=600)
     batch_log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", batch_log + cluster.diagnose(job)
     assert "restart 1" in batch_log  # the same job ran again ...
-    assert _resumed_step(run) >= 5  # ... and continued from a checkpoint instead of starting over
+    assert resumed_step(run) >= 5  # ... and continued from a checkpoint instead of starting over
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 24 * 6 and results["epochs"] == 24
 
@@ -120,7 +104,7 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tm
     cfg = _long_config(tmp_path, shards, "preempted")
     run = tmp_path / "runs" / "preempted"
     job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg)
-    _wait_for(run / "checkpoints" / "last.pt")
+    wait_for(run / "checkpoints" / "last.pt")
     cluster.run("scancel", "--signal=USR1", str(job))  # to the job's steps, as SLURM's --signal does
     cluster.start_requeued_now(job)  # the script requeued it
     state = cluster.wait(job, timeout=600)
@@ -128,7 +112,7 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tm
     assert state == "COMPLETED", batch_log + cluster.diagnose(job)
     assert "stopped early at step" in batch_log and f"requeueing job {job}" in batch_log and "restart 1" in batch_log
     stopped = int(batch_log.split("stopped early at step", 1)[1].split(";")[0])
-    assert _resumed_step(run) == stopped  # resumed exactly where the signal stopped it
+    assert resumed_step(run) == stopped  # resumed exactly where the signal stopped it
     assert not (run / "PREEMPTED").exists()
     assert json.loads((run / "results.json").read_text())["steps"] == 24 * 6
 
@@ -143,14 +127,14 @@ def test_usr1_during_evaluation_checkpoints_requeues_and_resumes(cluster, shards
               "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
     job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg,
                           env=faults)
-    _wait_for(marker)
+    wait_for(marker)
     cluster.run("scancel", "--signal=USR1", str(job))
     cluster.start_requeued_now(job)
     state = cluster.wait(job, timeout=600)
     batch_log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", batch_log + cluster.diagnose(job)
     assert "stopped early at step 6;" in batch_log and f"requeueing job {job}" in batch_log  # the end of epoch 1
-    assert _resumed_step(run) == 6
+    assert resumed_step(run) == 6
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 18 and [r["epoch"] for r in results["history"]] == [0, 1, 2]
     assert all("test_acc1" in r for r in results["history"])  # epoch 0 was evaluated after the resume

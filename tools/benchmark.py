@@ -9,9 +9,11 @@ Training img/s: forward + backward + AdamW step on random data, after warm-up, m
 windows. Each mode runs in its own fresh process, and the modes run in ``--rounds`` alternating
 rounds whose windows are pooled, so a machine that slows down mid-run does not favour one mode.
 Peak memory: CUDA max allocated, or on CPU the peak RSS growth over the process's RSS after
-imports (the largest over rounds). DDP bytes: what DistributedDataParallel hands to all-reduce in
-one step (counted by a comm hook on a one-process gloo group). Inference img/s: the RLRR-adapted
-model, then the merged and the plain timm model with their windows interleaved.
+imports (the largest over rounds). FLOPs: one image's forward and backward as torch's FlopCounterMode
+counts them; MFU = FLOPs x img/s / the GPU's dense bf16/fp16 peak (known GPUs or --peak-tflops).
+DDP bytes: what DistributedDataParallel hands to all-reduce in one step (counted by a comm hook on
+a one-process gloo group). Inference img/s: the RLRR-adapted model, then the merged and the plain
+timm model with their windows interleaved.
 """
 import argparse
 import json
@@ -45,7 +47,7 @@ def _rss_mb() -> float:
 def _model(args, mode):
     """The model training builds (rlrr.model.build_model) for a mode; LoRA is peft on the full model."""
     cfg = ModelConfig(name=args.model, img_size=args.img_size, method="full" if mode in ("lora", "plain") else mode,
-                      fused_attn=not args.explicit_attn)
+                      fused_attn=not args.explicit_attn, grad_checkpointing=args.grad_checkpointing and mode != "plain")
     model = build_model(cfg, args.num_classes)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
@@ -102,6 +104,30 @@ def _ddp_allreduce_bytes(model, x, y) -> int:
     return sum(counted)
 
 
+def _train_flops_per_image(net, x, y, dtype) -> float:
+    """FLOPs of one image's forward and backward, as torch's FlopCounterMode counts the matmuls and
+    convolutions (activation checkpointing's recomputed forward included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    net.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+# dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) of the GPUs the MFU column knows
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(args) -> typing.Optional[float]:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if args.device.startswith("cuda") and args.precision in ("bf16", "fp16"):
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in name), None)
+    return None
+
+
 def measure_training(args, mode) -> dict:
     device = torch.device(args.device)
     base_mb = _rss_mb() if device.type == "cpu" else 0.0
@@ -129,8 +155,10 @@ def measure_training(args, mode) -> dict:
 
     rates = _timed(args, {mode: step}, device)[mode]
     peak = peak_memory_mb(device) - base_mb
+    flops = _train_flops_per_image(net, x[:1], y[:1], dtype)
     ddp_bytes = _ddp_allreduce_bytes(model, x[:1], y[:1])
-    return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1),
+    return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1), "train_gflops_per_image":
+            round(flops / 1e9, 2),
             "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes,
             "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}
 
@@ -162,13 +190,16 @@ def measure_inference(args) -> dict:
 def print_summary(args, results: dict) -> None:
     print(f"{args.model} {args.img_size}px batch {args.batch_size} {args.precision} on {args.device}"
           f"{' (torch.compile)' if args.compile else ''}"
+          f"{', activation checkpointing' if args.grad_checkpointing else ''}"
           f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}"
           f"{', explicit attention' if args.explicit_attn else ''}")
     print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'params MB':>10s} {'trainable':>12s} "
-          f"{'DDP MB/step':>12s}")
+          f"{'DDP MB/step':>12s} {'GFLOP/img':>10s} {'MFU':>6s}")
     for mode, r in results["training"].items():
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
-              f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f}")
+              f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f} "
+              f"{r['train_gflops_per_image']:10.2f} {mfu}")
     inf = results["inference"]
     print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
           f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")
@@ -191,6 +222,10 @@ def parse_args(argv):
                     help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 needs --precision bf16)")
     ap.add_argument("--explicit-attn", action="store_true",
                     help="explicit softmax attention instead of SDPA everywhere (model.fused_attn=false)")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="activation checkpointing (model.grad_checkpointing)")
+    ap.add_argument("--peak-tflops", type=float,
+                    help="the device's peak TFLOP/s for MFU (default: known GPUs in bf16/fp16)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per mode and round")
@@ -225,7 +260,8 @@ def main(argv=None) -> int:
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
               "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
               "--windows", str(args.windows)]
-    shared += [flag for flag, on in (("--compile", args.compile), ("--explicit-attn", args.explicit_attn)) if on]
+    shared += [flag for flag, on in (("--compile", args.compile), ("--explicit-attn", args.explicit_attn),
+                                     ("--grad-checkpointing", args.grad_checkpointing)) if on]
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
                "torch": torch.__version__, "timm": timm.__version__, "training": {}}
     train = results["training"]
@@ -243,8 +279,11 @@ def main(argv=None) -> int:
             train[worker]["peak_memory_mb"] = max(train[worker]["peak_memory_mb"], data["peak_memory_mb"])
         else:
             train[worker] = data
+    peak = peak_tflops(args)
     for r in train.values():
         r["train_img_s"] = round(statistics.median(r["window_img_s"]), 2)
+        # model FLOPs utilisation: counted FLOPs per image x img/s over the GPU's peak (None: peak unknown)
+        r["mfu"] = round(r["train_gflops_per_image"] * 1e9 * r["train_img_s"] / (peak * 1e12), 4) if peak else None
     if "rlrr" in train and "full" in train:
         rlrr, full = train["rlrr"], train["full"]
         results["rlrr_vs_full"] = {"speed": round(rlrr["train_img_s"] / full["train_img_s"], 3),

@@ -43,7 +43,7 @@ class DDPEngine:
 
     def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
         t = cfg.train
-        self.model, self.info, self.clip = model, info, t.clip_grad
+        self.model, self.info, self.clip = model.to(info.device), info, t.clip_grad
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
         self.scaler = torch.amp.GradScaler(enabled=t.precision == "fp16")
         self.dtype = AMP_DTYPES.get(t.precision)
@@ -126,6 +126,10 @@ class DDPEngine:
         return saved
 
 
+ZERO3_LIVE_DEFAULTS = {"stage3_max_live_parameters": 10_000_000, "stage3_max_reuse_distance": 10_000_000,
+                       "stage3_prefetch_bucket_size": 5_000_000}  # elements; a DeepSpeed JSON may set others
+
+
 def deepspeed_config(t, world: int) -> dict:
     """The DeepSpeed config of a run: train.deepspeed_config's JSON (tuning knobs: buckets, overlap,
     offload, ZeRO-3 thresholds) plus what the run config decides. A JSON may repeat a run-owned value
@@ -163,6 +167,13 @@ def deepspeed_config(t, world: int) -> dict:
             raise ConfigError(f"{t.deepspeed_config}: {'.'.join(path)} = {json.dumps(given)} conflicts with {key} = "
                               f"{shown}; make them agree or leave the key out of the JSON (the run config sets it)")
         node[path[-1]] = value
+    if t.zero_stage == 3:
+        # DeepSpeed keeps up to 1e9 gathered parameter elements live and re-uses them across forward and
+        # backward: a whole ViT-H (632M) stays gathered on every rank, undoing the partitioning of the
+        # frozen weights. Half a ViT-H block's worth keeps the per-rank memory near 1/world
+        # (docs/benchmarks.md, "Scaling").
+        for knob, value in ZERO3_LIVE_DEFAULTS.items():
+            ds["zero_optimization"].setdefault(knob, value)
     ds["zero_allow_untested_optimizer"] = True  # torch's AdamW over the trainable parameters
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
@@ -181,6 +192,8 @@ class DeepSpeedEngine:
         self.config = ds = deepspeed_config(t, info.world)
         self.info, self.dtype = info, AMP_DTYPES.get(t.precision)
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
+        # the model arrives on the CPU: DeepSpeed moves it to the device, and under ZeRO-3 only each
+        # rank's partition goes there (the device never holds the whole model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
         self.model = model
         self.stage = self.engine.zero_optimization_stage()

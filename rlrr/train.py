@@ -199,10 +199,9 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
     micro = per_rank_batch(cfg, info)
     torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
     model = build_model(cfg.model, manifest.num_classes, seed=t.seed)
-    if t.frozen_dtype == "bf16":  # before the move: the GPU never holds the fp32 copy
+    if t.frozen_dtype == "bf16":  # before the engine moves it: the GPU never holds the fp32 copy
         saved = store_frozen_weights_in(model, torch.bfloat16)
         log.info(f"frozen linear weights stored in bf16: {saved / 2**20:.0f} MB saved")
-    model = model.to(info.device)
     train_data = split_loader(cfg, manifest, info, cfg.data.train_split, micro)
     evals = {"test": split_loader(cfg, manifest, info, cfg.data.test_split)}
     if cfg.data.val_split:

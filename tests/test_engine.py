@@ -7,7 +7,7 @@ import torch
 
 from rlrr.config import ConfigError, load_config
 from rlrr.distributed import DistInfo
-from rlrr.engine import ENGINES, DDPEngine, deepspeed_config
+from rlrr.engine import ENGINES, ZERO3_LIVE_DEFAULTS, DDPEngine, deepspeed_config
 from rlrr.model import build_model
 
 from helpers import ROOT
@@ -85,7 +85,7 @@ def test_the_run_config_fills_in_what_a_deepspeed_json_leaves_out_or_marks_auto(
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.5
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
-    assert ds["zero_optimization"] == {"overlap_comm": False, "stage": 3}  # the JSON's own knobs stay
+    assert ds["zero_optimization"] == {"overlap_comm": False, "stage": 3, **ZERO3_LIVE_DEFAULTS}  # JSON knob kept
 
 
 @pytest.mark.parametrize("name,stage", [("zero1_bf16", 1), ("zero2_bf16", 2), ("zero3_bf16", 3)])
@@ -128,3 +128,13 @@ def test_a_deepspeed_json_that_is_not_json_is_one_clear_error(tmp_path):
     (tmp_path / "ds.json").write_text("{stage: 2")
     with pytest.raises(ConfigError, match=r"train.deepspeed_config = '.*ds.json': not a readable JSON"):
         deepspeed_config(_train(f"train.deepspeed_config={tmp_path / 'ds.json'}"), world=1)
+
+
+def test_zero3_keeps_only_a_few_blocks_gathered_unless_the_json_says_otherwise(tmp_path):
+    ds = deepspeed_config(_train("train.zero_stage=3"), world=2)
+    assert {k: ds["zero_optimization"][k] for k in ZERO3_LIVE_DEFAULTS} == ZERO3_LIVE_DEFAULTS
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 1e9}}))
+    ds = deepspeed_config(_train("train.zero_stage=3", f"train.deepspeed_config={tmp_path / 'ds.json'}"), world=2)
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1e9  # a tuning knob: the JSON's value
+    zero2 = deepspeed_config(_train("train.zero_stage=2"), world=2)
+    assert "stage3_max_live_parameters" not in zero2["zero_optimization"]

@@ -11,12 +11,13 @@ rlrr.model.build_model (random weights, the RLRR method), the engine from rlrr.e
 - ``setup_peak_mb``: peak memory while building the model and the engine (every rank builds the
   whole model before ZeRO-3 partitions it);
 - ``train_peak_mb``: peak memory during the training steps (CPU: the process's peak RSS, reset
-  through /proc/self/clear_refs after setup; CUDA: max_memory_allocated after a reset), both over the
-  memory the process held after its imports;
+  through /proc/self/clear_refs after setup, with glibc told to return freed blocks at once (see
+  WORKER_ENV); CUDA: max_memory_allocated after a reset), both over the memory the process held
+  after its imports;
 - ``params_held``: parameter elements on the rank, frozen ones included.
 img/s is the global rate (world x batch per rank per step) over the timed steps. A cell that fails
-is reported as failed with its last error line, never as a number. Writes ``scaling.json`` and
-``scaling.md`` to ``--out-dir``.
+is reported as failed with its error line, never as a number. Writes ``scaling.json``,
+``scaling.md`` and each cell's log to ``--out-dir``.
 """
 import argparse
 import json
@@ -27,6 +28,10 @@ import time
 
 import torch
 
+# glibc's malloc otherwise keeps freed blocks up to 32 MB (a transformer layer's weight) for re-use, so
+# the resident set would count what ZeRO-3 gathered and released as held; with a fixed 64 KiB mmap
+# threshold freed tensors go back to the system at once and the resident set follows the live tensors
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 ENGINE_CHOICES = {"ddp": ("ddp", 2), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}
 
 
@@ -68,9 +73,10 @@ def worker(args) -> int:
     cfg = load_config(None, ["data.shards=unused", f"model.name={args.model}", f"model.img_size={args.img_size}",
                              f"model.grad_checkpointing={args.grad_checkpointing}", f"train.engine={engine_name}",
                              f"train.zero_stage={stage}", f"train.precision={args.precision}",
-                             f"train.batch_size={args.batch_per_rank * info.world}"])
+                             f"train.batch_size={args.batch_per_rank * info.world}"]
+                      + ([f"train.deepspeed_config={args.deepspeed_config}"] if args.deepspeed_config else []))
     torch.manual_seed(info.rank)
-    model = build_model(cfg.model, args.num_classes, seed=0).to(info.device)
+    model = build_model(cfg.model, args.num_classes, seed=0)  # the engine places it, as in training
     engine = ENGINES[engine_name](model, cfg, info, args.batch_per_rank)
     setup_peak = _peak_mb(info.device) - base
     _reset_peak(info.device)
@@ -104,6 +110,15 @@ def worker(args) -> int:
     return 0
 
 
+def first_error(log: str) -> str:
+    """The worker's own error line (torchrun's summary that follows it only says a child failed)."""
+    with open(log) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if ("Error" in line or "Exception" in line) and "ChildFailedError" not in line
+              and "errors.html" not in line]
+    return (errors or lines or ["no output"])[0]
+
+
 def run_cell(args, model: str, engine: str, nproc: int) -> dict:
     result = os.path.join(args.out_dir, f"{model}-{engine}-{nproc}.json")
     if os.path.exists(result):
@@ -112,15 +127,18 @@ def run_cell(args, model: str, engine: str, nproc: int) -> dict:
            os.path.abspath(__file__), "--worker", "--model", model, "--engine", engine, "--result", result,
            "--img-size", str(args.img_size), "--batch-per-rank", str(args.batch_per_rank), "--num-classes",
            str(args.num_classes), "--precision", args.precision, "--warmup", str(args.warmup), "--steps",
-           str(args.steps)] + (["--grad-checkpointing"] if args.grad_checkpointing else [])
+           str(args.steps)] + (["--grad-checkpointing"] if args.grad_checkpointing else []) \
+        + (["--deepspeed-config", args.deepspeed_config] if args.deepspeed_config and engine != "ddp" else [])
     t0 = time.perf_counter()
+    log = result[:-len(".json")] + ".log"
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-        error = None if res.returncode == 0 and os.path.exists(result) else \
-            ([line for line in res.stderr.splitlines() if "Error" in line] or res.stderr.splitlines() or ["?"])[-1]
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout,
+                                env=WORKER_ENV).returncode
+        error = None if rc == 0 and os.path.exists(result) else first_error(log)
     except subprocess.TimeoutExpired:
         error = f"timed out after {args.timeout} s"
-    cell = {"model": model, "engine": engine, "nproc": nproc, "wall_s": round(time.perf_counter() - t0, 1)}
+    cell = {"model": model, "engine": engine, "nproc": nproc, "wall_s": round(time.perf_counter() - t0, 1), "log": log}
     if error:
         return {**cell, "failed": error.strip()[:300]}
     with open(result) as f:
@@ -155,6 +173,7 @@ def parse_args(argv):
     ap.add_argument("--num-classes", type=int, default=100)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--deepspeed-config", help="a DeepSpeed JSON for the ZeRO cells (train.deepspeed_config)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")

@@ -92,3 +92,25 @@ def test_two_ranks_two_workers_exactly_once_eval_and_equal_train_batches(shards,
     # in memory, one epoch covers every training image (22 images, 2 ranks x 3 batches x 4 = 24 slots)
     seen = {k for r in ranks for b in r["train_memory_epoch0"]["batches"] for k in b}
     assert seen == {f"train800-{i:08d}" for i in range(22)}
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG"), ("L", "PNG"),
+                                      ("P", "PNG")])
+def test_the_fast_decoder_gives_pil_pixels_and_pil_is_the_fallback(mode, fmt, monkeypatch):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from rlrr.data import loader
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    sample = {fmt.lower().replace("jpeg", "jpg"): buf.getvalue(), "cls": "2", "__key__": "k"}
+    assert loader.decode_image is not None  # torchvision's decoder is in use here
+    fast, label, key = loader.decode(sample)
+    monkeypatch.setattr(loader, "decode_image", None)
+    slow, _, _ = loader.decode(sample)
+    assert fast.shape == slow.shape == (3, 24, 40) and fast.dtype == slow.dtype == torch.uint8
+    assert torch.equal(fast, slow) and label == 2 and key == "k"

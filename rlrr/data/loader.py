@@ -30,6 +30,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+try:  # libjpeg-turbo / libpng straight into a CHW tensor: PIL's pixels, about 3x faster (no RGB copy, no
+    # HWC array, no transpose). torchvision has deprecated it in favour of torchcodec: PIL if it goes.
+    from torchvision.io import ImageReadMode, decode_image
+except ImportError:
+    decode_image = None
+
 from .shards import MANIFEST_FORMAT, sha256_file
 from .transforms import Recipe
 
@@ -106,8 +112,11 @@ def decode(sample: dict) -> tuple[torch.Tensor, int, str]:
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no jpg/png image")
-    with Image.open(io.BytesIO(sample[ext])) as pil:
-        image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if decode_image is not None:
+        image = decode_image(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    else:
+        with Image.open(io.BytesIO(sample[ext])) as pil:
+            image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
     return image, int(sample["cls"]), sample["__key__"]
 
 
@@ -198,7 +207,8 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards, batches_per_worker, batch_size, recipe, rank, world, seed, epoch, buffer=1000,
                  num_classes=None, skipped=None):
-        self.shards, self.batches_per_worker, self.batch_size, self.recipe = shards, batches_per_worker, batch_size, recipe
+        self.shards, self.batches_per_worker = shards, batches_per_worker
+        self.batch_size, self.recipe = batch_size, recipe
         self.rank, self.world, self.seed, self.buffer = rank, world, seed, buffer
         self.epoch_box = epoch  # a shared Value: persistent workers read the current epoch at each __iter__
         self.num_classes, self.skipped = num_classes, skipped
@@ -330,7 +340,8 @@ class SplitLoader:
         if not images:
             raise DataError(f"split {self.split.name}: no readable sample in {len(self.split.shards)} shard(s)")
         if not self.train and len(images) != self.split.num_samples:
-            raise DataError(f"split {self.split.name}: read {len(images)} samples, manifest says {self.split.num_samples}")
+            raise DataError(f"split {self.split.name}: read {len(images)} samples, manifest says "
+                            f"{self.split.num_samples}")
         self.images, self.labels, self.keys = torch.stack(images), torch.tensor(labels), keys
 
     def __len__(self):

@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from .sources import DatasetError, Image, Source
+from .sources import DatasetError, Source
 
 MANIFEST_FORMAT = "rlrr.shards/1"
 JPEG_QUALITY = 95
@@ -148,7 +148,7 @@ def _write_split(pool, root, split, items, image_size, resize, fmt, shard_size, 
             if writer is not None:
                 writer.close()
             name = f"{split}/{split}-{len(shards):06d}.tar"
-            writer = wds.TarWriter(os.path.join(root, name), mtime=0.0, user="rlrr", group="rlrr")
+            writer = wds.TarWriter(os.path.join(root, name), mtime=0, user="rlrr", group="rlrr")
             shards.append({"path": name, "num_samples": 0})
             current = shard_of[i]
         writer.write({"__key__": f"{split}-{i:08d}", ext_or_error: data, "cls": str(label).encode()})

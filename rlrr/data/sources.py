@@ -65,7 +65,8 @@ def read_vtab(root: str, num_classes=None) -> Source:
                 items.append((os.path.join(root, parts[0]), int(parts[1])))
         splits[split] = items
     if not splits:
-        raise DatasetError(f"{root}: no VTAB-1k split listing found (expected {', '.join(s + '.txt' for s in VTAB_SPLITS)})")
+        expected = ", ".join(s + ".txt" for s in VTAB_SPLITS)
+        raise DatasetError(f"{root}: no VTAB-1k split listing found (expected {expected})")
     _check_files_exist(splits)
     num_classes = num_classes or 1 + max(label for items in splits.values() for _, label in items)
     _check_labels(splits, num_classes, root)
@@ -105,7 +106,8 @@ def read_fgvc(root: str, num_classes=None) -> Source:
 
 
 def read_imagefolder(root: str, num_classes=None) -> Source:
-    split_dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+    entries = os.listdir(root) if os.path.isdir(root) else []
+    split_dirs = sorted(d for d in entries if os.path.isdir(os.path.join(root, d)))
     if not split_dirs:
         raise DatasetError(f"{root}: expected <root>/<split>/<class>/<image> folders")
     classes = sorted({c for s in split_dirs for c in os.listdir(os.path.join(root, s))

@@ -42,13 +42,13 @@ class Recipe:
             if self.train:  # a random crop per image
                 top = torch.randint(0, h - s + 1, (n,), generator=generator).tolist()
                 left = torch.randint(0, w - s + 1, (n,), generator=generator).tolist()
-                images = torch.stack([img[:, t:t + s, l:l + s] for img, t, l in zip(images, top, left)])
+                images = torch.stack([img[:, y:y + s, x:x + s] for img, y, x in zip(images, top, left)])
             else:
-                t, l = (h - s) // 2, (w - s) // 2
-                images = images[:, :, t:t + s, l:l + s]
-        if self.flip:
-            mask = torch.rand(n, generator=generator) < 0.5
-            images = torch.where(mask.view(n, 1, 1, 1), images.flip(-1), images)
+                y, x = (h - s) // 2, (w - s) // 2
+                images = images[:, :, y:y + s, x:x + s]
+        if self.flip:  # flip the chosen images only (torch.where over a flipped copy of all cost 3x more)
+            flipped = (torch.rand(n, generator=generator) < 0.5).nonzero().squeeze(1)
+            images = images.index_copy(0, flipped, images[flipped].flip(-1))
         return images.contiguous()
 
 

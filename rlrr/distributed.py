@@ -1,5 +1,6 @@
 """Process-group set-up for one process, torchrun (env://) and SLURM srun (one task per GPU)."""
 import os
+import resource
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -71,6 +72,12 @@ def broadcast_object(info: DistInfo, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def gather_object(info: DistInfo, obj) -> list:

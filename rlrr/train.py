@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -43,6 +42,7 @@ from .distributed import (
     broadcast_object,
     gather_object,
     init_distributed,
+    peak_memory_mb,
     restart_attempt,
     world_from_env,
 )
@@ -467,12 +467,6 @@ def end_epoch(run: Run, record: dict) -> None:
              + f" {run.epoch_img_per_s:.1f} img/s peak {peak:.0f} MB")
     if st.epoch % t.save_every_epochs == 0 or st.epoch == t.epochs:
         save_checkpoint(run)
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def make_vtab(root: Path, n_train=12, n_val=4, n_test=10, classes=3) -> Path:
     return root
 
 
-def _tool_main(name: str):
+def tool_main(name: str):
     """The ``main(argv)`` of tools/<name>, to run a tool in this process (no interpreter start-up)."""
     spec = importlib.util.spec_from_file_location(f"tools_{name.removesuffix('.py')}", ROOT / "tools" / name)
     module = importlib.util.module_from_spec(spec)
@@ -61,7 +61,7 @@ def tiny_vtab_shards(tmp: Path, n_train: int, n_val: int, n_test: int, shard_siz
     src = make_vtab(tmp / "task", n_train=n_train, n_val=n_val, n_test=n_test, classes=4)
     argv = ["vtab", "--root", src, "--out", tmp / "shards", "--image-size", 32, "--shard-size", shard_size,
             "--workers", 1, "--no-progress"]
-    assert _tool_main("make_shards.py")(list(map(str, argv))) == 0
+    assert tool_main("make_shards.py")(list(map(str, argv))) == 0
     return str(tmp / "shards")
 
 

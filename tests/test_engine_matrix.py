@@ -91,13 +91,10 @@ def test_every_engine_cell_trains_the_reference_model(matrix, references, name, 
     assert worst[0] <= ATOL, f"{name}: {worst[1]} differs by {worst[0]:.2e} from the one-process DDP reference"
 
 
-def test_a_short_last_window_is_one_update_under_both_engines(matrix):
+def test_a_short_last_window_is_one_update_under_deepspeed(matrix):
     """24 samples, global batch 10 = 2 ranks x 1 x grad_accum 5: 12 micro-batches per rank, so the
-    epoch ends with a window of 2; DeepSpeed must close it where the loop does."""
-    overrides = ["train.batch_size=10", "train.grad_accum=5"]
-    ddp, ddp_results = matrix("short-ddp", *overrides, nproc=2)
-    ds, ds_results = matrix("short-z2", *overrides, "train.engine=deepspeed", "train.zero_stage=2", nproc=2)
-    assert ddp_results["steps"] == ds_results["steps"] == 3
-    assert ddp_results["optimizer_updates"] == ds_results["optimizer_updates"] == 3
-    got, want = comparable(ds), comparable(ddp)
-    assert max((got[k] - want[k]).abs().max().item() for k in want) <= ATOL
+    epoch ends with a window of 2. DeepSpeed must close it where the loop does: 3 updates (counting
+    micro-batches itself, it would make 2 and carry the last window's gradients into the next epoch)."""
+    _, results = matrix("short-z2", "train.batch_size=10", "train.grad_accum=5", "train.engine=deepspeed",
+                        "train.zero_stage=2", nproc=2)
+    assert results["steps"] == results["optimizer_updates"] == 3

@@ -1,6 +1,7 @@
 """launch/slurm/*.sbatch and sweep.sh on a real single-node SLURM (slurmctld + slurmd + munge).
 
 The cluster starts once for this module and is shut down at the end (nothing left running).
+`scontrol requeue` resuming from the checkpoint is tested on two nodes in test_slurm_multinode.py.
 """
 import json
 import subprocess
@@ -81,22 +82,6 @@ def _long_config(tmp_path, shards, name):
     # long enough to be interrupted; a checkpoint every 5 optimizer steps
     return write_config(tmp_path / f"{name}.yaml", shards, tmp_path / "runs",
                         train={"epochs": 24, "eval_every": 1000, "save_every_steps": 5})
-
-
-def test_scontrol_requeue_resumes_from_the_checkpoint(cluster, shards, tmp_path):
-    cfg = _long_config(tmp_path, shards, "requeued")
-    run = tmp_path / "runs" / "requeued"
-    job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg)
-    wait_for(run / "checkpoints" / "last.pt")
-    cluster.run("scontrol", "requeue", str(job))
-    cluster.start_requeued_now(job)
-    state = cluster.wait(job, timeout=600)
-    batch_log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED", batch_log + cluster.diagnose(job)
-    assert "restart 1" in batch_log  # the same job ran again ...
-    assert resumed_step(run) >= 5  # ... and continued from a checkpoint instead of starting over
-    results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == 24 * 6 and results["epochs"] == 24
 
 
 def test_usr1_before_the_time_limit_checkpoints_and_requeues(cluster, shards, tmp_path):

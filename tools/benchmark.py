@@ -29,9 +29,9 @@ import timm
 import torch
 
 from rlrr.config import FrozenDtype, ModelConfig, Precision
+from rlrr.distributed import peak_memory_mb
 from rlrr.engine import AMP_DTYPES
 from rlrr.model import build_model
-from rlrr.train import peak_memory_mb
 
 TRAIN_MODES = ("rlrr", "full", "linear", "lora")
 
@@ -157,8 +157,7 @@ def measure_training(args, mode) -> dict:
     peak = peak_memory_mb(device) - base_mb
     flops = _train_flops_per_image(net, x[:1], y[:1], dtype)
     ddp_bytes = _ddp_allreduce_bytes(model, x[:1], y[:1])
-    return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1), "train_gflops_per_image":
-            round(flops / 1e9, 2),
+    return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1), "train_flops_per_image": int(flops),
             "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes,
             "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}
 
@@ -199,10 +198,11 @@ def print_summary(args, results: dict) -> None:
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
               f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f} "
-              f"{r['train_gflops_per_image']:10.2f} {mfu}")
-    inf = results["inference"]
-    print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
-          f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")
+              f"{r['train_flops_per_image'] / 1e9:10.3f} {mfu}")
+    inf = results.get("inference")
+    if inf:
+        print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
+              f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")
     if "rlrr_vs_full" in results:
         ratio = results["rlrr_vs_full"]
         print(f"rlrr vs full: speed {ratio['speed']:.3f}x, memory {ratio['memory']:.3f}x")
@@ -230,6 +230,7 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=5, help="steps per timed window")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per mode and round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the training modes")
+    ap.add_argument("--no-inference", action="store_true", help="training figures only")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--worker", choices=TRAIN_MODES + ("inference",), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
                "torch": torch.__version__, "timm": timm.__version__, "training": {}}
     train = results["training"]
-    for worker in modes * max(1, args.rounds) + ["inference"]:
+    for worker in modes * max(1, args.rounds) + ([] if args.no_inference else ["inference"]):
         res = subprocess.run([sys.executable, os.path.abspath(__file__), *shared, "--worker", worker],
                              capture_output=True, text=True)
         if res.returncode != 0:
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
     for r in train.values():
         r["train_img_s"] = round(statistics.median(r["window_img_s"]), 2)
         # model FLOPs utilisation: counted FLOPs per image x img/s over the GPU's peak (None: peak unknown)
-        r["mfu"] = round(r["train_gflops_per_image"] * 1e9 * r["train_img_s"] / (peak * 1e12), 4) if peak else None
+        r["mfu"] = round(r["train_flops_per_image"] * r["train_img_s"] / (peak * 1e12), 4) if peak else None
     if "rlrr" in train and "full" in train:
         rlrr, full = train["rlrr"], train["full"]
         results["rlrr_vs_full"] = {"speed": round(rlrr["train_img_s"] / full["train_img_s"], 3),

@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -40,11 +41,12 @@ def benchmarks(dry: bool) -> list[tuple[str, list[str]]]:
     for key, (model, batch) in models.items():
         for ckpt in (False, True):
             args = ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--modes", "rlrr,full",
-                    "--rounds", "1", *size] + (["--grad-checkpointing"] if ckpt else [])
+                    "--rounds", "1", *size] + (["--grad-checkpointing", "--no-inference"] if ckpt else [])
             out.append((f"bench-{key}{'-ckpt' if ckpt else ''}", args))
     model, batch = models["vit-h"]
     out.append(("bench-vit-h-frozen-bf16", ["--model", model, "--batch-size", str(batch), "--precision", "bf16",
-                                            "--frozen-dtype", "bf16", "--modes", "rlrr", "--rounds", "1", *size]))
+                                            "--frozen-dtype", "bf16", "--modes", "rlrr", "--rounds", "1",
+                                            "--no-inference", *size]))
     return out
 
 
@@ -119,7 +121,7 @@ def report(result: dict) -> str:
         for mode, r in data["training"].items():
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
             lines.append(f"| {name} | {mode} | {r['train_img_s']} | {r['peak_memory_mb']:,.0f} | "
-                         f"{r['train_gflops_per_image']} | {mfu} |")
+                         f"{r['train_flops_per_image'] / 1e9:.2f} | {mfu} |")
     lines += ["", "| training run | steps | optimizer updates | img/s | test top-1 |", "|---|---|---|---|---|"]
     for name, r in result["training"].items():
         lines.append(f"| {name} | {r['steps']} | {r['optimizer_updates']} | {r['img_per_s']} | "
@@ -129,47 +131,59 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_all(jobs: list[tuple[str, list[str], int]], out_dir: str, at_once: int) -> list[dict]:
+    """Run (name, command, timeout) steps, ``at_once`` at a time, in order of the list."""
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        return list(pool.map(lambda job: run_step(job[0], job[1], out_dir, job[2]), jobs))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="gpu-acceptance")
     ap.add_argument("--dry-run", action="store_true", help="the same steps with a tiny model on CPU")
+    ap.add_argument("--jobs", type=int, default=1, help="steps at once (dry run only: figures need one at a time)")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per step")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_acceptance: error: no CUDA device; use --dry-run to check the steps on CPU", file=sys.stderr)
         return 2
+    if args.jobs != 1 and not args.dry_run:
+        print("gpu_acceptance: error: --jobs is for --dry-run; measured steps run one at a time", file=sys.stderr)
+        return 2
     out = os.path.abspath(args.out_dir)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     py = sys.executable
-    steps, benches, training = [], {}, {}
-    for name, bench_args in benchmarks(args.dry_run):
-        path = os.path.join(out, f"{name}.json")
-        steps.append(run_step(name, [py, "tools/benchmark.py", *bench_args, "--json", path], out, args.timeout))
-        if steps[-1]["ok"]:
-            with open(path) as f:
-                benches[name] = json.load(f)
+    bench_jobs = [(name, [py, "tools/benchmark.py", *bench_args, "--json", os.path.join(out, f"{name}.json")],
+                   args.timeout) for name, bench_args in benchmarks(args.dry_run)]
     scaling = ["--models", "test_vit" if args.dry_run else "vit_base_patch16_224,vit_huge_patch14_224",
                "--engines", "ddp,zero2,zero3", "--nprocs", "1", "--precision", "bf16", "--out-dir",
                os.path.join(out, "scaling"), "--batch-per-rank", "2" if args.dry_run else "16"]
     scaling += ["--img-size", "32"] if args.dry_run else ["--warmup", "3", "--steps", "10"]
-    steps.append(run_step("scaling", [py, "tools/bench_scaling.py", *scaling], out, 2 * args.timeout))
+    steps = run_all(bench_jobs + [("scaling", [py, "tools/bench_scaling.py", *scaling], 2 * args.timeout)],
+                    out, args.jobs)
+    benches = {}
+    for step in steps:
+        if step["ok"] and step["step"].startswith("bench-"):
+            with open(os.path.join(out, f"{step['step']}.json")) as f:
+                benches[step["step"]] = json.load(f)
     make, runs = training_runs(out, args.dry_run)
-    steps.append(run_step("make-shards", make, out, args.timeout))
-    for name, overrides in runs:
-        if args.dry_run and "train.precision=fp16" in overrides:
-            steps.append({"step": name, "ok": True, "seconds": 0.0, "skipped": "fp16 needs CUDA (dry run)"})
-            continue
-        cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "launch/train.py",
-               "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}", *overrides]
-        steps.append(run_step(name, cmd, out, args.timeout))
-        results = os.path.join(out, "runs", name, "results.json")
-        if steps[-1]["ok"]:
-            with open(results) as f:
+    steps += run_all([("make-shards", make, args.timeout)], out, 1)
+    train_jobs = [(name, [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "launch/train.py",
+                          "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}", *overrides],
+                   args.timeout) for name, overrides in runs
+                  if not (args.dry_run and "train.precision=fp16" in overrides)]
+    steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": "fp16 needs CUDA (dry run)"}
+              for name, overrides in runs if args.dry_run and "train.precision=fp16" in overrides]
+    training = {}
+    for step in run_all(train_jobs, out, args.jobs):
+        steps.append(step)
+        if step["ok"]:
+            with open(os.path.join(out, "runs", step["step"], "results.json")) as f:
                 r = json.load(f)
-            training[name] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final")}
+            training[step["step"]] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final")}
             # fp16: the gradient scaler skips the steps whose scaled gradients overflow while it calibrates
             if r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20:
-                steps[-1].update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
+                step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
     scaling_md = os.path.join(out, "scaling", "scaling.md")
     result = {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "environment": environment(),
               "steps": steps, "benchmarks": benches, "training": training,

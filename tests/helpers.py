@@ -1,6 +1,8 @@
 """Shared test helpers: tiny datasets and shards, run configs, command lines, non-trivial adapter
 values, and Google-format .npz files written from a timm ViT. Fixtures built on them: conftest.py."""
+import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 import zlib
@@ -24,6 +26,18 @@ def run_tool(name: str, *args, timeout: float = 600) -> subprocess.CompletedProc
 
 def make_shards(*args) -> subprocess.CompletedProcess:
     return run_tool("make_shards.py", *args, "--no-progress")
+
+
+def run_tool_here(name: str, *args) -> subprocess.CompletedProcess:
+    """tools/<name> run through its ``main(argv)`` in this process (no interpreter start-up), its exit
+    code and output captured as a subprocess's would be. For tools that start no processes."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = tool_main(name)(list(map(str, args)))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess([name, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def write_image(path: Path, seed: int, size=(40, 30), fmt="JPEG") -> None:

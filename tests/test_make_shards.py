@@ -11,9 +11,14 @@ import webdataset as wds
 
 from rlrr.data.loader import Manifest, decode
 
-from helpers import FASHION_MNIST, make_shards, make_vtab, write_image
+from helpers import FASHION_MNIST, make_shards, make_vtab, run_tool_here, write_image
 
 pytestmark = pytest.mark.integration  # the command-line tool, a process per call
+
+
+def shards_here(*args):
+    """make_shards.py in this process: for the error paths (the command line itself runs above)."""
+    return run_tool_here("make_shards.py", *args, "--no-progress")
 
 
 def read_shards(out: Path, split: str):
@@ -99,14 +104,14 @@ def test_imagefolder_and_corrupt_images(tmp_path):
 def test_bad_listings_are_clear_errors(tmp_path):
     src = make_vtab(tmp_path / "t")
     (src / "images" / "test" / "000003.jpg").unlink()
-    res = make_shards("vtab", "--root", src, "--out", tmp_path / "o")
+    res = shards_here("vtab", "--root", src, "--out", tmp_path / "o")
     assert res.returncode == 2
     assert "1 image file(s) not found" in res.stderr and "000003.jpg" in res.stderr and res.stderr.count("\n") == 1
     src = make_vtab(tmp_path / "u", classes=5)
-    res = make_shards("vtab", "--root", src, "--out", tmp_path / "o", "--num-classes", 3)
+    res = shards_here("vtab", "--root", src, "--out", tmp_path / "o", "--num-classes", 3)
     assert res.returncode == 2 and "label(s) outside [0, 3)" in res.stderr and "train800: 3" in res.stderr
     (src / "val200.txt").write_text("images/val200/000000.jpg cat\n")
-    res = make_shards("vtab", "--root", src, "--out", tmp_path / "o")
+    res = shards_here("vtab", "--root", src, "--out", tmp_path / "o")
     assert res.returncode == 2 and "val200.txt:1: expected 'relative/path label'" in res.stderr
 
 
@@ -115,16 +120,16 @@ def test_existing_output_is_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    res = make_shards("vtab", "--root", src, "--out", out)
+    res = shards_here("vtab", "--root", src, "--out", out)
     assert res.returncode == 2 and "not empty; pass --overwrite" in res.stderr
     assert (out / "keep.txt").read_text() == "precious"
-    res = make_shards("vtab", "--root", src, "--out", out, "--overwrite")  # not a folder make_shards wrote
+    res = shards_here("vtab", "--root", src, "--out", out, "--overwrite")  # not a folder make_shards wrote
     assert res.returncode == 2 and "holds no manifest.json: --overwrite only replaces a shard folder" in res.stderr
     assert (out / "keep.txt").read_text() == "precious"
     shards = tmp_path / "shards"
-    assert make_shards("vtab", "--root", src, "--out", shards).returncode == 0
+    assert shards_here("vtab", "--root", src, "--out", shards).returncode == 0
     (shards / "stale.txt").write_text("old")
-    assert make_shards("vtab", "--root", src, "--out", shards, "--overwrite").returncode == 0
+    assert shards_here("vtab", "--root", src, "--out", shards, "--overwrite").returncode == 0
     assert not (shards / "stale.txt").exists() and (shards / "manifest.json").exists()
 
 

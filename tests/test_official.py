@@ -4,14 +4,14 @@ import torch
 
 from rlrr import create_model, load_adapter
 
-from helpers import run_tool, vit_to_google_npz
+from helpers import run_tool_here, vit_to_google_npz
 from official_vit import OfficialViT
 
 pytestmark = pytest.mark.integration  # the converter as a command
 
 
 def _convert(*args):
-    return run_tool("convert_official.py", *args)
+    return run_tool_here("convert_official.py", *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""GPU acceptance: every GPU path once, with its figures, in one command (under 10 minutes on one
-H100/H200). Run through tools/gpu_acceptance.sh:
+"""GPU acceptance: every GPU path once, with its figures, in one command (sized to finish within 10
+minutes on one H100/H200). Run through tools/gpu_acceptance.sh:
 
     bash tools/gpu_acceptance.sh --out-dir gpu-acceptance      # on a machine with one NVIDIA GPU
     bash tools/gpu_acceptance.sh --dry-run --out-dir /tmp/acc  # anywhere: the same steps, tiny, on CPU

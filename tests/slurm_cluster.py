@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 CONF = """\
 ClusterName=rlrrtest
 SlurmctldHost=localhost
@@ -191,6 +193,21 @@ class Cluster:
         if len(self.nodes) > 1:
             self._remove_hosts()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def running_cluster(nodes: int = 1):
+    """A pytest fixture body: a started cluster, then after the module: stopped, with no process and no
+    /etc/hosts entry left behind."""
+    why = available()
+    if why:
+        pytest.fail(f"cannot start the test SLURM cluster: {why}")
+    c = Cluster(nodes=nodes).start()
+    yield c
+    c.stop()
+    left = subprocess.run(["pgrep", "-f", str(c.root)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left running after the cluster stopped: {left}"
+    with open(HOSTS) as f:
+        assert "rlrr test cluster" not in f.read()
 
 
 def _alive(pid: int) -> bool:

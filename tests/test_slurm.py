@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers import ROOT, write_config
-from slurm_cluster import Cluster, available, resumed_step, wait_for
+from slurm_cluster import resumed_step, running_cluster, wait_for
 
 # The scripts ask for GPUs and many CPUs (cluster defaults); this CPU node has 2 cores and none.
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]
@@ -23,14 +23,7 @@ pytestmark = pytest.mark.integration  # a real SLURM cluster
 
 @pytest.fixture(scope="module")
 def cluster():
-    why = available()
-    if why:
-        pytest.fail(f"cannot start the test SLURM cluster: {why}")
-    c = Cluster().start()
-    yield c
-    c.stop()
-    left = subprocess.run(["pgrep", "-f", str(c.root)], capture_output=True, text=True).stdout.split()
-    assert not left, f"processes left running after the cluster stopped: {left}"
+    yield from running_cluster()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import ROOT, write_config
-from slurm_cluster import Cluster, available, resumed_step, wait_for
+from slurm_cluster import resumed_step, running_cluster, wait_for
 
 pytestmark = pytest.mark.integration  # a real SLURM cluster
 JOB_ENV = {"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
@@ -17,15 +17,7 @@ JOB_ENV = {"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "
 
 @pytest.fixture(scope="module")
 def cluster():
-    why = available()
-    if why:
-        pytest.fail(f"cannot start the test SLURM cluster: {why}")
-    c = Cluster(nodes=2).start()
-    yield c
-    c.stop()
-    left = subprocess.run(["pgrep", "-f", str(c.root)], capture_output=True, text=True).stdout.split()
-    assert not left, f"processes left running after the cluster stopped: {left}"
-    assert "rlrr test cluster" not in open("/etc/hosts").read()
+    yield from running_cluster(2)
 
 
 def test_a_two_node_job_trains_across_both_nodes_and_a_requeue_resumes(cluster, tiny_shards, tmp_path):

@@ -28,19 +28,13 @@ import time
 
 import torch
 
+from rlrr.distributed import status_mb
+
 # glibc's malloc otherwise keeps freed blocks up to 32 MB (a transformer layer's weight) for re-use, so
 # the resident set would count what ZeRO-3 gathered and released as held; with a fixed 64 KiB mmap
 # threshold freed tensors go back to the system at once and the resident set follows the live tensors
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 ENGINE_CHOICES = {"ddp": ("ddp", 2), "zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3)}
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _reset_peak(device) -> None:
@@ -54,7 +48,7 @@ def _reset_peak(device) -> None:
 def _peak_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_mb("VmHWM")
+    return status_mb("VmHWM")
 
 
 def worker(args) -> int:
@@ -67,7 +61,7 @@ def worker(args) -> int:
 
     engine_name, stage = ENGINE_CHOICES[args.engine]
     info = init_distributed(always=True)
-    base = 0.0 if info.device.type == "cuda" else _status_mb("VmRSS")
+    base = 0.0 if info.device.type == "cuda" else status_mb("VmRSS")
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
     cfg = load_config(None, ["data.shards=unused", f"model.name={args.model}", f"model.img_size={args.img_size}",

@@ -29,19 +29,11 @@ import timm
 import torch
 
 from rlrr.config import FrozenDtype, ModelConfig, Precision
-from rlrr.distributed import peak_memory_mb
+from rlrr.distributed import peak_memory_mb, status_mb
 from rlrr.engine import AMP_DTYPES
 from rlrr.model import build_model
 
 TRAIN_MODES = ("rlrr", "full", "linear", "lora")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _model(args, mode):
@@ -130,7 +122,7 @@ def peak_tflops(args) -> typing.Optional[float]:
 
 def measure_training(args, mode) -> dict:
     device = torch.device(args.device)
-    base_mb = _rss_mb() if device.type == "cpu" else 0.0
+    base_mb = status_mb() if device.type == "cpu" else 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = _model(args, mode)

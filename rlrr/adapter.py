@@ -2,7 +2,8 @@
 
 Placement follows docs/method.md, section 3 (the official code): RLRR on every attention qkv/proj and MLP
 fc1/fc2 (plus Swin's patch-merging reduction), SSF after each block's two norms and the final norm,
-and, on ViT only, after the patch embedding. Everything else is frozen; the head is trainable and
+and, on ViT only, after the patch embedding. Any other model (timm ResNet, MobileNetV2, ...) gets
+RLRR on every plain nn.Conv2d (section 4). Everything else is frozen; the head is trainable and
 starts at zero.
 """
 import dataclasses
@@ -19,8 +20,19 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from .atomic import write_atomic
-from .config import check_dataclass
-from .layers import Init, RLRRLinear, ScaleShift, fold_bias_into_preceding_norm, merged_linear, merged_scale_shift
+from .config import ConfigError, check_dataclass
+from .layers import (
+    Form,
+    Init,
+    RLRRConv2d,
+    RLRRLinear,
+    ScaleShift,
+    Sides,
+    fold_bias_into_preceding_norm,
+    merged_conv,
+    merged_linear,
+    merged_scale_shift,
+)
 
 ADAPTER_FORMAT = "rlrr.adapter/1"
 
@@ -34,20 +46,50 @@ class RLRRConfig:
     split_qkv: one input-side vector per q/k/v chunk of the fused qkv layer. None follows the
         reference: True on ViT (separate q, k, v layers there), False on Swin (fused there).
     ssf: add the SSF scale/shift after the norms (part of RLRR; off only for ablations).
+    rank, sides, form: the paper's ablations (rlrr.layers): rank r of S_out S_in; "both" sides or
+        one ("out": rows, "in": columns, rank 1 only); "residual" W*(1+D), "plain" W*D, "additive" W+D.
+    targets: the linears to adapt by their last name (qkv, proj, fc1, fc2, reduction); None: all of
+        them (on CNNs: every plain conv).
     """
     init: Init = "official"
     split_qkv: Optional[bool] = None
     ssf: bool = True
+    rank: int = 1
+    sides: Sides = "both"
+    form: Form = "residual"
+    targets: Optional[tuple] = None
 
     def __post_init__(self):
         check_dataclass(self, "RLRRConfig")
+        check_rlrr_variant(self.rank, self.sides, self.targets, "RLRRConfig")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+LINEAR_TARGETS = ("qkv", "proj", "fc1", "fc2", "reduction")
+
+
+def check_rlrr_variant(rank, sides, targets, source: str, prefix: str = "") -> None:
+    """The checks the types alone cannot make (one line, naming the key)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"{source}: {prefix}rank = {rank!r}: expected an integer >= 1")
+    if sides != "both" and rank != 1:
+        raise ConfigError(f"{source}: {prefix}sides = {sides} scales rows or columns only; it needs "
+                          f"{prefix}rank = 1, got {rank}")
+    if targets is not None:
+        bad = [t for t in targets if t not in LINEAR_TARGETS] if isinstance(targets, (list, tuple)) else [targets]
+        if bad or not targets:
+            raise ConfigError(f"{source}: {prefix}targets = {targets!r}: expected a non-empty list of "
+                              f"{', '.join(LINEAR_TARGETS)}")
+
+
+def is_transformer(model: nn.Module) -> bool:
+    return isinstance(model, (VisionTransformer, SwinTransformer))
+
+
 def _targets(model: nn.Module, config: RLRRConfig) -> tuple[dict[str, int], dict[str, int]]:
-    """({linear path: in_groups}, {SSF base path: channel dim}) for a supported timm model."""
+    """({linear path: in_groups}, {SSF base path: channel dim}) for a timm ViT or Swin."""
     linears, ssf = {}, {}
     if isinstance(model, VisionTransformer):
         qkv_groups = 1 if config.split_qkv is False else 3
@@ -74,9 +116,16 @@ def _targets(model: nn.Module, config: RLRRConfig) -> tuple[dict[str, int], dict
                 ssf.update({f"{p}.norm1": -1, f"{p}.norm2": -1})
         ssf["norm"] = -1
     else:
-        raise TypeError(f"RLRR supports timm VisionTransformer and SwinTransformer models, "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"expected a timm VisionTransformer or SwinTransformer, got {type(model).__name__}")
+    if config.targets is not None:
+        linears = {p: g for p, g in linears.items() if p.rpartition(".")[2] in config.targets}
     return linears, (ssf if config.ssf else {})
+
+
+def conv_targets(model: nn.Module) -> list[str]:
+    """Every plain nn.Conv2d of a CNN (subclasses such as timm's Conv2dSame, whose forward pads
+    differently, stay frozen)."""
+    return [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -87,9 +136,11 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def _num_channels(module: nn.Module, channel_dim: int) -> int:
     if isinstance(module, nn.Conv2d):
         return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
     if isinstance(module, nn.LayerNorm):
         return module.normalized_shape[-1]
-    raise TypeError(f"SSF expects a LayerNorm or Conv2d, got {type(module).__name__}")
+    raise TypeError(f"SSF expects a LayerNorm, Linear or Conv2d, got {type(module).__name__}")
 
 
 def backbone_name(model: nn.Module) -> str:
@@ -98,24 +149,39 @@ def backbone_name(model: nn.Module) -> str:
 
 
 def is_adapted(model: nn.Module) -> bool:
-    return any(isinstance(m, (RLRRLinear, ScaleShift)) for m in model.modules())
+    return any(isinstance(m, (RLRRLinear, RLRRConv2d, ScaleShift)) for m in model.modules())
 
 
 def apply_rlrr(model: nn.Module, config: Optional[RLRRConfig] = None) -> nn.Module:
-    """Adapt a timm ViT or Swin in place and return it; only adapter vectors and the head train."""
+    """Adapt a timm ViT or Swin (linears + SSF), or any other model's plain convolutions, in place and
+    return it; only adapter vectors and the head train."""
     config = config or RLRRConfig()
     if is_adapted(model):
         raise ValueError("apply_rlrr: the model already has RLRR layers")
-    linears, ssf = _targets(model, config)
+    variant = dict(init=config.init, rank=config.rank, sides=config.sides, form=config.form)
     model.requires_grad_(False)
-    for path, groups in linears.items():
-        _set_submodule(model, path, RLRRLinear(model.get_submodule(path), in_groups=groups, init=config.init))
-    for path, channel_dim in ssf.items():
-        base = model.get_submodule(path)
-        _set_submodule(model, path, ScaleShift(base, _num_channels(base, channel_dim), channel_dim, config.init))
+    if is_transformer(model):
+        linears, ssf = _targets(model, config)
+        for path, groups in linears.items():
+            _set_submodule(model, path, RLRRLinear(model.get_submodule(path), in_groups=groups, **variant))
+        add_scale_shift(model, ssf, config.init)
+    else:
+        convs = conv_targets(model)
+        if not convs:
+            raise TypeError(f"RLRR found nothing to adapt in {type(model).__name__}: it is not a timm ViT or Swin "
+                            "and has no plain nn.Conv2d")
+        for path in convs:
+            _set_submodule(model, path, RLRRConv2d(model.get_submodule(path), **variant))
     zero_trainable_head(model)
     model.rlrr_config = config
     return model
+
+
+def add_scale_shift(model: nn.Module, placement: dict[str, int], init: Init) -> None:
+    """SSF after each module of ``placement`` ({path: channel dim})."""
+    for path, channel_dim in placement.items():
+        base = model.get_submodule(path)
+        _set_submodule(model, path, ScaleShift(base, _num_channels(base, channel_dim), channel_dim, init))
 
 
 @torch.no_grad()
@@ -132,7 +198,9 @@ def merge_rlrr(model: nn.Module) -> nn.Module:
         if isinstance(module, ScaleShift):
             _set_submodule(model, path, merged_scale_shift(module))
     for path, module in list(model.named_modules()):
-        if isinstance(module, RLRRLinear):
+        if isinstance(module, RLRRConv2d):
+            _set_submodule(model, path, merged_conv(module))
+        elif isinstance(module, RLRRLinear):
             merged = merged_linear(module)
             if module.bias is None:
                 parent = model.get_submodule(path.rpartition(".")[0])
@@ -157,13 +225,23 @@ def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
     return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
+def statistics_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """BatchNorm running statistics. They move during training (train mode, as in the reference's
+    ResNet), so adapter files and checkpoints carry them with the trainable tensors."""
+    return {f"{path}.{name}" if path else name: b for path, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for name, b in m.named_buffers(recurse=False) if b is not None}
+
+
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for _, p in trainable_parameters(model))
 
 
 def save_adapter(model: nn.Module, path: str) -> None:
-    """Write the trainable tensors (fp32) and metadata to a safetensors file, atomically."""
+    """Write the trainable tensors (fp32), BatchNorm statistics (as they are) and metadata to a
+    safetensors file, atomically."""
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in trainable_parameters(model)}
+    tensors.update({n: b.detach().cpu().contiguous() for n, b in statistics_buffers(model).items()})
     config = getattr(model, "rlrr_config", None)
     write_adapter(tensors, path, backbone_name(model), getattr(model, "num_classes", None), config)
 
@@ -211,7 +289,7 @@ def check_adapter_fit(tensors: dict[str, torch.Tensor], params: dict[str, torch.
 def load_adapter(model: nn.Module, path: str) -> dict[str, str]:
     """Copy an adapter file into an adapted model; every name/shape mismatch is reported at once."""
     tensors, metadata = read_adapter(path)
-    params = dict(trainable_parameters(model))
+    params = {**dict(trainable_parameters(model)), **statistics_buffers(model)}
     check_adapter_fit(tensors, params, f"{path} (backbone {metadata.get('backbone')})", backbone_name(model))
     for n, p in params.items():
         p.copy_(tensors[n])

@@ -16,9 +16,9 @@ import yaml
 
 from .atomic import write_text_atomic
 from .data.transforms import RecipeName, Stats
-from .layers import Init
+from .layers import Form, Init, Sides
 
-Method = Literal["rlrr", "linear", "full"]  # rlrr.model.METHODS holds one builder per name
+Method = Literal["rlrr", "linear", "full", "bitfit", "ssf", "lora"]  # rlrr.model.METHODS: one builder per name
 DropPathMode = Literal["dropout", "stochastic_depth"]
 Precision = Literal["fp32", "bf16", "fp16"]
 FrozenDtype = Literal["fp32", "bf16"]
@@ -59,6 +59,14 @@ Rate = Annotated[float, Range(0, 1)]
 
 
 @dataclass
+class LoraConfig:
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 8.0
+    dropout: Rate = 0.0
+    targets: list = field(default_factory=lambda: ["qkv"])  # timm linear names (qkv, proj, fc1, fc2)
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224"  # a timm ViT or Swin
     pretrained: Optional[str] = None  # local .npz / .safetensors / .pth
@@ -67,6 +75,11 @@ class ModelConfig:
     init: Init = "official"  # official (the reference's random start) | identity (W' = W at step 0)
     split_qkv: Optional[bool] = None  # one input-side vector per q/k/v; null: on for ViT, off for Swin
     ssf: bool = True  # RLRR's SSF scale/shift after the norms (off only for ablations)
+    rank: PositiveInt = 1  # RLRR ablation: rank r of S_out (out x r) S_in (r x in)
+    sides: Sides = "both"  # RLRR ablation: both scale vectors, or out (rows) / in (columns) only
+    form: Form = "residual"  # RLRR ablation: residual W*(1+D) | plain W*D | additive W+D (without W)
+    targets: Optional[list] = None  # RLRR: linears to adapt (qkv, proj, fc1, fc2, reduction); null: all
+    lora: LoraConfig = field(default_factory=LoraConfig)  # method lora only
     drop_path: Rate = 0.0
     drop_path_mode: DropPathMode = "dropout"  # dropout (the reference) | stochastic_depth (timm)
     grad_checkpointing: bool = False
@@ -264,6 +277,13 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
 
 
 def _check(cfg: RunConfig, source: str) -> None:
+    m = cfg.model
+    from .adapter import LINEAR_TARGETS, check_rlrr_variant
+    check_rlrr_variant(m.rank, m.sides, m.targets, source, prefix="model.")
+    bad = [t for t in m.lora.targets if t not in LINEAR_TARGETS[:4]] if isinstance(m.lora.targets, list) else [0]
+    if bad or not m.lora.targets:
+        raise ConfigError(f"{source}: model.lora.targets = {m.lora.targets!r}: expected a non-empty list of "
+                          f"{', '.join(LINEAR_TARGETS[:4])}")
     if not cfg.data.shards:
         raise ConfigError(f"{source}: data.shards is required (a folder made by tools/make_shards.py)")
     t = cfg.train

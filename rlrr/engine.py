@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint
-from .adapter import trainable_parameters
+from .adapter import statistics_buffers, trainable_parameters
 from .atomic import write_text_atomic
 from .config import ConfigError, EngineName
 from .distributed import DistInfo, barrier, broadcast_object
@@ -109,6 +109,7 @@ class DDPEngine:
     def save(self, directory: str, client: dict) -> None:
         if self.info.is_main:
             state = {"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
+                     "buffers": {n: b.cpu() for n, b in statistics_buffers(self.model).items()},
                      "scaler": self.scaler.state_dict(), **client}
             checkpoint.save(state, *(os.path.join(directory, f) for f in self.FILES))
         barrier(self.info)
@@ -121,6 +122,8 @@ class DDPEngine:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved["trainable"][n])
+            for n, b in statistics_buffers(self.model).items():
+                b.copy_(saved["buffers"][n])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         return saved

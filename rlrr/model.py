@@ -14,14 +14,20 @@ import timm
 import torch
 import torch.nn as nn
 
-from .adapter import RLRRConfig, apply_rlrr, zero_trainable_head
+from .adapter import RLRRConfig, apply_rlrr, is_adapted, merge_rlrr, zero_trainable_head
+from .baselines import LoraOptions, apply_bitfit, apply_lora, apply_ssf, merge_lora
 from .config import Method, ModelConfig
 from .layers import RLRRLinear
 from .pretrained import load_pretrained
 
 
+def rlrr_config(m: ModelConfig) -> RLRRConfig:
+    return RLRRConfig(init=m.init, split_qkv=m.split_qkv, ssf=m.ssf, rank=m.rank, sides=m.sides, form=m.form,
+                      targets=None if m.targets is None else tuple(m.targets))
+
+
 def _rlrr(model: nn.Module, m: ModelConfig) -> nn.Module:
-    return apply_rlrr(model, RLRRConfig(init=m.init, split_qkv=m.split_qkv, ssf=m.ssf))
+    return apply_rlrr(model, rlrr_config(m))
 
 
 def _linear_probe(model: nn.Module, m: ModelConfig) -> nn.Module:
@@ -36,8 +42,14 @@ def _full(model: nn.Module, m: ModelConfig) -> nn.Module:
     return model
 
 
+def _lora(model: nn.Module, m: ModelConfig) -> nn.Module:
+    return apply_lora(model, LoraOptions(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                         targets=tuple(m.lora.targets)))
+
+
 METHODS: dict[str, Callable[[nn.Module, ModelConfig], nn.Module]] = {
-    "rlrr": _rlrr, "linear": _linear_probe, "full": _full}
+    "rlrr": _rlrr, "linear": _linear_probe, "full": _full, "bitfit": lambda model, m: apply_bitfit(model),
+    "ssf": lambda model, m: apply_ssf(model, m.init), "lora": _lora}
 if set(METHODS) != set(typing.get_args(Method)):
     raise ImportError(f"rlrr.model.METHODS {sorted(METHODS)} and config.Method {typing.get_args(Method)} disagree")
 
@@ -55,8 +67,13 @@ def build_model(m: ModelConfig, num_classes: int, seed: Optional[int] = None) ->
 
 
 def _build(m: ModelConfig, num_classes: int) -> nn.Module:
-    model = timm.create_model(m.name, pretrained=False, num_classes=num_classes, img_size=m.img_size,
-                              drop_path_rate=m.drop_path, **m.timm_kwargs)
+    kwargs = dict(pretrained=False, num_classes=num_classes, drop_path_rate=m.drop_path, **m.timm_kwargs)
+    try:
+        model = timm.create_model(m.name, img_size=m.img_size, **kwargs)
+    except TypeError as e:  # CNNs take any image size and have no img_size argument
+        if "img_size" not in str(e):
+            raise
+        model = timm.create_model(m.name, **kwargs)
     if m.pretrained:
         load_pretrained(model, m.pretrained)
     use_fused_attention(model, m.fused_attn)
@@ -66,6 +83,14 @@ def _build(m: ModelConfig, num_classes: int) -> nn.Module:
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)  # timm's checkpointing is non-reentrant: frozen inputs still give grads
     return model
+
+
+def merge_model(model: nn.Module) -> nn.Module:
+    """The plain timm model of a trained one, in place: RLRR and SSF layers folded (merge_rlrr),
+    LoRA merged by peft; the other methods already are plain."""
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):  # peft is imported only for LoRA
+        return merge_lora(model)
+    return merge_rlrr(model) if is_adapted(model) else model
 
 
 def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,

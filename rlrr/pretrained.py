@@ -1,7 +1,9 @@
 """Pre-trained backbones from local files only (never the network).
 
 Accepted: Google ``vision_transformer`` .npz (read by timm's own loader), timm .safetensors and
-.pth/.pt/.bin, and checkpoints that nest the weights under ``model``/``state_dict`` (microsoft Swin).
+.pth/.pt/.bin, checkpoints that nest the weights under ``model``/``state_dict`` (microsoft Swin), and
+state_dicts in another key layout with the same tensors in the same order (torchvision's MobileNetV2
+for timm's ``mobilenetv2_100``).
 timm's per-family ``checkpoint_filter_fn`` converts original key layouts and resamples position
 embeddings / relative position tables to the model's size. The classifier is never loaded: RLRR
 starts every task with a zero head.
@@ -48,8 +50,28 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+def _renamed_by_order(sd: dict[str, torch.Tensor], model: nn.Module, is_head) -> dict[str, torch.Tensor]:
+    """A state_dict in another library's key layout (torchvision's MobileNetV2 ``features.*`` for timm's
+    ``mobilenetv2_100``) holding the same tensors in the same order as the model's: the model's names,
+    given only if every shape lines up and the file ends with as many classifier tensors as the model's.
+    Otherwise ``sd`` unchanged (the key check below names what does not fit)."""
+    own = model.state_dict()
+    if any(k in own for k in sd):
+        return sd
+    body = [k for k in own if not is_head(k)]
+    head = [k for k in own if is_head(k)]
+    theirs = list(sd.items())
+    if len(theirs) != len(body) + len(head) or any(tuple(v.shape) != tuple(own[k].shape)
+                                                  for k, (_, v) in zip(body, theirs)):
+        return sd
+    return dict(zip(body + head, (v for _, v in theirs)))
+
+
 def _load_state_dict_file(model: nn.Module, path: str) -> None:
     sd = _read_state_dict(path)
+    head = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    is_head = lambda k: k == head or k.startswith(head + ".")  # noqa: E731
+    sd = _renamed_by_order(sd, model, is_head)
     family = importlib.import_module(type(model).__module__)
     if hasattr(family, "checkpoint_filter_fn"):
         try:
@@ -57,8 +79,6 @@ def _load_state_dict_file(model: nn.Module, path: str) -> None:
         except Exception as e:
             raise CheckpointError(f"{path}: timm could not convert it for {type(model).__name__} "
                                   f"({type(e).__name__}: {e})") from None
-    head = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
-    is_head = lambda k: k == head or k.startswith(head + ".")  # noqa: E731
     sd = {k: v for k, v in sd.items() if not is_head(k)}
     own = {k: v for k, v in model.state_dict().items() if not is_head(k)}
     missing = [k for k in own if k not in sd]

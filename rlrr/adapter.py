@@ -3,7 +3,7 @@
 Placement follows docs/method.md, section 3 (the official code): RLRR on every attention qkv/proj and MLP
 fc1/fc2 (plus Swin's patch-merging reduction), SSF after each block's two norms and the final norm,
 and, on ViT only, after the patch embedding. Any other model (timm ResNet, MobileNetV2, ...) gets
-RLRR on every plain nn.Conv2d (section 4). Everything else is frozen; the head is trainable and
+RLRR on every plain nn.Conv2d (section 8). Everything else is frozen; the head is trainable and
 starts at zero.
 """
 import dataclasses

@@ -1,4 +1,4 @@
-"""The methods RLRR is compared with, on the same timm models (docs/method.md, section 6):
+"""The methods RLRR is compared with, on the same timm models (docs/method.md, section 10):
 
 - bitfit: every bias (and the head) trains;
 - ssf: SSF alone, placed as the SSF paper does: a scale/shift after every linear of the blocks, after

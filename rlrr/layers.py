@@ -1,10 +1,10 @@
 """The RLRR layers (Dong et al., CVPR 2024), each with an exact merge.
 
 RLRRLinear:  W' = W * (1 + s_out s_in^T),  b' = b + f         (docs/method.md, section 1)
-RLRRConv2d:  the same on a k x k kernel viewed as an (out*k, in*k) matrix (section 4)
+RLRRConv2d:  the same on a k x k kernel viewed as an (out*k, in*k) matrix (section 8)
 ScaleShift:  y = base(x) * gamma + beta  (SSF after a norm, a linear or the patch conv; section 2)
 
-The ablations of the paper are options of the first two (docs/method.md, section 5): rank r
+The ablations of the paper are options of the first two (docs/method.md, section 9): rank r
 (S_out: out x r, S_in: r x in), one side only (the other fixed at ones), and the form of the update:
 "residual" W * (1 + S_out S_in) (the method), "plain" W * (S_out S_in) (no residual 1) and
 "additive" W + S_out S_in (without W).

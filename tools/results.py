@@ -66,8 +66,8 @@ def prepare_mnist5k() -> None:
         write_idx(os.path.join(idx, f"{prefix}-images-idx3-ubyte.gz"), images[part])
         write_idx(os.path.join(idx, f"{prefix}-labels-idx1-ubyte.gz"), labels[part])
     subprocess.run([sys.executable, "tools/make_shards.py", "idx", "--root", idx, "--out", MNIST5K,
-                    "--name", "mnist-5k", "--subset", "train=1000", "--val-split", "200", "--subset", "test=2000", "--image-size", "56",
-                    "--overwrite"], cwd=ROOT, check=True)
+                    "--name", "mnist-5k", "--subset", "train=1000", "--val-split", "200", "--subset", "test=2000",
+                    "--image-size", "56", "--overwrite"], cwd=ROOT, check=True)
 
 
 def prepare() -> None:

@@ -67,13 +67,8 @@ def build_model(m: ModelConfig, num_classes: int, seed: Optional[int] = None) ->
 
 
 def _build(m: ModelConfig, num_classes: int) -> nn.Module:
-    kwargs = dict(pretrained=False, num_classes=num_classes, drop_path_rate=m.drop_path, **m.timm_kwargs)
-    try:
-        model = timm.create_model(m.name, img_size=m.img_size, **kwargs)
-    except TypeError as e:  # CNNs take any image size and have no img_size argument
-        if "img_size" not in str(e):
-            raise
-        model = timm.create_model(m.name, **kwargs)
+    model = create_timm(m.name, m.img_size, pretrained=False, num_classes=num_classes, drop_path_rate=m.drop_path,
+                        **m.timm_kwargs)
     if m.pretrained:
         load_pretrained(model, m.pretrained)
     use_fused_attention(model, m.fused_attn)
@@ -91,6 +86,16 @@ def merge_model(model: nn.Module) -> nn.Module:
     if any(type(m).__module__.startswith("peft.") for m in model.modules()):  # peft is imported only for LoRA
         return merge_lora(model)
     return merge_rlrr(model) if is_adapted(model) else model
+
+
+def create_timm(name: str, img_size: int, **kwargs) -> nn.Module:
+    """timm.create_model with ``img_size`` where the model takes one (ViT, Swin); CNNs take any size."""
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        return timm.create_model(name, **kwargs)
 
 
 def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,

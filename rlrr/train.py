@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from . import checkpoint
-from .adapter import count_trainable, save_adapter, trainable_parameters
+from .adapter import count_trainable, save_adapter, statistics_buffers, trainable_parameters
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import DataError, Manifest, ManifestError, SplitLoader
@@ -48,6 +48,7 @@ from .distributed import (
 )
 from .engine import ENGINES, deepspeed_config
 from .evaluate import evaluate
+from .inference import inference_card, write_card
 from .model import build_model, merge_model, store_frozen_weights_in
 from .optim import build_scheduler
 
@@ -298,6 +299,8 @@ def open_run_dir(run: Run, resumed: bool) -> None:
     if os.path.exists(preempted_marker(run)):
         os.remove(preempted_marker(run))
     save_config(cfg, os.path.join(run.dir, "config.yaml"))
+    write_card(run.dir, inference_card(cfg, run.manifest.class_names, run.manifest.data.get("preprocessing", {}),
+                                       sized=hasattr(run.engine.model, "patch_embed")))
     if t.engine == "deepspeed":  # what DeepSpeed was given: the JSON's knobs and the run's values
         write_json_atomic(os.path.join(run.dir, "deepspeed.json"), run.engine.config)
     run.writer = SummaryWriter(os.path.join(run.dir, "tensorboard"), purge_step=step if resumed else None)
@@ -573,6 +576,9 @@ def write_final(run: Run, results: dict) -> None:
     with torch.no_grad():
         for name, p in trainable_parameters(model):
             p.copy_(trained[name])
+        statistics = statistics_buffers(run.engine.model)  # BatchNorm running statistics moved too
+        for name, b in statistics_buffers(model).items():
+            b.copy_(statistics[name])
     save_adapter(model, os.path.join(run.dir, "adapter.safetensors"))
     merged = merge_model(model)
     tensors = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}

@@ -245,6 +245,13 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
         timm.create_model(cfg.model.name, num_classes=4, **({} if "resnet" in cfg.model.name else {"img_size": 32})
                           ).load_state_dict(merged, strict=True)
     assert rows["full"]["trainable_params"] > rows["lora"]["trainable_params"] > rows["linear"]["trainable_params"]
+    # the CNN's BatchNorm statistics moved in training and reached the adapter and the merged model
+    cnn = Path(rows["rlrr-cnn"]["run_dir"])
+    adapter, merged = load_file(str(cnn / "adapter.safetensors")), load_file(str(cnn / "merged.safetensors"))
+    stats = [k for k in adapter if k.endswith(("running_mean", "running_var"))]
+    initial = build_model(load_config(str(cnn / "config.yaml")).model, 4, seed=42).state_dict()
+    assert stats and all(torch.equal(merged[k], adapter[k]) for k in stats)
+    assert not all(torch.equal(adapter[k], initial[k]) for k in stats)
     # the paper's lens across methods: RLRR, LoRA and full fine-tuning of one task in one figure
     svd = tmp_path / "svd"
     assert tool_main("analyze_svd.py")([str(out / m) for m in ("rlrr", "lora", "full")] +

@@ -36,6 +36,7 @@ def inference_card(cfg: RunConfig, class_names: list[str], shard_preprocessing: 
     m, d = cfg.model, cfg.data
     mean, std = MEAN_STD[d.stats]
     size_kwarg = f", img_size={m.img_size}" if sized else ""
+    n = len(class_names)
     return {
         "format": CARD_FORMAT, "backbone": m.name, "method": m.method, "pretrained": m.pretrained,
         "num_classes": len(class_names), "class_names": list(class_names), "img_size": m.img_size,
@@ -43,8 +44,9 @@ def inference_card(cfg: RunConfig, class_names: list[str], shard_preprocessing: 
         "preprocessing": {"shards": {k: shard_preprocessing.get(k) for k in ("image_size", "resize", "interpolation")},
                           "recipe": d.recipe, "image_size": m.img_size, "stats": d.stats,
                           "mean": list(mean), "std": list(std)},
-        "timm": f"timm.create_model({m.name!r}, pretrained=True, "
-                f"pretrained_cfg_overlay=dict(file='merged.safetensors'), num_classes={len(class_names)}{size_kwarg})",
+        # the overlay's num_classes tells timm the file's head fits, so it keeps it
+        "timm": f"timm.create_model({m.name!r}, pretrained=True, num_classes={n}{size_kwarg}, "
+                f"pretrained_cfg_overlay=dict(file='merged.safetensors', num_classes={n}))",
     }
 
 
@@ -140,6 +142,8 @@ class AdapterBank:
     """
 
     def __init__(self, model: nn.Module, cfg: RunConfig):
+        """``model``: an adapted model as training builds it (``cfg.model``), whose adapter tensors
+        the tasks overwrite."""
         self.model, self.cfg = model.eval(), cfg
         self.head_path = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
         self.tasks: dict[str, dict] = {}
@@ -156,8 +160,6 @@ class AdapterBank:
 
     def add(self, name: str, run_dir: str) -> None:
         """Read a run's adapter (checked against the bank's backbone and method) into memory."""
-        if name in self.tasks:
-            raise ValueError(f"AdapterBank: task {name!r} is already in the bank")
         cfg = load_config(os.path.join(run_dir, "config.yaml"))
         mine = dataclasses.asdict(self.cfg.model)
         theirs = dataclasses.asdict(cfg.model)
@@ -166,12 +168,19 @@ class AdapterBank:
             what = ", ".join(f"model.{k}: {theirs[k]!r} vs {mine[k]!r}" for k in differ) or \
                 "no pre-trained file and another seed (a different random backbone)"
             raise ValueError(f"AdapterBank: {run_dir} was trained on another backbone or method ({what})")
-        tensors, _ = read_adapter(os.path.join(run_dir, "adapter.safetensors"))
+        self.add_adapter(name, os.path.join(run_dir, "adapter.safetensors"), card=read_card(run_dir))
+
+    def add_adapter(self, name: str, path: str, card: Optional[dict] = None) -> None:
+        """Read an adapter file (its tensors checked against the bank's model) into memory; the head
+        may have any number of classes."""
+        if name in self.tasks:
+            raise ValueError(f"AdapterBank: task {name!r} is already in the bank")
+        tensors, _ = read_adapter(path)
         prefix = self.head_path + "."
         body = {n: t for n, t in tensors.items() if not n.startswith(prefix)}
         own = {n: t for n, t in {**dict(trainable_parameters(self.model)), **statistics_buffers(self.model)}.items()
                if not n.startswith(prefix)}
-        check_adapter_fit(body, own, run_dir, self.cfg.model.name)
+        check_adapter_fit(body, own, path, self.cfg.model.name)
         weight, bias = tensors[prefix + "weight"], tensors.get(prefix + "bias")
         head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         with torch.no_grad():
@@ -180,7 +189,7 @@ class AdapterBank:
                 head.bias.copy_(bias)
         device = next(self.model.parameters()).device
         self.tasks[name] = {"tensors": {n: t.to(device) for n, t in body.items()}, "head": head.to(device).eval(),
-                            "card": read_card(run_dir), "run_dir": run_dir}
+                            "card": card, "path": path}
 
     @torch.no_grad()
     def use(self, name: str) -> nn.Module:

@@ -18,9 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist (make installs it)
 
 
-def run_tool(name: str, *args, timeout: float = 600) -> subprocess.CompletedProcess:
-    """tools/<name> in a fresh interpreter; arguments may be paths or numbers."""
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True,
+def run_tool(name: str, *args, timeout: float = 600, nproc=None) -> subprocess.CompletedProcess:
+    """tools/<name> in a fresh interpreter (under torchrun with ``nproc`` processes if given); arguments
+    may be paths or numbers."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -220,7 +220,7 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
                 "rlrr-in-plain=rlrr model.sides=in model.form=plain model.ssf=false",
                 "rlrr-cnn=rlrr model.name=test_resnet model.rank=2",
                 "broken=rlrr model.pretrained=/nonexistent.pth"]
-    args = ["--config", config, "--out-dir", out, "--methods", "rlrr,lora,ssf,bitfit,full,linear"]
+    args = ["--config", config, "--out-dir", out, "--methods", "rlrr,lora,ssf,bitfit,full,linear", "--parallel", "2"]
     for v in variants:
         args += ["--variant", v]
     proc = run_tool("compare.py", *args)

@@ -31,8 +31,8 @@ def test_single_process_run_writes_everything(shards, tmp_path):
     cfg = write_config(tmp_path / "tiny.yaml", shards, tmp_path / "runs")
     results = main(["--config", cfg])
     run = tmp_path / "runs" / "tiny"
-    assert sorted(os.listdir(run)) == ["adapter.safetensors", "checkpoints", "config.yaml", "merged.safetensors",
-                                       "results.json", "tensorboard"]
+    assert sorted(os.listdir(run)) == ["adapter.safetensors", "checkpoints", "config.yaml", "inference.json",
+                                       "merged.safetensors", "results.json", "tensorboard"]
     saved = json.loads((run / "results.json").read_text())
     assert saved["test_acc1_final"] == results["test_acc1_final"]
     for key in ("test_acc1_final", "test_acc1_at_best_val", "test_acc1_best_over_epochs"):

@@ -7,7 +7,8 @@ launch/train.py under torchrun in its own run directory, then write a table, JSO
     python tools/compare.py --config configs/vtab/kitti.yaml --nproc 8 --methods rlrr,full \\
         --variant "rlrr-r10=rlrr model.rank=10" --variant "rlrr-no1=rlrr model.form=plain"
 
-A method is a file configs/methods/<name>.yaml laid over the task config (what differs per method,
+``--parallel N`` runs N at once (on a GPU machine each on its own GPUs). A method is a file
+configs/methods/<name>.yaml laid over the task config (what differs per method,
 e.g. full fine-tuning's lr, lives there); ``--variant LABEL=METHOD OVERRIDES...`` adds a run with
 extra ``key=value`` overrides; ``--set`` applies to every run. A finished run (results.json present)
 is reused, an interrupted one resumes from its checkpoint, so the command can simply be run again.
@@ -17,11 +18,14 @@ x axis). A run that fails or leaves no results is listed as such, never as a num
 import argparse
 import json
 import os
+import queue
 import re
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,7 +61,7 @@ def plan(methods: str, variants: list[str]) -> list[tuple[str, str, list[str]]]:
     return runs
 
 
-def run_one(args, label: str, method: str, overrides: list[str]) -> dict:
+def run_one(args, label: str, method: str, overrides: list[str], gpus: Optional[str] = None) -> dict:
     out = os.path.abspath(args.out_dir)
     run_dir = os.path.join(out, label)
     row = {"label": label, "method_file": f"configs/methods/{method}.yaml", "overrides": overrides,
@@ -82,9 +86,10 @@ def run_one(args, label: str, method: str, overrides: list[str]) -> dict:
             cmd += ["--set", kv]
         print(f"compare: {label}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         t0 = time.time()
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}))
         with open(os.path.join(out, f"{label}.log"), "w") as log:
             try:
-                rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     timeout=args.timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -103,6 +108,30 @@ def run_one(args, label: str, method: str, overrides: list[str]) -> dict:
                                       "test_acc1_at_best_val", "wall_time_s", "peak_memory_mb", "epochs",
                                       "world_size")})
     return row
+
+
+def run_all(args, runs: list) -> list[dict]:
+    """Each run in order, ``--parallel`` at a time; on a GPU machine slot k owns GPUs
+    k*nproc .. (k+1)*nproc - 1, so concurrent runs never share a device."""
+    if args.parallel <= 1:
+        return [run_one(args, *r) for r in runs]
+    import torch
+    gpus = torch.cuda.device_count()
+    if gpus and gpus < args.parallel * args.nproc:
+        raise SystemExit(f"compare: --parallel {args.parallel} x --nproc {args.nproc} needs "
+                         f"{args.parallel * args.nproc} GPUs, this machine has {gpus}")
+    slots = queue.Queue()
+    for k in range(args.parallel):
+        slots.put(",".join(str(k * args.nproc + i) for i in range(args.nproc)) if gpus else None)
+
+    def one(run):
+        slot = slots.get()
+        try:
+            return run_one(args, *run, gpus=slot)
+        finally:
+            slots.put(slot)
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        return list(pool.map(one, runs))
 
 
 def last_error(out: str, label: str) -> str:
@@ -166,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun --nproc_per_node)")
     ap.add_argument("--out-dir", default="runs/compare")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per run (default: none)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="runs at once; with GPUs each run gets its own --nproc of them (CUDA_VISIBLE_DEVICES)")
     ap.add_argument("--rerun", action="store_true", help="train again even where results.json exists")
     args = ap.parse_args(argv)
     if not os.path.isfile(args.config):
@@ -173,11 +204,13 @@ def main(argv=None) -> int:
         return 2
     try:
         runs = plan(args.methods, args.variant)
+        if args.parallel < 1 or args.nproc < 1:
+            raise SystemExit("compare: --parallel and --nproc must be >= 1")
     except SystemExit as e:
         print(f"compare: error: {str(e).removeprefix('compare: ')}", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
-    rows = [run_one(args, *r) for r in runs]
+    rows = run_all(args, runs)
     out = os.path.abspath(args.out_dir)
     write_json_atomic(os.path.join(out, "compare.json"), {"config": args.config, "nproc": args.nproc,
                                                            "date": time.strftime("%Y-%m-%d"), "runs": rows})

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
               for name in sorted(same)]
     benches = {}
     for step in steps:
-        if step["ok"] and step["step"].startswith("bench-"):
+        if step["ok"] and step["step"].startswith("bench-") and "skipped" not in step:
             with open(os.path.join(out, f"{step['step']}.json")) as f:
                 benches[step["step"]] = json.load(f)
     make, runs = training_runs(out, args.dry_run)

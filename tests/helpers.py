@@ -18,13 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist (make installs it)
 
 
+def launcher(nproc=None) -> list[str]:
+    """A fresh interpreter, under torchrun with ``nproc`` processes if given."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
+        else [sys.executable]
+
+
 def run_tool(name: str, *args, timeout: float = 600, nproc=None) -> subprocess.CompletedProcess:
     """tools/<name> in a fresh interpreter (under torchrun with ``nproc`` processes if given); arguments
     may be paths or numbers."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    return subprocess.run([*launcher, str(ROOT / "tools" / name), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*launcher(nproc), str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def make_shards(*args) -> subprocess.CompletedProcess:
@@ -96,9 +100,7 @@ def write_config(path: Path, shards: str, out: Path, **sections) -> str:
 
 def train_cmd(*args, nproc=None) -> list[str]:
     """launch/train.py in a fresh interpreter, under torchrun with ``nproc`` processes if given."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    return launcher + [str(ROOT / "launch" / "train.py"), *map(str, args)]
+    return launcher(nproc) + [str(ROOT / "launch" / "train.py"), *map(str, args)]
 
 
 def comparable_adapter(adapter: dict) -> dict:

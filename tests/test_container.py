@@ -24,6 +24,10 @@ def test_dockerfile_lints_clean_and_pins_the_tested_torch():
     assert re.search(r"^USER 1000", text, re.M)  # not root
     pins = (ROOT / "docker" / "requirements.txt").read_text()
     assert all("==" in line for line in pins.splitlines() if line and not line.startswith("#"))
+    # every runtime requirement of setup.py is pinned in the image (torch/torchvision: the base image)
+    required = re.findall(r'^\s*"([A-Za-z0-9_-]+)[><=]', (ROOT / "setup.py").read_text().split("setup(")[0], re.M)
+    pinned = {line.split("==")[0] for line in pins.splitlines() if "==" in line}
+    assert len(required) > 10 and set(required) - {"torch", "torchvision"} <= pinned, set(required) - pinned
 
 
 def test_dockerignore_keeps_data_runs_and_weights_out():

@@ -86,7 +86,7 @@ def _torchrun(cfg, run_name, env=None, restarts=0):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])  # the two checkpoint writers: torch files, DeepSpeed tags
 def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_run(engine, tiny_shards, tmp_path):
     """torchrun --max-restarts=1; rank 0 is SIGKILLed half-way through writing its third checkpoint:
     the restarted workers resume from the last complete one and finish with the same adapter."""

@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="the same steps with a tiny model on CPU")
     ap.add_argument("--jobs", type=int, default=1, help="steps at once (dry run only: figures need one at a time)")
     ap.add_argument("--timeout", type=int, default=200, help="seconds per step")
+    ap.add_argument("--skip", action="append", default=[], metavar="STEP",
+                    help="leave a step out (reported as skipped), e.g. to rerun only what failed")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_acceptance: error: no CUDA device; use --dry-run to check the steps on CPU", file=sys.stderr)
@@ -160,11 +162,12 @@ def main(argv=None) -> int:
                os.path.join(out, "scaling"), "--batch-per-rank", "2" if args.dry_run else "16"]
     scaling += ["--img-size", "32"] if args.dry_run else ["--warmup", "3", "--steps", "10"]
     # a dry run builds the same tiny model for ViT-B and ViT-H: the ViT-H commands would repeat the ViT-B ones
-    same = {"bench-vit-h", "bench-vit-h-ckpt"} if args.dry_run else set()
-    steps = run_all([j for j in bench_jobs if j[0] not in same] +
-                    [("scaling", [py, "tools/bench_scaling.py", *scaling], 2 * args.timeout)], out, args.jobs)
-    steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": "dry run: the same tiny model as bench-vit-b"}
-              for name in sorted(same)]
+    skip = {name: "--skip" for name in args.skip}
+    if args.dry_run:
+        same = "dry run: the same tiny model as bench-vit-b"
+        skip.update({name: same for name in ("bench-vit-h", "bench-vit-h-ckpt")})
+    steps = run_all([j for j in bench_jobs + [("scaling", [py, "tools/bench_scaling.py", *scaling], 2 * args.timeout)]
+                     if j[0] not in skip], out, args.jobs)
     benches = {}
     for step in steps:
         if step["ok"] and step["step"].startswith("bench-") and "skipped" not in step:
@@ -172,12 +175,11 @@ def main(argv=None) -> int:
                 benches[step["step"]] = json.load(f)
     make, runs = training_runs(out, args.dry_run)
     steps += run_all([("make-shards", make, args.timeout)], out, 1)
+    if args.dry_run:
+        skip["train-ddp-fp16"] = "fp16 needs CUDA (dry run)"
     train_jobs = [(name, [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "launch/train.py",
                           "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}", *overrides],
-                   args.timeout) for name, overrides in runs
-                  if not (args.dry_run and "train.precision=fp16" in overrides)]
-    steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": "fp16 needs CUDA (dry run)"}
-              for name, overrides in runs if args.dry_run and "train.precision=fp16" in overrides]
+                   args.timeout) for name, overrides in runs if name not in skip]
     training = {}
     for step in run_all(train_jobs, out, args.jobs):
         steps.append(step)
@@ -188,6 +190,7 @@ def main(argv=None) -> int:
             # fp16: the gradient scaler skips the steps whose scaled gradients overflow while it calibrates
             if r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20:
                 step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
+    steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
     scaling_md = os.path.join(out, "scaling", "scaling.md")
     result = {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "environment": environment(),
               "steps": steps, "benchmarks": benches, "training": training,

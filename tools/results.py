@@ -29,7 +29,12 @@ MNIST5K = os.path.join(ROOT, "data", "results", "mnist-5k")
 MOBILENET = os.path.join(ROOT, "pretrained", "mobilenet_v2_imagenet.pth")
 ABLATIONS = ["rlrr-rank4=rlrr model.rank=4", "rlrr-no-residual=rlrr model.form=plain",
              "rlrr-without-W=rlrr model.form=additive", "rlrr-out-side=rlrr model.sides=out",
-             "rlrr-attention-only=rlrr model.targets=[qkv,proj]"]
+             "rlrr-attention-only=rlrr model.targets=[qkv,proj]",
+             # the same, started at W' = W: the reference's random start rescales W by up to +-22% (residual) but
+             # replaces it outright without the residual 1 or without W
+             "rlrr-identity=rlrr model.init=identity",
+             "rlrr-no-residual-identity=rlrr model.form=plain model.init=identity",
+             "rlrr-without-W-identity=rlrr model.form=additive model.init=identity"]
 STUDIES = {
     "fmnist-dinov2": ("configs/demo.yaml", "rlrr,lora,ssf,bitfit,full,linear", ABLATIONS, os.path.join("runs", "demo")),
     "mnist5k-dinov2": ("configs/results/mnist5k_dinov2.yaml", "rlrr,lora,ssf,bitfit,full,linear", [], None),
@@ -94,6 +99,8 @@ def main(argv=None) -> int:
             failed.append(study)
         if "dinov2" in study:
             svd = [os.path.join(ROOT, out, m) for m in ("rlrr", "lora", "ssf", "full")]
+            if study == "fmnist-dinov2":
+                svd.insert(1, os.path.join(ROOT, out, "rlrr-identity"))
             subprocess.run([sys.executable, "tools/analyze_svd.py", *svd, "--out", os.path.join(ROOT, out, "svd")],
                            cwd=ROOT, check=False)
     if failed:

@@ -88,7 +88,7 @@ def is_transformer(model: nn.Module) -> bool:
     return isinstance(model, (VisionTransformer, SwinTransformer))
 
 
-def _targets(model: nn.Module, config: RLRRConfig) -> tuple[dict[str, int], dict[str, int]]:
+def transformer_targets(model: nn.Module, config: RLRRConfig) -> tuple[dict[str, int], dict[str, int]]:
     """({linear path: in_groups}, {SSF base path: channel dim}) for a timm ViT or Swin."""
     linears, ssf = {}, {}
     if isinstance(model, VisionTransformer):
@@ -161,7 +161,7 @@ def apply_rlrr(model: nn.Module, config: Optional[RLRRConfig] = None) -> nn.Modu
     variant = dict(init=config.init, rank=config.rank, sides=config.sides, form=config.form)
     model.requires_grad_(False)
     if is_transformer(model):
-        linears, ssf = _targets(model, config)
+        linears, ssf = transformer_targets(model, config)
         for path, groups in linears.items():
             _set_submodule(model, path, RLRRLinear(model.get_submodule(path), in_groups=groups, **variant))
         add_scale_shift(model, ssf, config.init)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 from timm.models.swin_transformer import PatchMerging
 
-from .adapter import RLRRConfig, _targets, add_scale_shift, is_transformer, zero_trainable_head
+from .adapter import RLRRConfig, add_scale_shift, is_transformer, transformer_targets, zero_trainable_head
 from .layers import Init
 
 
@@ -32,7 +32,7 @@ def apply_ssf(model: nn.Module, init: Init = "official") -> nn.Module:
     bias-free patch-merging reduction gets none (its shift could not merge into a bias)."""
     if not is_transformer(model):
         raise TypeError(f"method ssf supports timm ViT and Swin models, got {type(model).__name__}")
-    linears, norms = _targets(model, RLRRConfig(ssf=True))
+    linears, norms = transformer_targets(model, RLRRConfig(ssf=True))
     placement = {p: -1 for p in linears if not isinstance(model.get_submodule(p.rpartition(".")[0]), PatchMerging)}
     model.requires_grad_(False)
     add_scale_shift(model, {**norms, **placement}, init)

@@ -87,6 +87,9 @@ def run_one(args, label: str, method: str, overrides: list[str], gpus: Optional[
         print(f"compare: {label}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         t0 = time.time()
         env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}))
+        if args.parallel > 1 and gpus is None and "OMP_NUM_THREADS" not in os.environ:
+            # CPU runs side by side share the cores instead of each taking all of them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (args.parallel * args.nproc)))
         with open(os.path.join(out, f"{label}.log"), "w") as log:
             try:
                 rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,

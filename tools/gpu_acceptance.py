@@ -81,12 +81,12 @@ def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, l
     return make, runs
 
 
-def run_step(name: str, cmd: list[str], out_dir: str, timeout: int) -> dict:
+def run_step(name: str, cmd: list[str], out_dir: str, timeout: int, env=None) -> dict:
     t0 = time.perf_counter()
     log = os.path.join(out_dir, "logs", f"{name}.log")
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT, env=env).returncode
         except subprocess.TimeoutExpired:
             rc = f"timed out after {timeout} s"
     step = {"step": name, "ok": rc == 0, "seconds": round(time.perf_counter() - t0, 1), "log": log}
@@ -132,9 +132,13 @@ def report(result: dict) -> str:
 
 
 def run_all(jobs: list[tuple[str, list[str], int]], out_dir: str, at_once: int) -> list[dict]:
-    """Run (name, command, timeout) steps, ``at_once`` at a time, in order of the list."""
+    """Run (name, command, timeout) steps, ``at_once`` at a time, in order of the list; steps side by
+    side share the CPU cores instead of each taking all of them."""
+    env = None
+    if at_once > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // at_once)))
     with ThreadPoolExecutor(max_workers=at_once) as pool:
-        return list(pool.map(lambda job: run_step(job[0], job[1], out_dir, job[2]), jobs))
+        return list(pool.map(lambda job: run_step(job[0], job[1], out_dir, job[2], env), jobs))
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,8 @@ launch/train.py under torchrun in its own run directory, then write a table, JSO
     python tools/compare.py --config configs/vtab/kitti.yaml --nproc 8 --methods rlrr,full \\
         --variant "rlrr-r10=rlrr model.rank=10" --variant "rlrr-no1=rlrr model.form=plain"
 
-``--parallel N`` runs N at once (on a GPU machine each on its own GPUs). A method is a file
+``--parallel N`` runs N at once (on a GPU machine each on its own GPUs, on CPUs each with its share of
+the cores). A method is a file
 configs/methods/<name>.yaml laid over the task config (what differs per method,
 e.g. full fine-tuning's lr, lives there); ``--variant LABEL=METHOD OVERRIDES...`` adds a run with
 extra ``key=value`` overrides; ``--set`` applies to every run. A finished run (results.json present)

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from .adapter import check_adapter_fit, load_adapter, read_adapter, statistics_buffers, trainable_parameters
 from .atomic import write_json_atomic
 from .config import ConfigError, RunConfig, load_config
+from .data.shards import shard_resize
 from .data.transforms import MEAN_STD, Recipe, normalize
 
 CARD = "inference.json"
@@ -115,15 +116,8 @@ class Preprocess:
         with Image.open(src) as pil:
             pil.load()
             pil = pil.convert("RGB")
-            size = self.shards.get("image_size")
-            if size:
-                if self.shards.get("resize") == "shorter":
-                    scale = size / min(pil.size)
-                    target = (max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale)))
-                else:
-                    target = (size, size)
-                if pil.size != target:
-                    pil = pil.resize(target, Image.BICUBIC)
+            if self.shards.get("image_size"):
+                pil = shard_resize(pil, self.shards["image_size"], self.shards.get("resize") or "square")
             image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
         return self.recipe.resize(image)
 

@@ -27,6 +27,17 @@ MANIFEST_FORMAT = "rlrr.shards/1"
 JPEG_QUALITY = 95
 
 
+def shard_resize(pil: "PILImage.Image", image_size: int, resize: str) -> "PILImage.Image":
+    """The shards' resize (bicubic): ``square`` to image_size x image_size (what the VTAB/FGVC recipes
+    do first: aspect ratio not kept), or ``shorter`` side to image_size. Inference repeats it on files."""
+    if resize == "square":
+        size = (image_size, image_size)
+    else:
+        scale = image_size / min(pil.size)
+        size = (max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale)))
+    return pil if pil.size == size else pil.resize(size, PILImage.BICUBIC)
+
+
 def _encode(job: tuple) -> tuple[Optional[bytes], str]:
     """(image bytes, extension) or (None, error). Runs in worker processes."""
     image, image_size, resize, fmt = job
@@ -43,12 +54,7 @@ def _encode(job: tuple) -> tuple[Optional[bytes], str]:
             return raw, ext  # already a decodable jpg/png: keep the original bytes
         pil = pil.convert("RGB") if pil.mode not in ("RGB", "L") else pil
         if image_size is not None:
-            if resize == "square":  # what the VTAB/FGVC recipes do first: aspect ratio not kept
-                size = (image_size, image_size)
-            else:  # shorter side
-                scale = image_size / min(pil.size)
-                size = (max(1, round(pil.size[0] * scale)), max(1, round(pil.size[1] * scale)))
-            pil = pil.resize(size, PILImage.BICUBIC)
+            pil = shard_resize(pil, image_size, resize)
         out_ext = fmt if fmt != "auto" else ("png" if isinstance(image, np.ndarray) else "jpg")
         buf = io.BytesIO()
         if out_ext == "jpg":

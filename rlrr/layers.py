@@ -223,7 +223,7 @@ class RescaledLinearFn(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_s_in = torch.bmm(s_out.transpose(1, 2).to(g_dtype), g).view(scale_in.shape).to(scale_in.dtype)
         if ctx.needs_input_grad[5]:
-            grad_f = dy.sum(0, dtype=torch.float32).to(scale_out.dtype)
+            grad_f = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(scale_out.dtype)
         return grad_x, None, None, grad_s_in, grad_s_out, grad_f, None
 
 

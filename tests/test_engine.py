@@ -13,10 +13,10 @@ from rlrr.model import build_model
 from helpers import ROOT
 
 
-def _engine(tmp_cfg, accum=1):
+def _engine(tmp_cfg, accum=1, dtype=torch.float32):
     cfg = load_config(None, ["data.shards=x", "model.name=test_vit", "model.img_size=32",
                              f"train.grad_accum={accum}", "train.batch_size=4", *tmp_cfg])
-    model = build_model(cfg.model, num_classes=3, seed=0)
+    model = build_model(cfg.model, num_classes=3, seed=0).to(dtype)
     with torch.no_grad():
         # a non-zero head, so the backbone gets gradients
         model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
@@ -28,19 +28,23 @@ def test_every_engine_name_has_a_class():
 
 
 def test_gradient_accumulation_matches_one_big_batch():
-    """Two micro-batches of 2 with grad_accum=2 leave the same gradients as one batch of 4."""
+    """Two micro-batches of 2 with grad_accum=2 leave the same gradients as one batch of 4.
+
+    An identity, so it is checked in float64: the two ways sum the same terms in different orders
+    (and GEMM libraries pick their order by CPU), which in fp32 differs by up to ~1e-4 relative on a
+    near-cancelling sum; in float64 the same bound is ~1e-13, far below the 1e-9 allowed here."""
     grads = []
     for accum in (1, 2):
-        model, engine = _engine([], accum)
+        model, engine = _engine([], accum, dtype=torch.float64)
         torch.manual_seed(1)
-        images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+        images, labels = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
         for chunk in range(accum):
             part = slice(chunk * 4 // accum, (chunk + 1) * 4 // accum)
             engine.backward(images[part], labels[part], last_micro=chunk == accum - 1)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-4, msg=n)
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-12, rtol=1e-9, msg=n)
 
 
 def test_a_non_finite_loss_or_gradient_never_reaches_the_weights():

@@ -16,7 +16,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .data.transforms import RecipeName, Stats
-from .layers import Form, Init, Sides
+from .layers import Form, Init, Kernel, Sides
 
 Method = Literal["rlrr", "linear", "full", "bitfit", "ssf", "lora"]  # rlrr.model.METHODS: one builder per name
 DropPathMode = Literal["dropout", "stochastic_depth"]
@@ -84,6 +84,7 @@ class ModelConfig:
     drop_path_mode: DropPathMode = "dropout"  # dropout (the reference) | stochastic_depth (timm)
     grad_checkpointing: bool = False
     fused_attn: bool = True  # SDPA in every attention module (Swin too); false: the explicit softmax
+    kernel: Kernel = "auto"  # RLRR linears: auto (Triton on CUDA, torch ops on CPU and when compiled) | triton | torch
     timm_kwargs: dict = field(default_factory=dict)
 
 

@@ -19,6 +19,8 @@ in forward, uses it and drops it, rebuilds it in backward for dX, and reduces dW
 scale vectors in place, so each layer holds at most one (out, in) temporary at a time and stores
 only its (compute-dtype) input, like a frozen nn.Linear.
 """
+import functools
+import importlib.util
 import math
 import threading
 from typing import Literal, Optional
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 Init = Literal["official", "identity"]  # the adapter's starting point: the reference's random one, or W' = W
 Sides = Literal["both", "out", "in"]  # which scale vectors train (the other side is fixed at ones)
 Form = Literal["residual", "plain", "additive"]  # W*(1+D) | W*D | W+D with D = S_out S_in
+Kernel = Literal["auto", "triton", "torch"]  # RLRRLinear's passes around the matmuls: see use_fused
 
 
 def _scale_shapes(out_features: int, in_features: int, groups: int, rank: int) -> tuple[tuple, tuple]:
@@ -78,7 +81,7 @@ class RLRRLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, in_groups: int = 1, init: Init = "official", rank: int = 1,
-                 sides: Sides = "both", form: Form = "residual"):
+                 sides: Sides = "both", form: Form = "residual", kernel: Kernel = "auto"):
         super().__init__()
         if type(base) is not nn.Linear:
             raise TypeError(f"RLRRLinear wraps a plain nn.Linear, got {type(base).__name__}")
@@ -88,7 +91,7 @@ class RLRRLinear(nn.Module):
         if sides != "both" and rank != 1:
             raise ValueError(f"sides={sides!r} scales rows or columns only: rank must be 1, got {rank}")
         self.in_features, self.out_features, self.in_groups = in_features, out_features, in_groups
-        self.rank, self.sides, self.form = rank, sides, form
+        self.rank, self.sides, self.form, self.kernel = rank, sides, form, kernel
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -108,7 +111,7 @@ class RLRRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return RescaledLinearFn.apply(x, self.weight, self.bias, self.scale_in, self.scale_out, self.bias_shift,
-                                      self.form)
+                                      self.form, use_fused(self.kernel, x))
 
     def extra_repr(self) -> str:
         variant = "" if (self.rank, self.sides, self.form) == (1, "both", "residual") else \
@@ -180,22 +183,21 @@ class RescaledLinearFn(torch.autograd.Function):
     Gradients (G = dD = dW' * W, or dW' itself for the additive form, viewed as (groups, out/groups, in)):
       dS_out[g] = G[g] S_in[g]^T        dS_in[g] = S_out[g]^T G[g]
     as two batched matrix products (matrix-vector at rank 1); df = sum of dy over tokens. W and b
-    get no gradient.
+    get no gradient. ``fused``: the passes around the matmuls run as Triton kernels (rlrr/fused.py).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale_in, scale_out, bias_shift, form="residual"):
+    def forward(ctx, x, weight, bias, scale_in, scale_out, bias_shift, form="residual", fused=False):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise RuntimeError("RLRRLinear keeps its base weight and bias frozen; set requires_grad=False on them")
         dtype = _compute_dtype(x)
         b = bias_shift if bias is None else bias + bias_shift
         x_c = x if x.dtype == dtype else x.to(dtype)  # x itself, not an alias of it (torch.compile)
-        scratch = _cpu_scratch(weight.shape, rescale_dtype(weight, scale_in), weight.device)
-        w_prime = rescaled_weight(weight, scale_in, scale_out, out=scratch, form=form)
+        w_prime = _weight_in(dtype, weight, scale_in, scale_out, form, fused)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x_c, w_prime.to(dtype), b.to(dtype))
+            y = F.linear(x_c, w_prime, b.to(dtype))
         ctx.save_for_backward(x_c, weight, scale_in, scale_out)
-        ctx.x_dtype, ctx.form = x.dtype, form
+        ctx.x_dtype, ctx.form, ctx.fused = x.dtype, form, fused
         return y
 
     @staticmethod
@@ -204,27 +206,62 @@ class RescaledLinearFn(torch.autograd.Function):
         dtype = x_c.dtype
         grad_y = grad_y.to(dtype)
         grad_x = grad_s_in = grad_s_out = grad_f = None
-        g_dtype = rescale_dtype(weight, scale_in)
-        scratch = _cpu_scratch(weight.shape, g_dtype, weight.device)  # holds W', then dW' * W
         if ctx.needs_input_grad[0]:
-            w_prime = rescaled_weight(weight, scale_in, scale_out, out=scratch, form=ctx.form)
-            grad_x = (grad_y @ w_prime.to(dtype)).to(ctx.x_dtype)
+            grad_x = (grad_y @ _weight_in(dtype, weight, scale_in, scale_out, ctx.form, ctx.fused)).to(ctx.x_dtype)
         dy = grad_y.reshape(-1, grad_y.shape[-1])
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            s_in, s_out = _views(scale_in, scale_out)
-            groups, _, in_features = s_in.shape
-            g = torch.mm(dy.t(), x_c.reshape(-1, in_features), out=scratch if dtype == g_dtype else None)
-            g = g.to(g_dtype)
-            if ctx.form != "additive":
-                g.mul_(weight)  # dD = dW' * W
-            g = g.view(groups, -1, in_features)
-            if ctx.needs_input_grad[4]:
-                grad_s_out = torch.bmm(g, s_in.transpose(1, 2).to(g_dtype)).view(scale_out.shape).to(scale_out.dtype)
-            if ctx.needs_input_grad[3]:
-                grad_s_in = torch.bmm(s_out.transpose(1, 2).to(g_dtype), g).view(scale_in.shape).to(scale_in.dtype)
+        need_in, need_out = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if need_in or need_out:
+            x_2d = x_c.reshape(-1, weight.shape[1])
+            if ctx.fused:
+                from . import fused
+                grad_s_in, grad_s_out = fused.scale_grads(dy.t() @ x_2d, weight, scale_in, scale_out, ctx.form,
+                                                          need_in, need_out)
+            else:
+                grad_s_in, grad_s_out = _scale_grads(dy, x_2d, weight, scale_in, scale_out, ctx.form, need_in,
+                                                     need_out)
         if ctx.needs_input_grad[5]:
             grad_f = dy.sum(0, dtype=torch.promote_types(dy.dtype, torch.float32)).to(scale_out.dtype)
-        return grad_x, None, None, grad_s_in, grad_s_out, grad_f, None
+        return grad_x, None, None, grad_s_in, grad_s_out, grad_f, None, None
+
+
+def _weight_in(dtype: torch.dtype, weight, scale_in, scale_out, form: Form, fused: bool) -> torch.Tensor:
+    """W' in the compute dtype: one Triton pass (fused), or the reference's passes into a CPU scratch."""
+    if fused:
+        from . import fused as kernels
+        return kernels.rescaled_weight(weight, scale_in, scale_out, form, dtype)
+    scratch = _cpu_scratch(weight.shape, rescale_dtype(weight, scale_in), weight.device)
+    return rescaled_weight(weight, scale_in, scale_out, out=scratch, form=form).to(dtype)
+
+
+def _scale_grads(dy, x_2d, weight, scale_in, scale_out, form: Form, need_in: bool, need_out: bool):
+    """(dS_in, dS_out) from dW' = dy^T x with torch's ops: dW' * W in the scratch, then two batched products."""
+    g_dtype = rescale_dtype(weight, scale_in)
+    scratch = _cpu_scratch(weight.shape, g_dtype, weight.device)  # held W' a moment ago
+    s_in, s_out = _views(scale_in, scale_out)
+    groups, _, in_features = s_in.shape
+    g = torch.mm(dy.t(), x_2d, out=scratch if dy.dtype == g_dtype else None).to(g_dtype)
+    if form != "additive":
+        g.mul_(weight)  # dD = dW' * W
+    g = g.view(groups, -1, in_features)
+    grad_s_in = grad_s_out = None
+    if need_out:
+        grad_s_out = torch.bmm(g, s_in.transpose(1, 2).to(g_dtype)).view(scale_out.shape).to(scale_out.dtype)
+    if need_in:
+        grad_s_in = torch.bmm(s_out.transpose(1, 2).to(g_dtype), g).view(scale_in.shape).to(scale_in.dtype)
+    return grad_s_in, grad_s_out
+
+
+def use_fused(kernel: Kernel, x: torch.Tensor) -> bool:
+    """Whether RLRRLinear runs its Triton kernels: "auto" on CUDA when Triton is installed, never while
+    torch.compile traces (inductor fuses the formula itself), "triton" always otherwise."""
+    if kernel == "torch" or torch.compiler.is_compiling():
+        return False
+    return kernel == "triton" or (x.is_cuda and _triton_installed())
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 class RLRRConv2d(nn.Module):

@@ -17,7 +17,7 @@ import torch.nn as nn
 from .adapter import RLRRConfig, apply_rlrr, is_adapted, merge_rlrr, zero_trainable_head
 from .baselines import LoraOptions, apply_bitfit, apply_lora, apply_ssf, merge_lora
 from .config import Method, ModelConfig
-from .layers import RLRRLinear
+from .layers import Kernel, RLRRLinear
 from .pretrained import load_pretrained
 
 
@@ -75,6 +75,7 @@ def _build(m: ModelConfig, num_classes: int) -> nn.Module:
     if m.drop_path_mode == "dropout":
         drop_path_as_dropout(model)
     model = METHODS[m.method](model, m)
+    set_kernel(model, m.kernel)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)  # timm's checkpointing is non-reentrant: frozen inputs still give grads
     return model
@@ -128,6 +129,15 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     for m in modules:
         m.fused_attn = enabled
     return len(modules)
+
+
+def set_kernel(model: nn.Module, kernel: Kernel) -> int:
+    """Run every RLRRLinear's passes around its matmuls with ``kernel`` (rlrr.layers.use_fused); a
+    runtime choice, not part of the adapter. Returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, RLRRLinear)]
+    for layer in layers:
+        layer.kernel = kernel
+    return len(layers)
 
 
 @torch.no_grad()

@@ -4,6 +4,11 @@ import sys
 
 import pytest
 
+# Triton's interpreter runs rlrr/fused.py's kernels on CPU tensors (tests/test_fused.py). Triton reads this
+# when it is imported, so it is set before anything imports it; CPU runs never launch a kernel otherwise
+# (model.kernel auto picks torch's ops off CUDA).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, tests/official_vit.py, tests/slurm_cluster.py
 
 from helpers import tiny_vtab_shards  # noqa: E402

@@ -131,7 +131,9 @@ class TrainConfig:
     log_every: PositiveInt = 10
     dist_timeout_s: Annotated[float, Range(10)] = 900.0  # bounds process-group start-up and every collective
     watchdog_s: Annotated[float, Range(0)] = 1200.0  # no batch done for this long: print stacks, exit 1 (0: off)
-    compile: bool = False  # torch.compile the model (DDP) / the engine (DeepSpeed): one compile at start
+    compile: Optional[bool] = None  # torch.compile the model (DDP) / the engine (DeepSpeed); null: on CUDA only
+    cuda_graphs: Optional[bool] = None  # replay compiled steps as CUDA graphs; null: see rlrr/compile.py
+    compile_cache: Optional[str] = None  # inductor/Triton cache; null: <output_dir>/compile_cache, shared by restarts
 
 
 @dataclass

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import typing
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoint
 from .adapter import statistics_buffers, trainable_parameters
 from .atomic import write_text_atomic
+from .compile import CompilePlan
 from .config import ConfigError, EngineName
 from .distributed import DistInfo, barrier, broadcast_object
 from .optim import build_optimizer, param_groups
@@ -41,7 +43,7 @@ def optimizer_updates(optimizer) -> int:
 class DDPEngine:
     FILES = ("last.pt", "prev.pt")  # newest first
 
-    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
+    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int, compiled: Optional[CompilePlan] = None):
         t = cfg.train
         self.model, self.info, self.clip = model.to(info.device), info, t.clip_grad
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
@@ -49,14 +51,17 @@ class DDPEngine:
         self.dtype = AMP_DTYPES.get(t.precision)
         self.net = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) \
             if info.enabled else model
-        if t.compile:  # compiled around DDP, so DDP's optimizer splits the graph at its bucket boundaries
-            self.net = torch.compile(self.net)
+        self.static_shapes = bool(compiled and compiled.cuda_graphs)  # evaluation pads to one batch shape
+        if compiled and compiled.compile:  # around DDP, so DDP's optimizer splits the graph at its buckets
+            self.net = torch.compile(self.net, mode=compiled.mode)
         self.grad_accum = t.grad_accum
 
     def autocast(self):
         return torch.autocast(self.info.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def forward(self, images):
+        if self.static_shapes:  # a new step of the CUDA-graph tree: the last step's outputs are not read again
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             return self.net(images).float()
 
@@ -189,7 +194,7 @@ class DeepSpeedEngine:
     ``latest`` names only complete tags."""
     COMPLETE = "COMPLETE"
 
-    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int):
+    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int, compiled: Optional[CompilePlan] = None):
         import deepspeed  # imported here: plain DDP runs never pay for it
         t = cfg.train
         self.config = ds = deepspeed_config(t, info.world)
@@ -201,7 +206,8 @@ class DeepSpeedEngine:
         self.model = model
         self.stage = self.engine.zero_optimization_stage()
         self.backwards_in_window = 0
-        if t.compile:
+        self.static_shapes = False  # rlrr.compile.plan: no CUDA graphs with this engine
+        if compiled and compiled.compile:
             self.engine.compile()
 
     def forward(self, images):

@@ -18,7 +18,10 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
 
     Ranks may hold different numbers of batches (exactly-once evaluation); the ranks step in lockstep,
     one small all-reduce per batch, and a rank that has run out makes ignored forward passes while
-    others still have batches (ZeRO-3 gathers weights collectively)."""
+    others still have batches (ZeRO-3 gathers weights collectively). An engine that replays CUDA
+    graphs (``static_shapes``) gets every batch at the loader's batch size: a short one is padded with
+    zeros and the padded rows' logits are dropped (eval mode: no sample sees another)."""
+    fixed = getattr(engine, "static_shapes", False)
     model = engine.model
     model.eval()
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(info.device)
@@ -36,10 +39,10 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
         heartbeat()
         if batch is None:
             size = loader.recipe.image_size
-            engine.forward(torch.zeros(1, 3, size, size, device=info.device))
+            engine.forward(torch.zeros(loader.batch_size if fixed else 1, 3, size, size, device=info.device))
             continue
         images, labels = normalize(batch[0].to(info.device, non_blocking=True), stats), batch[1].to(info.device)
-        logits = engine.forward(images)
+        logits = engine.forward(_padded(images, loader.batch_size) if fixed else images)[:len(labels)]
         top1.update(logits, labels)
         top5.update(logits, labels)
         loss_sum += torch.tensor([nn.functional.cross_entropy(logits, labels, reduction="sum").item(), len(labels)],
@@ -51,3 +54,9 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
     model.train()
     return {"acc1": 100.0 * top1.compute().item(), "acc5": 100.0 * top5.compute().item(),
             "loss": loss_sum[0].item() / max(1, seen), "samples": seen}
+
+
+def _padded(images: torch.Tensor, size: int) -> torch.Tensor:
+    if len(images) == size:
+        return images
+    return torch.cat([images, images.new_zeros((size - len(images), *images.shape[1:]))])

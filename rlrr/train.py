@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .adapter import count_trainable, save_adapter, statistics_buffers, trainable_parameters
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
+from .compile import CompilePlan, compile_plan, use_compile_cache
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import DataError, Manifest, ManifestError, SplitLoader
 from .data.transforms import Recipe, normalize
@@ -69,6 +70,8 @@ class RunState:
     nonfinite_skipped: int = 0  # optimizer steps dropped for a non-finite loss or gradient
     nonfinite_in_a_row: int = 0
     samples_skipped: int = 0  # this rank's unreadable training samples, skipped
+    warmup_s: float = 0.0  # the first optimizer step of each process start (compiling, when compiled) ...
+    warmup_images: int = 0  # ... and its images: both left out of img/s
 
 
 class RunStopped(RuntimeError):
@@ -107,7 +110,9 @@ class Run:
     micro: int  # per-rank batch of one backward
     steps_per_epoch: int
     n_trainable: int  # counted before the engine wraps the model (ZeRO-3 partitions parameters)
+    compiled: CompilePlan
     state: RunState = field(default_factory=RunState)
+    warming_up: bool = True  # this process has not finished an optimizer step yet
     writer: Optional[SummaryWriter] = None  # rank 0 only
     epoch_img_per_s: float = 0.0
 
@@ -209,11 +214,13 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
         evals["val"] = split_loader(cfg, manifest, info, cfg.data.val_split)
     steps_per_epoch = math.ceil(len(train_data) / t.grad_accum)
     n_trainable = count_trainable(model)
-    engine = ENGINES[t.engine](model, cfg, info, micro)
+    compiled = compile_plan(cfg, info)
+    use_compile_cache(compiled)
+    engine = ENGINES[t.engine](model, cfg, info, micro, compiled)
     scheduler = build_scheduler(engine.optimizer, t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch,
                                 t.warmup_lr, t.min_lr)
     run = Run(cfg, info, run_dir, preempt, manifest, model, engine, scheduler, train_data, evals, micro,
-              steps_per_epoch, n_trainable)
+              steps_per_epoch, n_trainable, compiled)
     if resuming:
         load_checkpoint(run, allow_config_change)
     open_run_dir(run, resuming)
@@ -307,7 +314,10 @@ def open_run_dir(run: Run, resumed: bool) -> None:
     run.writer.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```", step)
     log.info(f"run {run.dir}: {cfg.model.name} ({cfg.model.method}), {run.n_trainable:,} trainable "
              f"parameters, world {run.info.world}, global batch {t.batch_size} ({run.micro} x {run.info.world} x "
-             f"{t.grad_accum}), {run.steps_per_epoch} steps/epoch")
+             f"{t.grad_accum}), {run.steps_per_epoch} steps/epoch; torch.compile "
+             f"{'on' if run.compiled.compile else 'off'}, CUDA graphs {'on' if run.compiled.cuda_graphs else 'off'}")
+    for note in run.compiled.notes:
+        log.info(note)
 
 
 def preempted_marker(run: Run) -> str:
@@ -321,6 +331,7 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     inside it (preemption or train.max_steps), with a checkpoint saved."""
     t, st = run.cfg.train, run.state
     t0, seen, completed, window_finite = time.perf_counter(), 0, True, True
+    timed_from, timed_seen = t0, 0  # img/s counts from the end of this process's first step
     skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
     with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
               leave=False, dynamic_ncols=True) as bar:  # closed (its line cleared) on an exception too
@@ -342,7 +353,10 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
                 continue
             grad_norm = optimizer_step(run, window_finite)
             window_finite = True
-            log_step(run, loss.item(), grad_norm, seen * run.info.world / (time.perf_counter() - t0))
+            if run.warming_up:
+                timed_from, timed_seen = end_warmup(run, time.perf_counter() - t0, seen), seen
+            log_step(run, loss.item(), grad_norm, (seen - timed_seen) * run.info.world
+                     / max(time.perf_counter() - timed_from, 1e-9))
             if stop_requested(run):
                 completed = False
                 break
@@ -351,8 +365,18 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     elapsed = time.perf_counter() - t0
     st.train_time += elapsed
     st.images += seen * run.info.world
-    run.epoch_img_per_s = seen * run.info.world / max(elapsed, 1e-9)
+    run.epoch_img_per_s = (seen - timed_seen) * run.info.world / max(time.perf_counter() - timed_from, 1e-9)
     return completed
+
+
+def end_warmup(run: Run, seconds: float, seen: int) -> float:
+    """Book this process's first optimizer step (a compiled run compiles its graphs there) apart from
+    the img/s figures; returns when the timed part starts."""
+    run.warming_up = False
+    run.state.warmup_s += seconds
+    run.state.warmup_images += seen * run.info.world
+    log.info(f"first step: {seconds:.1f} s{' (compiling)' if run.compiled.compile else ''}; img/s counts from here")
+    return time.perf_counter()
 
 
 def finite_on_every_rank(info: DistInfo, loss: torch.Tensor) -> bool:
@@ -477,7 +501,7 @@ def end_epoch(run: Run, record: dict) -> None:
 # keys a resumed run may change: how long it runs and how it logs and saves, not what it trains
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_epochs",
                      "train.save_every_steps", "train.log_every", "data.eval_batch_size_per_rank", "output_dir",
-                     "run_name")
+                     "run_name", "train.compile_cache")
 
 
 def save_checkpoint(run: Run) -> None:
@@ -555,7 +579,9 @@ def summarize(run: Run) -> dict:
                 "report test_acc1_final, or test_acc1_at_best_val when a validation split is used",
         "epochs": st.epoch, "steps": st.global_step, "optimizer_updates": run.engine.optimizer_updates(),
         "wall_time_s": round(st.train_time, 1),
-        "img_per_s": round(st.images / max(st.train_time, 1e-9), 1),
+        "img_per_s": round((st.images - st.warmup_images) / max(st.train_time - st.warmup_s, 1e-9), 1),
+        "warmup_s": round(st.warmup_s, 1),  # first steps of each process start, compile included
+        "compile": run.compiled.to_dict(),
         "nonfinite_skipped": st.nonfinite_skipped,
         "train_samples_skipped": int(skipped),
         "trainable_params": run.n_trainable, "parameter_elements_per_rank": held,

@@ -1,0 +1,71 @@
+"""What train.compile and train.cuda_graphs resolve to for a run, and the compile cache it shares.
+
+- ``compile`` null: torch.compile on CUDA (inductor fuses RLRR's per-layer passes and the norms around
+  the matmuls), eager on CPU (inductor's C++ build costs more there than it saves).
+- ``cuda_graphs`` null: compiled steps are replayed as CUDA graphs (torch.compile's "reduce-overhead")
+  in a one-process DDP-engine run on CUDA, where the per-layer launches dominate small per-GPU batches.
+  Not by default across processes: PyTorch's CUDA-graph trees and DDP's gradient hooks have open
+  issues together (pytorch/pytorch#128218); ``true`` turns them on there anyway.
+- Combinations that cannot work fall back with one line each: compile under DeepSpeed ZeRO-3 (its
+  parameter gather/release hooks split every graph) and CUDA graphs with the DeepSpeed engine, off
+  CUDA, or without compile.
+Training batches already have one shape (every epoch wraps to full batches); evaluation pads its last
+batch to the fixed size under CUDA graphs and drops the padded rows (rlrr.evaluate).
+"""
+import os
+from dataclasses import dataclass, field
+
+from .distributed import DistInfo
+
+
+@dataclass
+class CompilePlan:
+    compile: bool
+    cuda_graphs: bool
+    cache_dir: str
+    notes: list = field(default_factory=list)  # one line per setting that fell back, and why
+
+    @property
+    def mode(self):
+        """torch.compile's mode argument."""
+        return "reduce-overhead" if self.cuda_graphs else None
+
+    def to_dict(self) -> dict:
+        return {"compile": self.compile, "cuda_graphs": self.cuda_graphs, "cache_dir": self.cache_dir}
+
+
+def compile_plan(cfg, info: DistInfo) -> CompilePlan:
+    t, cuda = cfg.train, info.device.type == "cuda"
+    notes = []
+    compiled = cuda if t.compile is None else t.compile
+    if compiled and t.engine == "deepspeed" and t.zero_stage == 3:
+        notes.append(f"train.compile = {_shown(t.compile)}: not under DeepSpeed ZeRO-3 (its parameter gather/release "
+                     "hooks split every graph); running eager")
+        compiled = False
+    auto_graphs = compiled and cuda and t.engine == "ddp" and info.world == 1
+    graphs = auto_graphs if t.cuda_graphs is None else t.cuda_graphs
+    why_not = ("it needs CUDA" if not cuda else "it needs train.compile" if not compiled else
+               "not with the DeepSpeed engine (its step runs outside the compiled graph)" if t.engine == "deepspeed"
+               else None)
+    if graphs and why_not:
+        notes.append(f"train.cuda_graphs = true: {why_not}; off")
+        graphs = False
+    elif t.cuda_graphs is None and compiled and cuda and not graphs and t.engine == "ddp":
+        notes.append(f"train.cuda_graphs = null: off with DDP across {info.world} processes "
+                     "(pytorch/pytorch#128218); set it to true to try")
+    cache = t.compile_cache or os.path.join(cfg.output_dir, "compile_cache")
+    return CompilePlan(compiled, graphs, os.path.abspath(cache), notes)
+
+
+def use_compile_cache(plan: CompilePlan) -> None:
+    """Point inductor (and Triton, which caches under it) at the run's cache folder before anything
+    compiles: the run, its requeued restarts and the other runs of the same output_dir reuse what
+    was compiled (inductor's FX-graph and autotuning caches are keyed by content and written
+    atomically, so ranks and runs may share one folder)."""
+    if plan.compile:
+        os.makedirs(plan.cache_dir, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = plan.cache_dir
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value).lower()

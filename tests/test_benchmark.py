@@ -36,6 +36,7 @@ def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path):
 
 def test_benchmark_rejects_bad_options(capsys):
     for args, message in ((["--modes", "rlrr,magic"], "unknown mode(s) ['magic']"),
+                          (["--modes", "full+fused,rlrr+warp"], "unknown mode(s) ['full+fused', 'rlrr+warp']"),
                           (["--frozen-dtype", "bf16"], "--frozen-dtype bf16 needs --precision bf16")):
         assert tool_main("benchmark.py")(args) == 2
         assert message in capsys.readouterr().err
@@ -68,29 +69,40 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "acceptance.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
-    assert set(steps) == {"bench-vit-b", "bench-vit-b-ckpt", "bench-vit-h", "bench-vit-h-ckpt",
-                          "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
-                          "train-zero2-bf16"}
+    same_model = {"bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt", "bench-vit-h-64"}
+    assert set(steps) == {"bench-vit-b-8", "bench-vit-b-64-ckpt", "bench-vit-h-frozen-bf16", "scaling", "make-shards",
+                          "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop"} | same_model
     assert all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
+    assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
     assert steps["train-ddp-bf16"]["skipped"] == "--skip" and "train-ddp-bf16" not in data["training"]
-    assert set(data["benchmarks"]["bench-vit-b"]["training"]) == {"rlrr", "full"}
     benches = data["benchmarks"]
-    assert "inference" in benches["bench-vit-b"] and "inference" not in benches["bench-vit-b-ckpt"]
+    vit_b = benches["bench-vit-b-8"]
+    # every RLRR path side by side (the Triton kernels through the interpreter here) with full and the probe
+    assert set(vit_b["training"]) == {"rlrr", "rlrr+torch", "rlrr+fused", "full", "linear"}
+    assert "inference" in vit_b and "inference" not in benches["bench-vit-b-64-ckpt"]
     # frozen linear weights stored in bf16: RLRR's stored model about halves (full fine-tuning has none frozen)
-    assert steps["bench-vit-h"]["skipped"] and steps["bench-vit-h-ckpt"]["skipped"]  # the same tiny model in a dry run
-    fp32, bf16 = (benches[k]["training"]["rlrr"]["param_mb"] for k in ("bench-vit-b", "bench-vit-h-frozen-bf16"))
+    fp32, bf16 = (benches[k]["training"]["rlrr"]["param_mb"] for k in ("bench-vit-b-8", "bench-vit-h-frozen-bf16"))
     assert 0.4 * fp32 < bf16 < 0.6 * fp32
     assert all(r["train_flops_per_image"] > 0 for b in data["benchmarks"].values() for r in b["training"].values())
-    vit_b = benches["bench-vit-b"]
-    assert vit_b["training"]["rlrr"]["trainable_params"] < vit_b["training"]["full"]["trainable_params"]
+    rlrr = {m: r["trainable_params"] for m, r in vit_b["training"].items() if m.startswith("rlrr")}
+    assert len(set(rlrr.values())) == 1 and rlrr["rlrr"] < vit_b["training"]["full"]["trainable_params"]
     assert all(r["ddp_allreduce_bytes"] == 4 * r["trainable_params"] for r in vit_b["training"].values())
     assert all(vit_b["inference"][k] > 0 for k in ("infer_adapted_img_s", "infer_merged_img_s", "infer_plain_img_s",
                                                    "merged_vs_plain"))
-    assert set(vit_b["rlrr_vs_full"]) == {"speed", "memory"}
+    ratio, speed = vit_b["rlrr_vs_full"], {m: r["train_img_s"] for m, r in vit_b["training"].items()}
+    fastest = max((m for m in speed if m.startswith("rlrr")), key=speed.get)
+    assert ratio["rlrr_mode"] == fastest and ratio["full_mode"] == "full"
+    assert ratio["speed"] == round(speed[fastest] / speed["full"], 3)
     runs = data["training"]
     assert runs["train-zero2-bf16"]["steps"] == runs["train-zero2-bf16"]["optimizer_updates"] == 20
+    # the training loop beside the benchmark step of the path a CPU run takes by default (eager)
+    loop = runs["train-loop"]
+    assert loop["steps"] == 48 and loop["compile"]["compile"] is False and loop["warmup_s"] >= 0
+    assert data["loop_vs_benchmark"] == {"loop_img_s": loop["img_per_s"], "bench_mode": "rlrr", "bench_img_s":
+                                         speed["rlrr"], "ratio": round(loop["img_per_s"] / speed["rlrr"], 3)}
     md = (tmp_path / "acceptance.md").read_text()
-    assert "| train-zero2-bf16 | 20 | 20 |" in md and "| bench-vit-b-ckpt | full |" in md and "zero3" in md
+    assert "| train-zero2-bf16 | 20 | 20 |" in md and "| bench-vit-b-64-ckpt | full |" in md and "zero3" in md
+    assert "| bench-vit-b-8 | rlrr+fused |" in md and "| train-ddp-fp16 | skipped: fp16 needs CUDA" in md
     if not torch.cuda.is_available():
         res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--out-dir", str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})

@@ -5,6 +5,12 @@ when HF peft is installed), each training mode in a fresh process so peak memory
     python tools/benchmark.py --model vit_base_patch16_224 --batch-size 8 --precision fp32 --device cpu
     python tools/benchmark.py --model vit_huge_patch14_224 --batch-size 64 --precision bf16 --device cuda
 
+A mode is a method and, after a "+", how its step runs: eager (the default), fused (RLRR only: its
+Triton kernels, model.kernel=triton), torch (RLRR only: eager torch ops, model.kernel=torch),
+compiled (torch.compile) or cudagraphs (torch.compile's "reduce-overhead": compiled and replayed as
+CUDA graphs). On a GPU the default modes put timm full fine-tuning (eager, compiled, CUDA graphs),
+the linear probe and LoRA beside every RLRR path; "best rlrr vs best full" compares the fastest of each.
+
 Training img/s: forward + backward + AdamW step on random data, after warm-up, median over timed
 windows. Each mode runs in its own fresh process, and the modes run in ``--rounds`` alternating
 rounds whose windows are pooled, so a machine that slows down mid-run does not favour one mode.
@@ -33,24 +39,41 @@ from rlrr.distributed import peak_memory_mb, status_mb
 from rlrr.engine import AMP_DTYPES
 from rlrr.model import build_model
 
-TRAIN_MODES = ("rlrr", "full", "linear", "lora")
+METHODS = ("rlrr", "full", "linear", "lora")
+PATHS = ("eager", "fused", "torch", "compiled", "cudagraphs")
+CPU_MODES = ("rlrr", "full", "linear", "lora")
+GPU_MODES = ("full", "full+compiled", "full+cudagraphs", "linear", "lora", "rlrr+torch", "rlrr+fused",
+             "rlrr+compiled", "rlrr+cudagraphs")
 
 
-def _model(args, mode):
+def parse_mode(mode: str, compile_all: bool = False) -> tuple[str, str]:
+    """(method, path) of a mode name such as "rlrr+fused"; ValueError naming what is wrong."""
+    method, _, path = mode.partition("+")
+    path = path or ("compiled" if compile_all else "eager")
+    if method not in METHODS or path not in PATHS or (path in ("fused", "torch") and method != "rlrr"):
+        raise ValueError(mode)
+    return method, path
+
+
+def _model(args, method, path="eager"):
     """The model training builds (rlrr.model.build_model) for a mode; LoRA is peft on the full model."""
-    cfg = ModelConfig(name=args.model, img_size=args.img_size, method="full" if mode in ("lora", "plain") else mode,
-                      fused_attn=not args.explicit_attn, grad_checkpointing=args.grad_checkpointing and mode != "plain")
+    kernel = {"fused": "triton", "torch": "torch"}.get(path, "auto")
+    cfg = ModelConfig(name=args.model, img_size=args.img_size, method="full" if method in ("lora", "plain") else method,
+                      fused_attn=not args.explicit_attn, kernel=kernel,
+                      grad_checkpointing=args.grad_checkpointing and method != "plain")
     model = build_model(cfg, args.num_classes)
-    if mode == "lora":
+    if method == "lora":
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv"],
                                                  modules_to_save=[model.default_cfg["classifier"]]))
     return model
 
 
-def _maybe_compiled(args, model):
+def _maybe_compiled(model, path):
     # compiled during the warm-up calls, which are not timed
-    return torch.compile(model) if args.compile else model
+    if path in ("compiled", "cudagraphs"):
+        return torch.compile(model, mode="reduce-overhead" if path == "cudagraphs" else None)
+    return model
 
 
 def _timed(args, steps: dict, device) -> dict:
@@ -121,11 +144,12 @@ def peak_tflops(args) -> typing.Optional[float]:
 
 
 def measure_training(args, mode) -> dict:
+    method, path = parse_mode(mode, args.compile)
     device = torch.device(args.device)
     base_mb = status_mb() if device.type == "cpu" else 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = _model(args, mode)
+    model = _model(args, method, path)
     if args.frozen_dtype == "bf16":  # train.frozen_dtype; a no-op for full fine-tuning (nothing is frozen)
         from rlrr.model import store_frozen_weights_in
         store_frozen_weights_in(model, torch.bfloat16)
@@ -136,9 +160,11 @@ def measure_training(args, mode) -> dict:
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     dtype = AMP_DTYPES.get(args.precision)
 
-    net = _maybe_compiled(args, model)
+    net = _maybe_compiled(model, path)
 
     def step():
+        if path == "cudagraphs":  # a new training step: the last one's graph outputs are not read again
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = torch.nn.functional.cross_entropy(net(x), y)
         loss.backward()
@@ -147,7 +173,7 @@ def measure_training(args, mode) -> dict:
 
     rates = _timed(args, {mode: step}, device)[mode]
     peak = peak_memory_mb(device) - base_mb
-    flops = _train_flops_per_image(net, x[:1], y[:1], dtype)
+    flops = _train_flops_per_image(model, x[:1], y[:1], dtype)  # eager: the counter sees every matmul
     ddp_bytes = _ddp_allreduce_bytes(model, x[:1], y[:1])
     return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1), "train_flops_per_image": int(flops),
             "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes,
@@ -161,7 +187,7 @@ def measure_inference(args) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     dtype = AMP_DTYPES.get(args.precision)
     def step(model):
-        net = _maybe_compiled(args, model)
+        net = _maybe_compiled(model, "compiled" if args.compile else "eager")
 
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -184,11 +210,11 @@ def print_summary(args, results: dict) -> None:
           f"{', activation checkpointing' if args.grad_checkpointing else ''}"
           f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}"
           f"{', explicit attention' if args.explicit_attn else ''}")
-    print(f"{'mode':8s} {'train img/s':>12s} {'peak MB':>10s} {'params MB':>10s} {'trainable':>12s} "
+    print(f"{'mode':16s} {'train img/s':>12s} {'peak MB':>10s} {'params MB':>10s} {'trainable':>12s} "
           f"{'DDP MB/step':>12s} {'GFLOP/img':>10s} {'MFU':>6s}")
     for mode, r in results["training"].items():
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
-        print(f"{mode:8s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
+        print(f"{mode:16s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
               f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f} "
               f"{r['train_flops_per_image'] / 1e9:10.3f} {mfu}")
     inf = results.get("inference")
@@ -197,7 +223,8 @@ def print_summary(args, results: dict) -> None:
               f"plain timm {inf['infer_plain_img_s']:.2f} (merged/plain {inf['merged_vs_plain']:.3f})")
     if "rlrr_vs_full" in results:
         ratio = results["rlrr_vs_full"]
-        print(f"rlrr vs full: speed {ratio['speed']:.3f}x, memory {ratio['memory']:.3f}x")
+        print(f"best rlrr ({ratio['rlrr_mode']}) vs best full ({ratio['full_mode']}): speed {ratio['speed']:.3f}x, "
+              f"memory {ratio['memory']:.3f}x")
 
 
 def parse_args(argv):
@@ -208,8 +235,11 @@ def parse_args(argv):
     ap.add_argument("--num-classes", type=int, default=100)
     ap.add_argument("--precision", choices=typing.get_args(Precision), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--modes", default=",".join(TRAIN_MODES), help="training modes to measure")
-    ap.add_argument("--compile", action="store_true", help="torch.compile every timed model (train.compile)")
+    ap.add_argument("--modes", help=f"training modes to measure, METHOD[+PATH] with METHOD in {','.join(METHODS)} "
+                    f"and PATH in {','.join(PATHS)} (default: {','.join(CPU_MODES)} on CPU, {','.join(GPU_MODES)} "
+                    "on CUDA)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile every mode without a +PATH, and the inference models (train.compile)")
     ap.add_argument("--frozen-dtype", choices=typing.get_args(FrozenDtype), default="fp32",
                     help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 needs --precision bf16)")
     ap.add_argument("--explicit-attn", action="store_true",
@@ -224,8 +254,16 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the training modes")
     ap.add_argument("--no-inference", action="store_true", help="training figures only")
     ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--worker", choices=TRAIN_MODES + ("inference",), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def _valid_mode(mode: str) -> bool:
+    try:
+        parse_mode(mode)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -238,17 +276,19 @@ def main(argv=None) -> int:
     if args.frozen_dtype == "bf16" and args.precision != "bf16":
         print("benchmark: error: --frozen-dtype bf16 needs --precision bf16", file=sys.stderr)
         return 2
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in modes if m not in TRAIN_MODES]
+    default = GPU_MODES if args.device.startswith("cuda") else CPU_MODES
+    modes = [m for m in (args.modes.split(",") if args.modes else default) if m]
+    unknown = [m for m in modes if not _valid_mode(m)]
     if unknown:
-        print(f"benchmark: error: unknown mode(s) {unknown}; choose from {','.join(TRAIN_MODES)}", file=sys.stderr)
+        print(f"benchmark: error: unknown mode(s) {unknown}; METHOD[+PATH] with METHOD in {','.join(METHODS)} "
+              f"and PATH in {','.join(PATHS)} (fused and torch: rlrr only)", file=sys.stderr)
         return 2
     try:
         import peft  # noqa: F401
     except ImportError:
-        if "lora" in modes:
+        if any(parse_mode(m)[0] == "lora" for m in modes):
             print("benchmark: peft is not installed; skipping lora", file=sys.stderr)
-            modes.remove("lora")
+            modes = [m for m in modes if parse_mode(m)[0] != "lora"]
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
               "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
@@ -277,10 +317,13 @@ def main(argv=None) -> int:
         r["train_img_s"] = round(statistics.median(r["window_img_s"]), 2)
         # model FLOPs utilisation: counted FLOPs per image x img/s over the GPU's peak (None: peak unknown)
         r["mfu"] = round(r["train_flops_per_image"] * r["train_img_s"] / (peak * 1e12), 4) if peak else None
-    if "rlrr" in train and "full" in train:
-        rlrr, full = train["rlrr"], train["full"]
+    best = {method: max((m for m in train if parse_mode(m, args.compile)[0] == method),
+                        key=lambda m: train[m]["train_img_s"], default=None) for method in ("rlrr", "full")}
+    if best["rlrr"] and best["full"]:
+        rlrr, full = train[best["rlrr"]], train[best["full"]]
         results["rlrr_vs_full"] = {"speed": round(rlrr["train_img_s"] / full["train_img_s"], 3),
-                                   "memory": round(rlrr["peak_memory_mb"] / full["peak_memory_mb"], 3)}
+                                   "memory": round(rlrr["peak_memory_mb"] / full["peak_memory_mb"], 3),
+                                   "rlrr_mode": best["rlrr"], "full_mode": best["full"]}
     print_summary(args, results)
     if args.json:
         from rlrr.atomic import write_json_atomic

@@ -1,18 +1,22 @@
 #!/usr/bin/env python
-"""GPU acceptance: every GPU path once, with its figures, in one command (about 9 minutes on one
-H200). Run through tools/gpu_acceptance.sh:
+"""GPU acceptance: every GPU path once, with its figures, in one command. Run through
+tools/gpu_acceptance.sh:
 
     bash tools/gpu_acceptance.sh --out-dir gpu-acceptance      # on a machine with one NVIDIA GPU
     bash tools/gpu_acceptance.sh --dry-run --out-dir /tmp/acc  # anywhere: the same steps, tiny, on CPU
 
 Steps (each a fresh process; a step that breaks is named and the command exits 1 after the rest):
-- bench-*: tools/benchmark.py, RLRR vs full fine-tuning, bf16 autocast, ViT-B/16 and ViT-H/14, with and
-  without activation checkpointing: img/s, max_memory_allocated, counted FLOPs and MFU;
-- bench-vit-h-frozen-bf16: RLRR with train.frozen_dtype=bf16;
+- bench-*: tools/benchmark.py, bf16 autocast: timm full fine-tuning (eager, compiled, CUDA graphs), the
+  linear probe, LoRA and RLRR in every path (torch ops, Triton kernels, compiled, CUDA graphs) for
+  ViT-B/16 at 8 and 64, ViT-L/16 at 32, ViT-H/14 at 16 (and RLRR alone at 64), activation checkpointing,
+  frozen bf16 weights: img/s, max_memory_allocated, counted FLOPs and MFU;
 - scaling: tools/bench_scaling.py, DDP (NCCL, world 1), DeepSpeed ZeRO-2 and ZeRO-3, bf16;
-- train-*: launch/train.py under torchrun (NCCL), 20 optimizer steps on generated shards: DDP bf16,
-  DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2 bf16.
-Writes acceptance.json and acceptance.md to --out-dir (the step logs too).
+- train-*: launch/train.py under torchrun (NCCL) with the defaults (compiled, CUDA graphs in one process),
+  20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2;
+- train-loop: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, its img/s set beside
+  bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark").
+Every step shares one compile cache (<out-dir>/compile_cache). Writes acceptance.json and acceptance.md
+to --out-dir (the step logs too). The whole command is not yet timed on a GPU.
 """
 import argparse
 import json
@@ -22,6 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,22 +36,41 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+GPU_BENCHMARKS = [  # (name, model, batch, benchmark.py options); modes: benchmark.py's GPU defaults unless given
+    ("bench-vit-b-8", "vit_base_patch16_224", 8, ["--no-inference"]),
+    ("bench-vit-b-64", "vit_base_patch16_224", 64, []),
+    ("bench-vit-b-64-ckpt", "vit_base_patch16_224", 64,
+     ["--grad-checkpointing", "--no-inference", "--modes", "full+compiled,rlrr+fused,rlrr+compiled"]),
+    ("bench-vit-l-32", "vit_large_patch16_224", 32, ["--no-inference"]),
+    ("bench-vit-h-16", "vit_huge_patch14_224", 16, []),
+    ("bench-vit-h-16-ckpt", "vit_huge_patch14_224", 16,
+     ["--grad-checkpointing", "--no-inference", "--modes", "full+compiled,rlrr+fused,rlrr+compiled"]),
+    ("bench-vit-h-64", "vit_huge_patch14_224", 64, ["--no-inference", "--modes", "rlrr+fused,rlrr+compiled"]),
+    ("bench-vit-h-frozen-bf16", "vit_huge_patch14_224", 16,
+     ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr+fused,rlrr+compiled"]),
+]
+DRY_RUNS = {"bench-vit-b-8": [], "bench-vit-b-64-ckpt": ["--grad-checkpointing", "--no-inference"],
+            "bench-vit-h-frozen-bf16": ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr,rlrr+fused"]}
+DRY_MODES = "rlrr,rlrr+torch,rlrr+fused,full,linear"  # the compiled paths cost minutes of C++ builds on CPU
+
+
 def benchmarks(dry: bool) -> list[tuple[str, list[str]]]:
-    """(name, tools/benchmark.py arguments) for each measured configuration."""
-    size = ["--img-size", "32", "--device", "cpu", "--warmup", "1", "--steps", "1", "--windows", "1"] if dry else \
-        ["--warmup", "3", "--steps", "10", "--windows", "2"]
-    models = {"vit-b": ("test_vit" if dry else "vit_base_patch16_224", 4 if dry else 64),
-              "vit-h": ("test_vit" if dry else "vit_huge_patch14_224", 4 if dry else 16)}
+    """(name, tools/benchmark.py arguments) for each measured configuration. A dry run takes the tiny
+    model on CPU (Triton's interpreter for the kernels), so the steps that differ only in the model or
+    batch would repeat each other: only DRY_RUNS' steps run."""
     out = []
-    for key, (model, batch) in models.items():
-        for ckpt in (False, True):
-            args = ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--modes", "rlrr,full",
-                    "--rounds", "1", *size] + (["--grad-checkpointing", "--no-inference"] if ckpt else [])
-            out.append((f"bench-{key}{'-ckpt' if ckpt else ''}", args))
-    model, batch = models["vit-h"]
-    out.append(("bench-vit-h-frozen-bf16", ["--model", model, "--batch-size", str(batch), "--precision", "bf16",
-                                            "--frozen-dtype", "bf16", "--modes", "rlrr", "--rounds", "1",
-                                            "--no-inference", *size]))
+    for name, model, batch, options in GPU_BENCHMARKS:
+        if dry:
+            if name not in DRY_RUNS:
+                continue
+            options = DRY_RUNS[name]
+            options = options if "--modes" in options else [*options, "--modes", DRY_MODES]
+            model, batch = "test_vit", 4
+            size = ["--img-size", "32", "--device", "cpu", "--warmup", "1", "--steps", "1", "--windows", "1"]
+        else:
+            size = ["--warmup", "3", "--steps", "10", "--windows", "2"]
+        out.append((name, ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--rounds", "1",
+                           *size, *options]))
     return out
 
 
@@ -64,7 +88,8 @@ def write_images(root: str, size: int, per_class: dict, classes: int = 4) -> Non
 def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """(the command that makes the shards, [(name, launch/train.py overrides)])."""
     size = 32 if dry else 224
-    write_images(os.path.join(out_dir, "images"), 32 if dry else 64, {"train": 10 if dry else 40, "test": 4})
+    write_images(os.path.join(out_dir, "images"), 32 if dry else 64,
+                 {"train": 10 if dry else 40, "big": 16 if dry else 256, "test": 4})
     shards = os.path.join(out_dir, "shards")
     make = [sys.executable, os.path.join(ROOT, "tools", "make_shards.py"), "imagefolder", "--root",
             os.path.join(out_dir, "images"), "--out", shards, "--image-size", str(size), "--overwrite", "--no-progress"]
@@ -73,12 +98,31 @@ def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, l
            "train": {"epochs": 4, "warmup_epochs": 1, "batch_size": 8 if dry else 32,
                      "log_every": 1, "save_every_epochs": 2},
            "output_dir": os.path.join(out_dir, "runs")}
+    cfg["train"]["compile_cache"] = os.path.join(out_dir, "compile_cache")
     with open(os.path.join(out_dir, "train.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
     runs = [("train-ddp-bf16", ["train.precision=bf16"]),
             ("train-ddp-fp16", ["train.precision=fp16"]),
-            ("train-zero2-bf16", ["train.precision=bf16", "train.engine=deepspeed", "train.zero_stage=2"])]
+            ("train-zero2-bf16", ["train.precision=bf16", "train.engine=deepspeed", "train.zero_stage=2"]),
+            # the loop at the step's speed: in-memory data, evaluated once at the end (bench-vit-b-64's model)
+            ("train-loop", ["train.precision=bf16", f"train.batch_size={LOOP_BATCH[dry]}", "data.train_split=big",
+                            "data.in_memory=true", "train.epochs=3", "train.eval_every=3",
+                            "train.save_every_epochs=3", "train.log_every=4"])]
     return make, runs
+
+
+LOOP_BATCH = {False: 64, True: 4}  # the batch of the bench step the loop is set beside (dry: bench-vit-b-8's)
+
+
+def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> Optional[dict]:
+    """train-loop's img/s over the benchmark step of the path a one-process run takes by default
+    (compiled with CUDA graphs on a GPU; eager on CPU)."""
+    bench = benches.get("bench-vit-b-8" if dry else "bench-vit-b-64", {}).get("training", {})
+    mode = "rlrr" if dry else "rlrr+cudagraphs"
+    if "train-loop" not in training or mode not in bench:
+        return None
+    loop, step = training["train-loop"]["img_per_s"], bench[mode]["train_img_s"]
+    return {"loop_img_s": loop, "bench_img_s": step, "bench_mode": mode, "ratio": round(loop / step, 3)}
 
 
 def run_step(name: str, cmd: list[str], out_dir: str, timeout: int, env=None) -> dict:
@@ -109,23 +153,33 @@ def environment() -> dict:
     return env
 
 
+def _outcome(step: dict) -> str:
+    if "skipped" in step:
+        return f"skipped: {step['skipped']}"
+    return "yes" if step["ok"] else f"FAILED: {step['error']}"
+
+
 def report(result: dict) -> str:
     lines = [f"# GPU acceptance ({result['date']}, {result['environment']['device']})", "",
              f"torch {result['environment']['torch']}, CUDA {result['environment']['cuda']}, "
              f"DeepSpeed {result['environment']['deepspeed']}{' (dry run on CPU)' if result['dry_run'] else ''}", "",
              "| step | ok | seconds |", "|---|---|---|"]
-    lines += [f"| {s['step']} | {'yes' if s['ok'] else 'FAILED: ' + s['error']} | {s['seconds']} |"
-              for s in result["steps"]]
+    lines += [f"| {s['step']} | {_outcome(s)} | {s['seconds']} |" for s in result["steps"]]
     lines += ["", "| benchmark | mode | img/s | max memory (MB) | GFLOP/img | MFU |", "|---|---|---|---|---|---|"]
     for name, data in result["benchmarks"].items():
         for mode, r in data["training"].items():
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
             lines.append(f"| {name} | {mode} | {r['train_img_s']} | {r['peak_memory_mb']:,.0f} | "
                          f"{r['train_flops_per_image'] / 1e9:.2f} | {mfu} |")
-    lines += ["", "| training run | steps | optimizer updates | img/s | test top-1 |", "|---|---|---|---|---|"]
+    lines += ["", "| training run | steps | optimizer updates | img/s | first step (s) | compiled | CUDA graphs | "
+              "test top-1 |", "|---|---|---|---|---|---|---|---|"]
     for name, r in result["training"].items():
-        lines.append(f"| {name} | {r['steps']} | {r['optimizer_updates']} | {r['img_per_s']} | "
-                     f"{r['test_acc1_final']} |")
+        lines.append(f"| {name} | {r['steps']} | {r['optimizer_updates']} | {r['img_per_s']} | {r['warmup_s']} | "
+                     f"{r['compile']['compile']} | {r['compile']['cuda_graphs']} | {r['test_acc1_final']} |")
+    loop = result.get("loop_vs_benchmark")
+    if loop:
+        lines += ["", f"train-loop: {loop['loop_img_s']} img/s, {loop['ratio']}x the benchmark step "
+                      f"({loop['bench_mode']}, {loop['bench_img_s']} img/s)"]
     if result.get("scaling_md"):
         lines += ["", "## Engines (bf16, one process)", "", result["scaling_md"]]
     return "\n".join(lines) + "\n"
@@ -165,11 +219,12 @@ def main(argv=None) -> int:
                "--engines", "ddp,zero2,zero3", "--nprocs", "1", "--precision", "bf16", "--out-dir",
                os.path.join(out, "scaling"), "--batch-per-rank", "2" if args.dry_run else "16"]
     scaling += ["--img-size", "32"] if args.dry_run else ["--warmup", "3", "--steps", "10"]
-    # a dry run builds the same tiny model for ViT-B and ViT-H: the ViT-H commands would repeat the ViT-B ones
     skip = {name: "--skip" for name in args.skip}
-    if args.dry_run:
-        same = "dry run: the same tiny model as bench-vit-b"
-        skip.update({name: same for name in ("bench-vit-h", "bench-vit-h-ckpt")})
+    if args.dry_run:  # one tiny model for every ViT: the other bench steps would repeat these
+        skip.update({name: f"dry run: the same tiny model as {', '.join(DRY_RUNS)}"
+                     for name, *_ in GPU_BENCHMARKS if name not in DRY_RUNS})
+        os.environ["TRITON_INTERPRET"] = "1"  # the Triton kernels on CPU (set before any step imports triton)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(out, "compile_cache"))  # shared by every step
     steps = run_all([j for j in bench_jobs + [("scaling", [py, "tools/bench_scaling.py", *scaling], 2 * args.timeout)]
                      if j[0] not in skip], out, args.jobs)
     benches = {}
@@ -190,14 +245,16 @@ def main(argv=None) -> int:
         if step["ok"]:
             with open(os.path.join(out, "runs", step["step"], "results.json")) as f:
                 r = json.load(f)
-            training[step["step"]] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final")}
+            training[step["step"]] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final",
+                                                        "warmup_s", "compile")}
             # fp16: the gradient scaler skips the steps whose scaled gradients overflow while it calibrates
-            if r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20:
+            if step["step"] != "train-loop" and (r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20):
                 step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
     steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
     scaling_md = os.path.join(out, "scaling", "scaling.md")
     result = {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "environment": environment(),
               "steps": steps, "benchmarks": benches, "training": training,
+              "loop_vs_benchmark": loop_vs_benchmark(training, benches, args.dry_run),
               "scaling_md": open(scaling_md).read() if os.path.exists(scaling_md) else None}
     from rlrr.atomic import write_json_atomic, write_text_atomic
     write_json_atomic(os.path.join(out, "acceptance.json"), result)

@@ -33,6 +33,17 @@ def test_train_loader_is_deterministic_and_sized(shards, in_memory):
     assert epoch0[0][0].shape == (4, 3, 32, 32) and epoch0[0][0].dtype == torch.uint8
 
 
+def test_an_in_memory_split_placed_on_the_training_device_gives_the_same_batches(shards):
+    """In a CUDA run the in-memory split lives on the GPU and is gathered, cropped and flipped there;
+    the CPU stands in for that device here: the same batches, crops and flips, on that device."""
+    recipe = Recipe("fgvc", True, flip=True, image_size=28)  # resize to 32, random crop 28, random flip
+    batches = [list(SplitLoader(Manifest(shards), "train800", train=True, batch_size=4, in_memory=True, seed=3,
+                                recipe=recipe, device=device).epoch(1)) for device in (None, torch.device("cpu"))]
+    assert len(batches[0]) == len(batches[1]) == 6  # 22 images in batches of 4, the last one wrapped
+    for (x0, y0, k0), (x1, y1, k1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and k0 == k1 and x1.shape == (4, 3, 28, 28)
+
+
 def test_manifest_errors_name_the_file_and_paths_cannot_leave_the_folder(shards, tmp_path):
     import shutil
     bad = tmp_path / "bad"

@@ -261,7 +261,8 @@ class _MemoryEpoch:
     def __iter__(self):
         for start in range(0, len(self.indices), self.batch_size):
             idx = self.indices[start:start + self.batch_size]
-            yield (self.recipe.augment(self.images[idx], self.generator), self.labels[idx],
+            on_device = idx.to(self.images.device)
+            yield (self.recipe.augment(self.images[on_device], self.generator), self.labels[on_device],
                    [self.keys[i] for i in idx.tolist()])
 
 
@@ -307,7 +308,7 @@ class SplitLoader:
 
     def __init__(self, manifest: Manifest, split: str, *, train: bool, batch_size: int, recipe: Recipe,
                  rank: int = 0, world: int = 1, workers: int = 2, seed: int = 0, in_memory: bool = False,
-                 shuffle_buffer: int = 1000):
+                 shuffle_buffer: int = 1000, device: Optional[torch.device] = None):
         self.split = manifest.split(split)
         self.num_classes = manifest.num_classes
         self._stream_loader = None
@@ -325,6 +326,8 @@ class SplitLoader:
             self.num_batches = steps if in_memory else self.per_worker * max(1, workers)
         if in_memory:
             self._load()
+            if device is not None:  # e.g. the GPU: batches are gathered and augmented there, no copy per step
+                self.images, self.labels = self.images.to(device), self.labels.to(device)
 
     def _load(self):
         if self.train:

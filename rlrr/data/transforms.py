@@ -47,7 +47,7 @@ class Recipe:
                 y, x = (h - s) // 2, (w - s) // 2
                 images = images[:, :, y:y + s, x:x + s]
         if self.flip:  # flip the chosen images only (torch.where over a flipped copy of all cost 3x more)
-            flipped = (torch.rand(n, generator=generator) < 0.5).nonzero().squeeze(1)
+            flipped = (torch.rand(n, generator=generator) < 0.5).nonzero().squeeze(1).to(images.device)
             images = images.index_copy(0, flipped, images[flipped].flip(-1))
         return images.contiguous()
 

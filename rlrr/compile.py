@@ -57,14 +57,17 @@ def compile_plan(cfg, info: DistInfo) -> CompilePlan:
     return CompilePlan(compiled, graphs, os.path.abspath(cache), notes)
 
 
-def use_compile_cache(plan: CompilePlan) -> None:
-    """Point inductor (and Triton, which caches under it) at the run's cache folder before anything
-    compiles: the run, its requeued restarts and the other runs of the same output_dir reuse what
-    was compiled (inductor's FX-graph and autotuning caches are keyed by content and written
-    atomically, so ranks and runs may share one folder)."""
+def prepare_compile(plan: CompilePlan, requested) -> None:
+    """Before anything compiles: point inductor (and Triton, which caches under it) at the run's cache
+    folder, so the run, its requeued restarts and the other runs of the same output_dir reuse what was
+    compiled (inductor's caches are keyed by content and written atomically: ranks and runs may share
+    one folder). A default compile (``requested`` None) that fails to build a graph runs that graph
+    eager with a warning instead of ending the run; an explicit ``true`` lets the error through."""
     if plan.compile:
+        import torch._dynamo
         os.makedirs(plan.cache_dir, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = plan.cache_dir
+        torch._dynamo.config.suppress_errors = requested is None
 
 
 def _shown(value) -> str:

@@ -15,7 +15,9 @@ Rank r and the qkv grouping (a separate input-side vector per chunk of output ro
 the grid: programs never straddle a group. Triton's interpreter (TRITON_INTERPRET=1) runs the same
 kernels on CPU tensors, which is how ``make test`` checks them.
 """
+import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -144,7 +146,20 @@ def scale_grads(grad_weight: torch.Tensor, weight: torch.Tensor, scale_in: torch
     return grad_in, grad_out
 
 
+@functools.cache
 def _processors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def unavailable(device: torch.device) -> Optional[str]:
+    """None if the kernels build and run on ``device``, else why not, in one line (Triton builds its
+    launcher with the system's C compiler on first use, which a slim container may lack)."""
+    try:
+        w = torch.ones(4, 4, device=device)
+        rescaled_weight(w, torch.zeros(1, 4, device=device), torch.zeros(4, device=device), "residual", torch.float32)
+        scale_grads(w, w, torch.zeros(1, 4, device=device), torch.zeros(4, device=device), "residual", True, True)
+    except Exception as e:  # any build or launch failure: the caller falls back to torch's ops
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    return None

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import checkpoint
 from .adapter import count_trainable, save_adapter, statistics_buffers, trainable_parameters
 from .atomic import write_atomic, write_json_atomic, write_text_atomic
-from .compile import CompilePlan, compile_plan, use_compile_cache
+from .compile import CompilePlan, compile_plan, prepare_compile
 from .config import ConfigError, RunConfig, load_config, save_config
 from .data.loader import DataError, Manifest, ManifestError, SplitLoader
 from .data.transforms import Recipe, normalize
@@ -50,7 +50,7 @@ from .distributed import (
 from .engine import ENGINES, deepspeed_config
 from .evaluate import evaluate
 from .inference import inference_card, write_card
-from .model import build_model, merge_model, store_frozen_weights_in
+from .model import build_model, merge_model, set_kernel, store_frozen_weights_in
 from .optim import build_scheduler
 
 log = logging.getLogger("rlrr")
@@ -215,7 +215,8 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
     steps_per_epoch = math.ceil(len(train_data) / t.grad_accum)
     n_trainable = count_trainable(model)
     compiled = compile_plan(cfg, info)
-    use_compile_cache(compiled)
+    prepare_compile(compiled, t.compile)
+    check_kernels(model, cfg, info, compiled)
     engine = ENGINES[t.engine](model, cfg, info, micro, compiled)
     scheduler = build_scheduler(engine.optimizer, t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch,
                                 t.warmup_lr, t.min_lr)
@@ -225,6 +226,18 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
         load_checkpoint(run, allow_config_change)
     open_run_dir(run, resuming)
     return run
+
+
+def check_kernels(model: nn.Module, cfg: RunConfig, info: DistInfo, compiled: CompilePlan) -> None:
+    """model.kernel auto on a GPU, eager: RLRR's Triton kernels, unless they cannot build here (one line,
+    then torch's ops)."""
+    if cfg.model.kernel != "auto" or info.device.type != "cuda" or compiled.compile or cfg.model.method != "rlrr":
+        return
+    from . import fused
+    why = fused.unavailable(info.device)
+    if why:
+        set_kernel(model, "torch")
+        log.warning(f"model.kernel = auto: RLRR's Triton kernels do not run here ({why}); using torch's ops")
 
 
 def check_inputs(cfg: RunConfig) -> Manifest:

@@ -135,8 +135,10 @@ def test_kernel_choice():
     assert not use_fused("auto", cpu) and not use_fused("torch", cpu) and use_fused("triton", cpu)
 
 
-def test_triton_kernel_on_cpu_without_the_interpreter_is_one_line(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from rlrr import fused
+def test_triton_kernel_on_cpu_without_the_interpreter_is_one_line(kernels, monkeypatch):
+    """What a run sees where the kernels cannot run: one line (train.py then falls back to torch's ops)."""
+    assert kernels.unavailable(torch.device("cpu")) is None  # the interpreter runs them
+    monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="model.kernel = triton needs a CUDA device, got cpu"):
-        fused.check_device(torch.zeros(1))
+        kernels.check_device(torch.zeros(1))
+    assert kernels.unavailable(torch.device("cpu")).startswith("RuntimeError: model.kernel = triton needs a CUDA")

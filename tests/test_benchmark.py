@@ -70,7 +70,8 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     data = json.loads((tmp_path / "acceptance.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
     same_model = {"bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt", "bench-vit-h-64"}
-    assert set(steps) == {"bench-vit-b-8", "bench-vit-b-64-ckpt", "bench-vit-h-frozen-bf16", "scaling", "make-shards",
+    assert set(steps) == {"fused-kernels", "bench-vit-b-8", "bench-vit-b-64-ckpt", "bench-vit-h-frozen-bf16", "scaling",
+                          "make-shards",
                           "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop"} | same_model
     assert all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)

@@ -16,6 +16,9 @@ from rlrr.layers import RLRRLinear, _views, rescaled_weight
 
 pytest.importorskip("triton", reason="Triton ships with torch's CUDA builds; the CPU-only wheel has none")
 EPS32 = torch.finfo(torch.float32).eps
+# the kernels' device: the GPU when one is there and the interpreter is off (TRITON_INTERPRET=0 python -m pytest
+# tests/test_fused.py, as tools/gpu_acceptance.sh runs it), else the CPU through Triton's interpreter
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 
 # (groups, rank, form, out, in): out and in not multiples of the tiles; 3 groups is the qkv layer
 SHAPES = [(1, 1, "residual", 40, 150), (3, 1, "residual", 96, 70), (3, 2, "plain", 72, 33),
@@ -24,8 +27,9 @@ SHAPES = [(1, 1, "residual", 40, 150), (3, 1, "residual", 96, 70), (3, 2, "plain
 
 @pytest.fixture(scope="module")
 def kernels():
-    """rlrr.fused, its kernels run by Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    """rlrr.fused, its kernels run on DEVICE (on CPU by Triton's interpreter: tests/conftest.py sets
+    TRITON_INTERPRET=1 unless the environment already says otherwise)."""
+    assert DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     from rlrr import fused
     return fused
 
@@ -45,7 +49,7 @@ def test_rescaled_weight_matches_the_formula(kernels, groups, rank, form, out, i
     s_in, s_out = _scales(groups, rank, out, inn)
     exact = rescaled_weight(w.double(), s_in.double(), s_out.double(), form=form)
     magnitude = rescaled_weight(w.double().abs(), s_in.double().abs(), s_out.double().abs(), form=form)
-    got = kernels.rescaled_weight(w, s_in, s_out, form, out_dtype)
+    got = kernels.rescaled_weight(w.to(DEVICE), s_in.to(DEVICE), s_out.to(DEVICE), form, out_dtype).cpu()
     assert got.dtype == out_dtype and got.shape == w.shape
     # fp32 arithmetic (rank products, rank-1 sums, the form's multiply-add), then one cast to out_dtype
     bound = (rank + 2) * EPS32 * magnitude + torch.finfo(out_dtype).eps * exact.abs()
@@ -68,7 +72,9 @@ def test_scale_grads_match_the_formula(kernels, groups, rank, form, out, inn, si
     w = torch.randn(out, inn)
     s_in, s_out = _scales(groups, rank, out, inn, seed=1)
     need_in, need_out = sides != "out", sides != "in"
-    got_in, got_out = kernels.scale_grads(grad_w, w, s_in, s_out, form, need_in, need_out, splits=splits)
+    got_in, got_out = kernels.scale_grads(grad_w.to(DEVICE), w.to(DEVICE), s_in.to(DEVICE), s_out.to(DEVICE), form,
+                                          need_in, need_out, splits=splits)
+    got_in, got_out = (None if t is None else t.cpu() for t in (got_in, got_out))
     exact = _exact_scale_grads(grad_w, w, s_in, s_out, form)
     magnitude = _exact_scale_grads(grad_w, w, s_in, s_out, form, magnitude=True)
     for name, got, need, want, size, n in (("dS_in", got_in, need_in, exact[0], magnitude[0], out // groups),
@@ -90,7 +96,7 @@ def _layer_pair(groups, rank, form, sides, out=48, inn=40):
     for kernel in ("torch", "triton"):
         layer = RLRRLinear(nn.Linear(inn, out), in_groups=groups, rank=rank, sides=sides, form=form, kernel=kernel)
         layer.load_state_dict(source.state_dict())
-        layers.append(layer)
+        layers.append(layer.to(DEVICE))
     return layers
 
 
@@ -104,14 +110,15 @@ def test_fused_layer_trains_like_the_reference_under_bf16_autocast(kernels, grou
     grad_y = torch.randn(2, 5, 48)
     results = []
     for layer in (reference, fused):
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        xi = x.to(DEVICE).requires_grad_(True)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             y = layer(xi)
-        y.backward(grad_y.to(y.dtype))
-        results.append((y.float(), xi.grad, {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}))
+        y.backward(grad_y.to(DEVICE, y.dtype))
+        results.append((y.float().cpu(), xi.grad.cpu(),
+                        {n: p.grad.cpu() for n, p in layer.named_parameters() if p.requires_grad}))
     (y_ref, dx_ref, g_ref), (y_fused, dx_fused, g_fused) = results
     assert g_ref.keys() == g_fused.keys() and g_ref  # the same trainable vectors got gradients
-    w, s_in, s_out = (t.detach() for t in (reference.weight, reference.scale_in, reference.scale_out))
+    w, s_in, s_out = (t.detach().cpu() for t in (reference.weight, reference.scale_in, reference.scale_out))
     w_prime = rescaled_weight(w.double().abs(), s_in.double().abs(), s_out.double().abs(), form=form)
     ulp = torch.finfo(torch.bfloat16).eps
     # one bf16 ulp in W' moves y and dx by at most ulp * |x| |W'|^T (and the output rounding, once more)
@@ -137,8 +144,8 @@ def test_kernel_choice():
 
 def test_triton_kernel_on_cpu_without_the_interpreter_is_one_line(kernels, monkeypatch):
     """What a run sees where the kernels cannot run: one line (train.py then falls back to torch's ops)."""
-    assert kernels.unavailable(torch.device("cpu")) is None  # the interpreter runs them
-    monkeypatch.delenv("TRITON_INTERPRET")
+    assert kernels.unavailable(DEVICE) is None  # they run here (on CPU: through the interpreter)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="model.kernel = triton needs a CUDA device, got cpu"):
         kernels.check_device(torch.zeros(1))
     assert kernels.unavailable(torch.device("cpu")).startswith("RuntimeError: model.kernel = triton needs a CUDA")

@@ -113,31 +113,37 @@ def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_
 def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(tiny_shards, tmp_path):
     """train.compile=true (inductor's C++ backend here): the compiled run trains like the eager one; a
     compiled run SIGKILLed while writing its third checkpoint and restarted by torchrun ends with the
-    uninterrupted compiled run's adapter bit for bit, and its restart compiles no graph anew (the
-    output_dir's compile cache). No dropout: compiled and eager graphs draw different random numbers."""
-    runs, results = tmp_path / "runs", {}
+    uninterrupted compiled run's adapter bit for bit, and compiles no graph anew (the output_dir's
+    compile cache, filled by the first run). Both compiled runs start the same way (torchrun, one
+    process), as a requeued job does. No dropout: compiled and eager graphs draw different random numbers."""
+    runs = tmp_path / "runs"
     cfg = write_config(tmp_path / "c.yaml", tiny_shards, runs, model={"drop_path": 0.0}, train={"save_every_steps": 4})
-    for compiled in (False, True):
-        results[compiled] = main(["--config", cfg, "--set", f"run_name=compile{int(compiled)}",
-                                  f"train.compile={str(compiled).lower()}"])
-    eager, comp = _adapter(runs / "compile0"), _adapter(runs / "compile1")
-    assert eager.keys() == comp.keys()
-    for k in eager:  # atol: the key bias's true gradient is 0, and AdamW scales its rounding noise up to ~lr
-        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-4)
-    assert results[True]["test_acc1_final"] == results[False]["test_acc1_final"]
+    eager = main(["--config", cfg, "--set", "run_name=eager", "train.compile=false"])
+    compiled = [*train_cmd("--config", cfg, "--set", "train.compile=true", nproc=1)]
+    compiled.insert(compiled.index("--standalone") + 1, "--max-restarts=1")
+    res = subprocess.run(compiled + ["run_name=straight"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "first step:" in res.stdout and "(compiling)" in res.stdout, res.stderr[-3000:]
+    straight = json.loads((runs / "straight" / "results.json").read_text())
+    comp, plain = _adapter(runs / "straight"), _adapter(runs / "eager")
+    assert comp.keys() == plain.keys()
+    for k in plain:  # atol: the key bias's true gradient is 0, and AdamW scales its rounding noise up to ~lr
+        torch.testing.assert_close(comp[k], plain[k], rtol=1e-4, atol=1e-4)
+    assert straight["test_acc1_final"] == eager["test_acc1_final"]
     cache = runs / "compile_cache"
-    assert results[True]["compile"] == {"compile": True, "cuda_graphs": False, "cache_dir": str(cache)}
-    assert results[False]["compile"]["compile"] is False and results[True]["warmup_s"] > 0
-    compiled_graphs = {p for p in cache.rglob("*") if p.is_file() and "fxgraph" in p.parts}
+    assert straight["compile"] == {"compile": True, "cuda_graphs": False, "cache_dir": str(cache)}
+    assert eager["compile"]["compile"] is False and straight["warmup_s"] > 0
+
+    def graphs():
+        return {p for p in cache.rglob("*") if p.is_file() and "fxgraph" in p.parts}
+    compiled_graphs = graphs()
     assert compiled_graphs  # inductor wrote its graphs to the run's cache
     env = {"PYTHONPATH": FAULTS, "RLRR_FAULT_KILL_IN_SAVE": "3", "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
-    cmd = train_cmd("--config", cfg, "--set", "run_name=killed", "train.compile=true", nproc=1)
-    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    res = subprocess.run(compiled + ["run_name=killed"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env})
     assert (tmp_path / "fired").exists() and res.returncode == 0, res.stderr[-3000:]
-    assert "resumed" in res.stdout and "first step:" in res.stdout and "(compiling)" in res.stdout, res.stdout[-2000:]
+    assert "resumed" in res.stdout and "(compiling)" in res.stdout, res.stdout[-2000:]
     _assert_same_adapter(_adapter(runs / "killed"), comp)
-    assert {p for p in cache.rglob("*") if p.is_file() and "fxgraph" in p.parts} == compiled_graphs
+    assert graphs() == compiled_graphs
 
 
 def _faulty(env: dict, tmp_path) -> dict:

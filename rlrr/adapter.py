@@ -20,19 +20,8 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from .atomic import write_atomic
-from .config import ConfigError, check_dataclass
-from .layers import (
-    Form,
-    Init,
-    RLRRConv2d,
-    RLRRLinear,
-    ScaleShift,
-    Sides,
-    fold_bias_into_preceding_norm,
-    merged_conv,
-    merged_linear,
-    merged_scale_shift,
-)
+from .config import check_dataclass, check_rlrr_variant
+from .layers import Form, Init, RLRRConv2d, RLRRLinear, ScaleShift, Sides, fold_bias_into_preceding_norm
 
 ADAPTER_FORMAT = "rlrr.adapter/1"
 
@@ -65,23 +54,6 @@ class RLRRConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-LINEAR_TARGETS = ("qkv", "proj", "fc1", "fc2", "reduction")
-
-
-def check_rlrr_variant(rank, sides, targets, source: str, prefix: str = "") -> None:
-    """The checks the types alone cannot make (one line, naming the key)."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ConfigError(f"{source}: {prefix}rank = {rank!r}: expected an integer >= 1")
-    if sides != "both" and rank != 1:
-        raise ConfigError(f"{source}: {prefix}sides = {sides} scales rows or columns only; it needs "
-                          f"{prefix}rank = 1, got {rank}")
-    if targets is not None:
-        bad = [t for t in targets if t not in LINEAR_TARGETS] if isinstance(targets, (list, tuple)) else [targets]
-        if bad or not targets:
-            raise ConfigError(f"{source}: {prefix}targets = {targets!r}: expected a non-empty list of "
-                              f"{', '.join(LINEAR_TARGETS)}")
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -196,12 +168,12 @@ def merge_rlrr(model: nn.Module) -> nn.Module:
     # SSF first: a bias-free linear's shift may be folded into the (plain) norm before it.
     for path, module in list(model.named_modules()):
         if isinstance(module, ScaleShift):
-            _set_submodule(model, path, merged_scale_shift(module))
+            _set_submodule(model, path, module.merged())
     for path, module in list(model.named_modules()):
         if isinstance(module, RLRRConv2d):
-            _set_submodule(model, path, merged_conv(module))
+            _set_submodule(model, path, module.merged())
         elif isinstance(module, RLRRLinear):
-            merged = merged_linear(module)
+            merged = module.merged()
             if module.bias is None:
                 parent = model.get_submodule(path.rpartition(".")[0])
                 if not isinstance(parent, PatchMerging):

@@ -16,7 +16,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .data.transforms import RecipeName, Stats
-from .layers import Form, Init, Kernel, Sides
+from .layers.variants import LINEAR_TARGETS, Form, Init, Kernel, Sides, variant_problem
 
 Method = Literal["rlrr", "linear", "full", "bitfit", "ssf", "lora"]  # rlrr.model.METHODS: one builder per name
 DropPathMode = Literal["dropout", "stochastic_depth"]
@@ -279,9 +279,15 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
+def check_rlrr_variant(rank, sides, targets, source: str, prefix: str = "") -> None:
+    """The checks the types alone cannot make (rlrr.layers.variants), as one ConfigError naming the key."""
+    problem = variant_problem(rank, sides, targets, prefix)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+
+
 def _check(cfg: RunConfig, source: str) -> None:
     m = cfg.model
-    from .adapter import LINEAR_TARGETS, check_rlrr_variant
     check_rlrr_variant(m.rank, m.sides, m.targets, source, prefix="model.")
     bad = [t for t in m.lora.targets if t not in LINEAR_TARGETS[:4]] if isinstance(m.lora.targets, list) else [0]
     if bad or not m.lora.targets:

@@ -233,7 +233,7 @@ def check_kernels(model: nn.Module, cfg: RunConfig, info: DistInfo, compiled: Co
     then torch's ops)."""
     if cfg.model.kernel != "auto" or info.device.type != "cuda" or compiled.compile or cfg.model.method != "rlrr":
         return
-    from . import fused
+    from .layers import fused
     why = fused.unavailable(info.device)
     if why:
         set_kernel(model, "torch")

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-# Triton's interpreter runs rlrr/fused.py's kernels on CPU tensors (tests/test_fused.py). Triton reads this
+# Triton's interpreter runs rlrr/layers/fused.py's kernels on CPU tensors (tests/test_fused.py). Triton reads this
 # when it is imported, so it is set before anything imports it; CPU runs never launch a kernel otherwise
 # (model.kernel auto picks torch's ops off CUDA).
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,4 +1,4 @@
-"""rlrr/fused.py (the Triton path of RLRRLinear) against the reference formula, on CPU through Triton's
+"""rlrr/layers/fused.py (the Triton path of RLRRLinear) against the reference formula, on CPU through Triton's
 interpreter: every form, rank, side, qkv grouping, storage and compute dtype.
 
 Tolerances are worst-case rounding bounds, not fitted numbers: a result computed with n roundings
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rlrr.layers import RLRRLinear, _views, rescaled_weight
+from rlrr.layers import RLRRLinear, rescaled_weight, scale_views
 
 pytest.importorskip("triton", reason="Triton ships with torch's CUDA builds; the CPU-only wheel has none")
 EPS32 = torch.finfo(torch.float32).eps
@@ -27,10 +27,10 @@ SHAPES = [(1, 1, "residual", 40, 150), (3, 1, "residual", 96, 70), (3, 2, "plain
 
 @pytest.fixture(scope="module")
 def kernels():
-    """rlrr.fused, its kernels run on DEVICE (on CPU by Triton's interpreter: tests/conftest.py sets
+    """rlrr.layers.fused, its kernels run on DEVICE (on CPU by Triton's interpreter: tests/conftest.py sets
     TRITON_INTERPRET=1 unless the environment already says otherwise)."""
     assert DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-    from rlrr import fused
+    from rlrr.layers import fused
     return fused
 
 
@@ -59,7 +59,7 @@ def test_rescaled_weight_matches_the_formula(kernels, groups, rank, form, out, i
 def _exact_scale_grads(grad_w, w, s_in, s_out, form, magnitude=False):
     f = (lambda t: t.double().abs()) if magnitude else (lambda t: t.double())
     g = f(grad_w) * (f(w) if form != "additive" else 1.0)
-    si, so = _views(f(s_in), f(s_out))
+    si, so = scale_views(f(s_in), f(s_out))
     g = g.view(si.shape[0], -1, si.shape[-1])
     return (torch.bmm(so.transpose(1, 2), g).view(s_in.shape), torch.bmm(g, si.transpose(1, 2)).view(s_out.shape))
 

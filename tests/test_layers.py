@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from rlrr.layers import RLRRLinear, ScaleShift, fold_bias_into_preceding_norm, merged_linear, merged_scale_shift
+from rlrr.layers import RLRRLinear, ScaleShift, fold_bias_into_preceding_norm
 
 
 def _linear(out_f=12, in_f=8, bias=True, seed=0):
@@ -72,7 +72,7 @@ def test_merged_linear_is_exact_and_bias_free_base_gets_a_bias():
     with torch.no_grad():
         layer.bias_shift.normal_()
     x = torch.randn(6, 8)
-    merged = merged_linear(layer)
+    merged = layer.merged()
     assert type(merged) is nn.Linear and merged.bias is not None
     torch.testing.assert_close(merged(x), layer(x), atol=1e-6, rtol=1e-5)
 
@@ -95,7 +95,7 @@ def test_merge_refuses_non_finite():
     with torch.no_grad():
         layer.scale_out[0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
-        merged_linear(layer)
+        layer.merged()
 
 
 @pytest.mark.parametrize("init", ["official", "identity"])
@@ -109,7 +109,7 @@ def test_scale_shift_on_layernorm_and_conv_folds_exactly(init):
     expected = nn.functional.layer_norm(x, (6,), norm.weight, norm.bias, norm.eps) * ssf.ssf_scale + ssf.ssf_shift
     torch.testing.assert_close(ssf(x), expected)
     out = ssf(x).detach()
-    torch.testing.assert_close(merged_scale_shift(ssf)(x), out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ssf.merged()(x), out, atol=1e-6, rtol=1e-5)
 
     conv = nn.Conv2d(3, 5, 2, stride=2)
     ssf = ScaleShift(conv, 5, 1, init)
@@ -119,7 +119,7 @@ def test_scale_shift_on_layernorm_and_conv_folds_exactly(init):
     img = torch.randn(2, 3, 4, 4)
     expected = conv(img) * ssf.ssf_scale.view(1, 5, 1, 1) + ssf.ssf_shift.view(1, 5, 1, 1)
     torch.testing.assert_close(ssf(img), expected)
-    torch.testing.assert_close(merged_scale_shift(ssf)(img), expected.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ssf.merged()(img), expected.detach(), atol=1e-6, rtol=1e-5)
 
 
 def _reference_forward(layer, x):

@@ -11,6 +11,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=8
 WORKDIR /opt/rlrr
 
+# A C compiler: Triton builds its kernel launchers with it on first use (torch.compile and rlrr's fused
+# RLRR kernels, both on by default on a GPU); the runtime image has none. The distribution's current gcc.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first: this layer is rebuilt only when the pins change.
 COPY docker/requirements.txt docker/requirements.txt
 RUN pip install --no-cache-dir -r docker/requirements.txt

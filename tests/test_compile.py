@@ -81,3 +81,25 @@ def test_fixed_shape_evaluation_pads_the_last_batch_and_scores_only_real_samples
     assert results[True]["acc1"] == results[False]["acc1"]
     # the same 13 losses in the same order; only the GEMM kernel a row count picks may differ (fp32 order)
     assert results[True]["loss"] == pytest.approx(results[False]["loss"], rel=64 * torch.finfo(torch.float32).eps)
+
+
+def test_the_ddp_engine_replaying_cuda_graphs_evaluates_in_one_shape(tiny_shards):
+    """The real DDPEngine with a CUDA-graph plan (static shapes; nothing compiled, so this runs on CPU):
+    evaluation hands it only full batches, and scores exactly what the eager engine scores."""
+    from rlrr.compile import CompilePlan
+    from rlrr.engine import DDPEngine
+    cfg = load_config(None, ["data.shards=x", "model.name=test_vit", "model.img_size=32", "train.batch_size=4"])
+    loader = SplitLoader(Manifest(tiny_shards), "test", train=False, batch_size=5,
+                         recipe=Recipe("vtab", False, image_size=32), in_memory=True)
+    results, shapes = {}, []
+    for graphs in (False, True):
+        model = build_model(cfg.model, num_classes=4, seed=0)
+        with torch.no_grad():
+            model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
+        engine = DDPEngine(model, cfg, DistInfo(), 4, CompilePlan(compile=False, cuda_graphs=graphs, cache_dir="-"))
+        assert engine.static_shapes == graphs
+        hook = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)) if graphs else None)
+        results[graphs] = evaluate(engine, loader, DistInfo(), 4, "half")
+        hook.remove()
+    assert shapes == [(5, 3, 32, 32)] * 3  # 13 images: the last batch padded from 3 to 5
+    assert results[True]["acc1"] == results[False]["acc1"] and results[True]["samples"] == 13

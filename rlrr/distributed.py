@@ -24,13 +24,22 @@ class DistInfo:
         return dist.is_initialized() and self.world > 1
 
 
-def world_from_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world) from torchrun's variables, else SLURM's (srun-native launch), else (0, 0, 1)."""
+@dataclass(frozen=True)
+class World:
+    """Where this process stands before any process group exists (read from the launcher's variables)."""
+    rank: int = 0
+    local_rank: int = 0  # its index on this node
+    size: int = 1
+
+
+def world_from_env() -> World:
+    """torchrun's variables, else SLURM's (srun-native launch), else a single process."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+        return World(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)), int(os.environ["SLURM_NTASKS"])
-    return 0, 0, 1
+        return World(int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", 0)),
+                     int(os.environ["SLURM_NTASKS"]))
+    return World()
 
 
 def restart_attempt() -> str:
@@ -45,7 +54,7 @@ def init_distributed(always: bool = False, timeout_s: float = 900) -> DistInfo:
     The group's keys live under a prefix per restart attempt: torchrun keeps its store across
     restarts, and a restarted rank could otherwise read the address a dead rank published in the
     previous attempt and fail to connect (or wait for it)."""
-    rank, local_rank, world = world_from_env()
+    rank, local_rank, world = (w := world_from_env()).rank, w.local_rank, w.size
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

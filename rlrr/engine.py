@@ -1,11 +1,8 @@
 """The two ways to run a training step: DDP (plain torch) and DeepSpeed ZeRO 0-3.
 
-Both expose the same small interface to the loop in train.py: ``backward``, ``step``, ``forward``
-(eval), ``trainable_fp32`` (full fp32 adapter tensors on every rank), ``trainable_finite``,
-``optimizer_updates``, ``parameter_elements_held``, ``save`` / ``load`` of the resumable state
-(frozen weights are never written), ``checkpoints`` (the saved states, newest first: the newest and
-the one before it are kept, so an unreadable newest one has a fallback) and ``optimizer`` (for the
-LR schedule).
+Both implement ``Engine`` (below), the interface the loop in train.py, evaluation and checkpoints
+use: frozen weights are never written, and ``checkpoints`` keeps the newest saved state and the one
+before it, so an unreadable newest one has a fallback.
 """
 import contextlib
 import json
@@ -40,10 +37,40 @@ def optimizer_updates(optimizer) -> int:
     return max(steps, default=0)
 
 
+class Engine(typing.Protocol):
+    """What the training loop, evaluation and checkpoints use of an engine (DDPEngine, DeepSpeedEngine)."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer  # for the LR schedule (DeepSpeed: its wrapper)
+    static_shapes: bool  # replays CUDA graphs: evaluation pads to one batch shape
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor: ...  # fp32 logits (eval and training)
+    def backward(self, images, labels, last_micro: bool, loss_ok=None) -> tuple[torch.Tensor, bool]: ...
+    def step(self) -> tuple[Optional[float], bool]: ...  # (gradient norm, applied) at a window's end
+    def discard(self) -> bool: ...  # drop the window's gradients; False where the engine cannot
+    def trainable_fp32(self) -> dict: ...  # full fp32 adapter tensors, on every rank
+    def trainable_finite(self) -> bool: ...
+    def optimizer_updates(self) -> int: ...
+    def parameter_elements_held(self) -> int: ...
+    def save(self, directory: str, client: dict) -> None: ...
+    def load(self, directory: str, name: str) -> dict: ...
+
+    @classmethod
+    def checkpoints(cls, directory: str) -> list[str]: ...  # saved states, newest first
+
+
+def batch_per_rank(t, world: int) -> int:
+    """The per-rank micro-batch of train.batch_size over ``world`` processes and train.grad_accum windows."""
+    micro = t.batch_size // (world * t.grad_accum)
+    if micro * world * t.grad_accum != t.batch_size:
+        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by world size {world} "
+                          f"x train.grad_accum {t.grad_accum}")
+    return micro
+
+
 class DDPEngine:
     FILES = ("last.pt", "prev.pt")  # newest first
 
-    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int, compiled: Optional[CompilePlan] = None):
+    def __init__(self, model: nn.Module, cfg, info: DistInfo, compiled: Optional[CompilePlan] = None):
         t = cfg.train
         self.model, self.info, self.clip = model.to(info.device), info, t.clip_grad
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
@@ -155,7 +182,7 @@ def deepspeed_config(t, world: int) -> dict:
         if section in ds:
             raise ConfigError(f"{t.deepspeed_config}: remove \"{section}\": rlrr builds AdamW over the trainable "
                               "parameters and its own schedule from train.lr, weight_decay, warmup_epochs, min_lr")
-    micro = t.batch_size // (world * t.grad_accum)
+    micro = batch_per_rank(t, world)
     owned = {  # DeepSpeed key path: (run config key, value)
         ("train_batch_size",): ("train.batch_size", t.batch_size),
         ("train_micro_batch_size_per_gpu",): (f"train.batch_size / (world {world} x train.grad_accum)", micro),
@@ -194,7 +221,7 @@ class DeepSpeedEngine:
     ``latest`` names only complete tags."""
     COMPLETE = "COMPLETE"
 
-    def __init__(self, model: nn.Module, cfg, info: DistInfo, micro: int, compiled: Optional[CompilePlan] = None):
+    def __init__(self, model: nn.Module, cfg, info: DistInfo, compiled: Optional[CompilePlan] = None):
         import deepspeed  # imported here: plain DDP runs never pay for it
         t = cfg.train
         self.config = ds = deepspeed_config(t, info.world)

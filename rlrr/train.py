@@ -11,6 +11,7 @@ merged.safetensors, results.json (and PREEMPTED while a preempted run waits for 
 import argparse
 import dataclasses
 import difflib
+import enum
 import faulthandler
 import json
 import logging
@@ -47,7 +48,7 @@ from .distributed import (
     restart_attempt,
     world_from_env,
 )
-from .engine import ENGINES, deepspeed_config
+from .engine import ENGINES, Engine, batch_per_rank, deepspeed_config
 from .evaluate import evaluate
 from .inference import inference_card, write_card
 from .model import build_model, merge_model, set_kernel, store_frozen_weights_in
@@ -72,6 +73,12 @@ class RunState:
     samples_skipped: int = 0  # this rank's unreadable training samples, skipped
     warmup_s: float = 0.0  # the first optimizer step of each process start (compiling, when compiled) ...
     warmup_images: int = 0  # ... and its images: both left out of img/s
+
+
+class StopReason(enum.Enum):
+    """Why a run left its loop early, with a checkpoint saved (``Run.stopped``)."""
+    PREEMPTED = "a preemption signal (SIGTERM/SIGUSR1) on some rank"
+    MAX_STEPS = "train.max_steps reached"
 
 
 class RunStopped(RuntimeError):
@@ -103,7 +110,7 @@ class Run:
     preempt: Preemption
     manifest: Manifest
     model: nn.Module
-    engine: object  # an ENGINES class: backward, step, forward, save, load, optimizer
+    engine: Engine
     scheduler: object
     train_data: SplitLoader
     evals: dict  # "test" (and "val") -> SplitLoader
@@ -113,6 +120,7 @@ class Run:
     compiled: CompilePlan
     state: RunState = field(default_factory=RunState)
     warming_up: bool = True  # this process has not finished an optimizer step yet
+    stopped: Optional[StopReason] = None  # set when the loop stops early
     writer: Optional[SummaryWriter] = None  # rank 0 only
     epoch_img_per_s: float = 0.0
 
@@ -141,7 +149,7 @@ def cli(argv=None) -> int:
     try:
         main(argv)
     except (ConfigError, DataError, RunStopped) as e:
-        if world_from_env()[0] == 0:
+        if world_from_env().rank == 0:
             # a DataError raised in a loader process arrives wrapped in its traceback: its last line says it
             message = str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")
             print(f"train: error: {message}", file=sys.stderr)
@@ -150,7 +158,7 @@ def cli(argv=None) -> int:
         if not lost_a_peer(e):
             raise
         # another rank failed and its own error says why: one line here, not a second traceback
-        print(f"train: rank {world_from_env()[0]} stopped: another rank failed ({str(e).splitlines()[0][:200]})",
+        print(f"train: rank {world_from_env().rank} stopped: another rank failed ({str(e).splitlines()[0][:200]})",
               file=sys.stderr)
         return 1
     return 0
@@ -176,9 +184,11 @@ def main(argv=None) -> dict:
     run = setup_run(cfg, args.resume, args.allow_config_change)
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
-            record = evaluate_all(run, epoch) if train_one_epoch(run, epoch) else None
-            if record is None:  # stopped (preemption or train.max_steps), with a checkpoint saved
-                log.info(f"stopped at step {run.state.global_step} (epoch {epoch}); resume with --resume latest")
+            train_one_epoch(run, epoch)
+            record = evaluate_all(run, epoch) if not run.stopped else None
+            if run.stopped:  # with a checkpoint saved
+                log.info(f"stopped at step {run.state.global_step} (epoch {epoch}: {run.stopped.value}); "
+                         "resume with --resume latest")
                 close_run(run)
                 return {"stopped_at_step": run.state.global_step}
             end_epoch(run, record)
@@ -195,7 +205,7 @@ def main(argv=None) -> dict:
 def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: bool = False) -> Run:
     """``resume``: "latest" to continue the run (a restart by torchrun or SLURM continues by itself)."""
     preempt = Preemption()  # first: a signal that arrives while the model loads is still honoured
-    logging.basicConfig(level=logging.INFO if world_from_env()[0] == 0 else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if world_from_env().rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     manifest = check_inputs(cfg)  # before any process group: a bad input fails every rank at once
     # DeepSpeed wants a process group, even of 1
@@ -217,7 +227,7 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
     compiled = compile_plan(cfg, info)
     prepare_compile(compiled, t.compile)
     check_kernels(model, cfg, info, compiled)
-    engine = ENGINES[t.engine](model, cfg, info, micro, compiled)
+    engine = ENGINES[t.engine](model, cfg, info, compiled)
     scheduler = build_scheduler(engine.optimizer, t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch,
                                 t.warmup_lr, t.min_lr)
     run = Run(cfg, info, run_dir, preempt, manifest, model, engine, scheduler, train_data, evals, micro,
@@ -252,13 +262,13 @@ def check_inputs(cfg: RunConfig) -> Manifest:
         if path and not os.path.isfile(path):
             raise ConfigError(f"{key} = {path!r}: file not found")
     if cfg.train.engine == "deepspeed":
-        deepspeed_config(cfg.train, world_from_env()[2])  # a JSON that contradicts the run config
+        deepspeed_config(cfg.train, world_from_env().size)  # a JSON that contradicts the run config
     splits = [s for s in (cfg.data.train_split, cfg.data.test_split, cfg.data.val_split) if s]
     try:
         manifest = Manifest(cfg.data.shards)
         for split in splits:
             manifest.split(split)
-        if cfg.data.verify is not False and world_from_env()[1] == 0:  # once per node
+        if cfg.data.verify is not False and world_from_env().local_rank == 0:  # once per node
             checked = manifest.verify(splits, max_bytes=None if cfg.data.verify else VERIFY_UP_TO_BYTES)
             if checked:
                 log.info(f"verified the sha256 of {checked / 2**20:.0f} MB of shards")
@@ -290,14 +300,9 @@ def decide_run_dir(cfg: RunConfig, info: DistInfo, resume_requested: bool) -> tu
 
 
 def per_rank_batch(cfg: RunConfig, info: DistInfo) -> int:
-    t = cfg.train
-    if t.precision == "fp16" and info.device.type != "cuda":
+    if cfg.train.precision == "fp16" and info.device.type != "cuda":
         raise ConfigError("train.precision = fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    micro = t.batch_size // (info.world * t.grad_accum)
-    if micro * info.world * t.grad_accum != t.batch_size:
-        raise ConfigError(f"train.batch_size = {t.batch_size} is not divisible by world size {info.world} "
-                          f"x train.grad_accum {t.grad_accum}")
-    return micro
+    return batch_per_rank(cfg.train, info.world)
 
 
 def split_loader(cfg: RunConfig, manifest: Manifest, info: DistInfo, split: str,
@@ -341,11 +346,11 @@ def preempted_marker(run: Run) -> str:
 
 # ---- one epoch -----------------------------------------------------------------------------------
 
-def train_one_epoch(run: Run, epoch: int) -> bool:
-    """The epoch's optimizer steps, from the saved position when resumed. False if the run stopped
-    inside it (preemption or train.max_steps), with a checkpoint saved."""
+def train_one_epoch(run: Run, epoch: int) -> None:
+    """The epoch's optimizer steps, from the saved position when resumed. A stop inside it (preemption
+    or train.max_steps) saves a checkpoint and sets ``run.stopped``."""
     t, st = run.cfg.train, run.state
-    t0, seen, completed, window_finite = time.perf_counter(), 0, True, True
+    t0, seen, window_finite = time.perf_counter(), 0, True
     timed_from, timed_seen = t0, 0  # img/s counts from the end of this process's first step
     skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
     with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
@@ -373,7 +378,6 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
             log_step(run, loss.item(), grad_norm, (seen - timed_seen) * run.info.world
                      / max(time.perf_counter() - timed_from, 1e-9))
             if stop_requested(run):
-                completed = False
                 break
             if t.save_every_steps and st.global_step % t.save_every_steps == 0:
                 save_checkpoint(run)
@@ -381,7 +385,6 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     st.train_time += elapsed
     st.images += seen * run.info.world
     run.epoch_img_per_s = (seen - timed_seen) * run.info.world / max(time.perf_counter() - timed_from, 1e-9)
-    return completed
 
 
 def end_warmup(run: Run, seconds: float, seen: int) -> float:
@@ -444,16 +447,18 @@ def log_step(run: Run, loss: float, grad_norm: float, img_per_s: float) -> None:
 def stop_requested(run: Run) -> bool:
     """A preemption signal on any rank, or train.max_steps reached: save a checkpoint and stop."""
     max_steps = run.cfg.train.max_steps
-    out_of_budget = bool(max_steps) and run.state.global_step >= max_steps
     preempted = run.preempt.any_rank(run.info)  # collective: every rank stops at the same step
-    if preempted or out_of_budget:
-        stop_with_checkpoint(run, preempted)
-    return preempted or out_of_budget
+    if preempted:
+        stop_with_checkpoint(run, StopReason.PREEMPTED)
+    elif max_steps and run.state.global_step >= max_steps:
+        stop_with_checkpoint(run, StopReason.MAX_STEPS)
+    return run.stopped is not None
 
 
-def stop_with_checkpoint(run: Run, preempted: bool) -> None:
+def stop_with_checkpoint(run: Run, reason: StopReason) -> None:
+    run.stopped = reason
     save_checkpoint(run)
-    if preempted and run.info.is_main:
+    if reason is StopReason.PREEMPTED and run.info.is_main:
         write_text_atomic(preempted_marker(run), f"step {run.state.global_step}\n")
 
 
@@ -481,7 +486,7 @@ def evaluate_all(run: Run, epoch: int) -> Optional[dict]:
         metrics = evaluate(run.engine, loader, run.info, run.manifest.num_classes, run.cfg.data.stats,
                            interrupted=lambda: run.preempt.requested, heartbeat=lambda: watchdog(run))
         if metrics is None:
-            stop_with_checkpoint(run, preempted=True)
+            stop_with_checkpoint(run, StopReason.PREEMPTED)
             return None
         for k in ("acc1", "acc5", "loss"):
             record[f"{name}_{k}"] = metrics[k]

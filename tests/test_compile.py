@@ -96,7 +96,7 @@ def test_the_ddp_engine_replaying_cuda_graphs_evaluates_in_one_shape(tiny_shards
         model = build_model(cfg.model, num_classes=4, seed=0)
         with torch.no_grad():
             model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
-        engine = DDPEngine(model, cfg, DistInfo(), 4, CompilePlan(compile=False, cuda_graphs=graphs, cache_dir="-"))
+        engine = DDPEngine(model, cfg, DistInfo(), CompilePlan(compile=False, cuda_graphs=graphs, cache_dir="-"))
         assert engine.static_shapes == graphs
         hook = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)) if graphs else None)
         results[graphs] = evaluate(engine, loader, DistInfo(), 4, "half")

@@ -20,7 +20,7 @@ def _engine(tmp_cfg, accum=1, dtype=torch.float32):
     with torch.no_grad():
         # a non-zero head, so the backbone gets gradients
         model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
-    return model, DDPEngine(model, cfg, DistInfo(), micro=4 // accum)
+    return model, DDPEngine(model, cfg, DistInfo())
 
 
 def test_every_engine_name_has_a_class():

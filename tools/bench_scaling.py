@@ -71,7 +71,7 @@ def worker(args) -> int:
                       + ([f"train.deepspeed_config={args.deepspeed_config}"] if args.deepspeed_config else []))
     torch.manual_seed(info.rank)
     model = build_model(cfg.model, args.num_classes, seed=0)  # the engine places it, as in training
-    engine = ENGINES[engine_name](model, cfg, info, args.batch_per_rank)
+    engine = ENGINES[engine_name](model, cfg, info)
     setup_peak = _peak_mb(info.device) - base
     _reset_peak(info.device)
     x = torch.randn(args.batch_per_rank, 3, args.img_size, args.img_size, device=info.device)

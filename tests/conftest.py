@@ -1,6 +1,5 @@
 """Shared fixtures. Helpers importable by every test module live in tests/helpers.py."""
 import os
-import sys
 
 import pytest
 
@@ -9,12 +8,9 @@ import pytest
 # (model.kernel auto picks torch's ops off CUDA).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, tests/official_vit.py, tests/slurm_cluster.py
-
-from helpers import tiny_vtab_shards  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> str:
     """The tiny 4-class task most training tests use: 24 train, 8 val, 13 test images in shards of 4."""
+    from helpers import tiny_vtab_shards  # here, not above: helpers imports rlrr, which imports Triton
     return tiny_vtab_shards(tmp_path_factory.mktemp("tiny-task"), n_train=24, n_val=8, n_test=13, shard_size=4)

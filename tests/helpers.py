@@ -68,12 +68,17 @@ def make_vtab(root: Path, n_train=12, n_val=4, n_test=10, classes=3) -> Path:
     return root
 
 
-def tool_main(name: str):
-    """The ``main(argv)`` of tools/<name>, to run a tool in this process (no interpreter start-up)."""
+def tool_module(name: str):
+    """tools/<name> imported as a module (tools are scripts, not a package; no sys.path edit)."""
     spec = importlib.util.spec_from_file_location(f"tools_{name.removesuffix('.py')}", ROOT / "tools" / name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    return module
+
+
+def tool_main(name: str):
+    """The ``main(argv)`` of tools/<name>, to run a tool in this process (no interpreter start-up)."""
+    return tool_module(name).main
 
 
 def tiny_vtab_shards(tmp: Path, n_train: int, n_val: int, n_test: int, shard_size: int) -> str:

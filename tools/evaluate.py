@@ -15,17 +15,15 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from rlrr.atomic import write_atomic, write_json_atomic  # noqa: E402
-from rlrr.config import ConfigError, load_config  # noqa: E402
-from rlrr.data.loader import DataError, Manifest, ManifestError, SplitLoader  # noqa: E402
-from rlrr.data.transforms import normalize  # noqa: E402
-from rlrr.distributed import barrier, gather_object, init_distributed  # noqa: E402
-from rlrr.inference import Preprocess, load_model  # noqa: E402
+from rlrr.atomic import write_atomic, write_json_atomic
+from rlrr.config import ConfigError, load_config
+from rlrr.data.loader import DataError, Manifest, ManifestError, SplitLoader
+from rlrr.data.transforms import normalize
+from rlrr.distributed import barrier, gather_object, init_distributed
+from rlrr.inference import Preprocess, load_model
 
 
 def metrics(logits_top5: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

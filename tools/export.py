@@ -17,15 +17,13 @@ import platform
 import sys
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from rlrr.atomic import write_atomic, write_json_atomic  # noqa: E402
-from rlrr.config import ConfigError, load_config  # noqa: E402
-from rlrr.data.loader import DataError, Manifest, ManifestError, read_split  # noqa: E402
-from rlrr.inference import Preprocess, load_model  # noqa: E402
+from rlrr.atomic import write_atomic, write_json_atomic
+from rlrr.config import ConfigError, load_config
+from rlrr.data.loader import DataError, Manifest, ManifestError, read_split
+from rlrr.inference import Preprocess, load_model
 
 
 def test_images(run: str, card: dict, count: int) -> torch.Tensor:

@@ -21,13 +21,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from rlrr.atomic import write_json_atomic, write_text_atomic  # noqa: E402
-from rlrr.config import ConfigError  # noqa: E402
-from rlrr.inference import AdapterBank, Preprocess, load_model  # noqa: E402
+from rlrr.atomic import write_json_atomic, write_text_atomic
+from rlrr.config import ConfigError
+from rlrr.inference import AdapterBank, Preprocess, load_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 

@@ -18,8 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rlrr.atomic import write_atomic, write_text_atomic  # noqa: E402
+from rlrr.atomic import write_atomic, write_text_atomic
 
 
 @dataclass(frozen=True)

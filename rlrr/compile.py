@@ -50,7 +50,7 @@ def compile_plan(cfg, info: DistInfo) -> CompilePlan:
     if graphs and why_not:
         notes.append(f"train.cuda_graphs = true: {why_not}; off")
         graphs = False
-    elif t.cuda_graphs is None and compiled and cuda and not graphs and t.engine == "ddp":
+    elif t.cuda_graphs is None and compiled and cuda and t.engine == "ddp" and info.world > 1:
         notes.append(f"train.cuda_graphs = null: off with DDP across {info.world} processes "
                      "(pytorch/pytorch#128218); set it to true to try")
     cache = t.compile_cache or os.path.join(cfg.output_dir, "compile_cache")

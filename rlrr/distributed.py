@@ -54,7 +54,8 @@ def init_distributed(always: bool = False, timeout_s: float = 900) -> DistInfo:
     The group's keys live under a prefix per restart attempt: torchrun keeps its store across
     restarts, and a restarted rank could otherwise read the address a dead rank published in the
     previous attempt and fail to connect (or wait for it)."""
-    rank, local_rank, world = (w := world_from_env()).rank, w.local_rank, w.size
+    w = world_from_env()
+    rank, local_rank, world = w.rank, w.local_rank, w.size
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

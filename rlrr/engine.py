@@ -233,7 +233,7 @@ class DeepSpeedEngine:
         self.model = model
         self.stage = self.engine.zero_optimization_stage()
         self.backwards_in_window = 0
-        self.static_shapes = False  # rlrr.compile.plan: no CUDA graphs with this engine
+        self.static_shapes = False  # rlrr.compile.compile_plan: no CUDA graphs with this engine
         if compiled and compiled.compile:
             self.engine.compile()
 

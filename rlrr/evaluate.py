@@ -21,7 +21,7 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
     others still have batches (ZeRO-3 gathers weights collectively). An engine that replays CUDA
     graphs (``static_shapes``) gets every batch at the loader's batch size: a short one is padded with
     zeros and the padded rows' logits are dropped (eval mode: no sample sees another)."""
-    fixed = getattr(engine, "static_shapes", False)
+    fixed = engine.static_shapes
     model = engine.model
     model.eval()
     top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(info.device)

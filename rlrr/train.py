@@ -375,8 +375,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             window_finite = True
             if run.warming_up:
                 timed_from, timed_seen = end_warmup(run, time.perf_counter() - t0, seen), seen
-            log_step(run, loss.item(), grad_norm, (seen - timed_seen) * run.info.world
-                     / max(time.perf_counter() - timed_from, 1e-9))
+            log_step(run, loss.item(), grad_norm, _rate(run, seen - timed_seen, timed_from))
             if stop_requested(run):
                 break
             if t.save_every_steps and st.global_step % t.save_every_steps == 0:
@@ -384,7 +383,12 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     elapsed = time.perf_counter() - t0
     st.train_time += elapsed
     st.images += seen * run.info.world
-    run.epoch_img_per_s = (seen - timed_seen) * run.info.world / max(time.perf_counter() - timed_from, 1e-9)
+    run.epoch_img_per_s = _rate(run, seen - timed_seen, timed_from)
+
+
+def _rate(run: Run, seen: int, since: float) -> float:
+    """img/s over every rank of ``seen`` samples per rank since ``since`` (a perf_counter reading)."""
+    return seen * run.info.world / max(time.perf_counter() - since, 1e-9)
 
 
 def end_warmup(run: Run, seconds: float, seen: int) -> float:

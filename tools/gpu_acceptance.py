@@ -53,6 +53,7 @@ GPU_BENCHMARKS = [  # (name, model, batch, benchmark.py options); modes: benchma
 DRY_RUNS = {"bench-vit-b-8": [], "bench-vit-b-64-ckpt": ["--grad-checkpointing", "--no-inference"],
             "bench-vit-h-frozen-bf16": ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr,rlrr+fused"]}
 DRY_MODES = "rlrr,rlrr+torch,rlrr+fused,full,linear"  # the compiled paths cost minutes of C++ builds on CPU
+DRY_MODEL, DRY_BATCH = "test_vit", 4  # every bench step of a dry run
 
 
 def benchmarks(dry: bool) -> list[tuple[str, list[str]]]:
@@ -66,7 +67,7 @@ def benchmarks(dry: bool) -> list[tuple[str, list[str]]]:
                 continue
             options = DRY_RUNS[name]
             options = options if "--modes" in options else [*options, "--modes", DRY_MODES]
-            model, batch = "test_vit", 4
+            model, batch = DRY_MODEL, DRY_BATCH
             size = ["--img-size", "32", "--device", "cpu", "--warmup", "1", "--steps", "1", "--windows", "1"]
         else:
             size = ["--warmup", "3", "--steps", "10", "--windows", "2"]
@@ -106,20 +107,22 @@ def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, l
             ("train-ddp-fp16", ["train.precision=fp16"]),
             ("train-zero2-bf16", ["train.precision=bf16", "train.engine=deepspeed", "train.zero_stage=2"]),
             # the loop at the step's speed: in-memory data, evaluated once at the end (bench-vit-b-64's model)
-            ("train-loop", ["train.precision=bf16", f"train.batch_size={LOOP_BATCH[dry]}", "data.train_split=big",
+            ("train-loop", ["train.precision=bf16", f"train.batch_size={LOOP_REFERENCE[dry][1]}",
+                            "data.train_split=big",
                             "data.in_memory=true", "train.epochs=3", "train.eval_every=3",
                             "train.save_every_epochs=3", "train.log_every=4"])]
     return make, runs
 
 
-LOOP_BATCH = {False: 64, True: 4}  # the batch of the bench step the loop is set beside (dry: bench-vit-b-8's)
+# dry run? -> (the bench step train-loop is set beside, its batch, the mode a one-process run takes by default
+# there: compiled with CUDA graphs on a GPU, eager on CPU)
+LOOP_REFERENCE = {False: ("bench-vit-b-64", 64, "rlrr+cudagraphs"), True: ("bench-vit-b-8", DRY_BATCH, "rlrr")}
 
 
 def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> Optional[dict]:
-    """train-loop's img/s over the benchmark step of the path a one-process run takes by default
-    (compiled with CUDA graphs on a GPU; eager on CPU)."""
-    bench = benches.get("bench-vit-b-8" if dry else "bench-vit-b-64", {}).get("training", {})
-    mode = "rlrr" if dry else "rlrr+cudagraphs"
+    """train-loop's img/s over the step of the path it takes (LOOP_REFERENCE)."""
+    name, _, mode = LOOP_REFERENCE[dry]
+    bench = benches.get(name, {}).get("training", {})
     if "train-loop" not in training or mode not in bench:
         return None
     loop, step = training["train-loop"]["img_per_s"], bench[mode]["train_img_s"]

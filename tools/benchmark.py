@@ -41,7 +41,7 @@ from rlrr.model import build_model
 
 METHODS = ("rlrr", "full", "linear", "lora")
 PATHS = ("eager", "fused", "torch", "compiled", "cudagraphs")
-CPU_MODES = ("rlrr", "full", "linear", "lora")
+CPU_MODES = METHODS  # each method, eager
 GPU_MODES = ("full", "full+compiled", "full+cudagraphs", "linear", "lora", "rlrr+torch", "rlrr+fused",
              "rlrr+compiled", "rlrr+cudagraphs")
 

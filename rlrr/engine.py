@@ -1,15 +1,11 @@
 """The two ways to run a training step: DDP (plain torch) and DeepSpeed ZeRO 0-3.
 
 Both implement ``Engine`` (below), the interface the loop in train.py, evaluation and checkpoints
-use: frozen weights are never written, and ``checkpoints`` keeps the newest saved state and the one
-before it, so an unreadable newest one has a fallback.
+use. Frozen weights are never written; where the files go is rlrr.checkpoint's CheckpointStore.
 """
 import contextlib
 import json
 import math
-import os
-import re
-import shutil
 import typing
 from typing import Optional
 
@@ -17,12 +13,11 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint
 from .adapter import statistics_buffers, trainable_parameters
-from .atomic import write_text_atomic
+from .checkpoint import CheckpointStore
 from .compile import CompilePlan
 from .config import ConfigError, EngineName
-from .distributed import DistInfo, barrier, broadcast_object
+from .distributed import DistInfo, barrier
 from .optim import build_optimizer, param_groups
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
@@ -51,11 +46,8 @@ class Engine(typing.Protocol):
     def trainable_finite(self) -> bool: ...
     def optimizer_updates(self) -> int: ...
     def parameter_elements_held(self) -> int: ...
-    def save(self, directory: str, client: dict) -> None: ...
-    def load(self, directory: str, name: str) -> dict: ...
-
-    @classmethod
-    def checkpoints(cls, directory: str) -> list[str]: ...  # saved states, newest first
+    def save(self, store: CheckpointStore, client: dict) -> None: ...  # every rank calls it
+    def load(self, store: CheckpointStore, name: str) -> dict: ...  # returns ``client``
 
 
 def batch_per_rank(t, world: int) -> int:
@@ -68,8 +60,6 @@ def batch_per_rank(t, world: int) -> int:
 
 
 class DDPEngine:
-    FILES = ("last.pt", "prev.pt")  # newest first
-
     def __init__(self, model: nn.Module, cfg, info: DistInfo, compiled: Optional[CompilePlan] = None):
         t = cfg.train
         self.model, self.info, self.clip = model.to(info.device), info, t.clip_grad
@@ -134,23 +124,18 @@ class DDPEngine:
         """Parameter elements (frozen ones included) this rank holds: all of them under DDP."""
         return sum(p.numel() for p in self.model.parameters())
 
-    @classmethod
-    def checkpoints(cls, directory: str) -> list[str]:
-        return [f for f in cls.FILES if os.path.isfile(os.path.join(directory, f))]
-
-    def save(self, directory: str, client: dict) -> None:
+    def save(self, store: CheckpointStore, client: dict) -> None:
         if self.info.is_main:
-            state = {"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
-                     "buffers": {n: b.cpu() for n, b in statistics_buffers(self.model).items()},
-                     "scaler": self.scaler.state_dict(), **client}
-            checkpoint.save(state, *(os.path.join(directory, f) for f in self.FILES))
+            store.write_file({"trainable": self.trainable_fp32(), "optimizer": self.optimizer.state_dict(),
+                              "buffers": {n: b.cpu() for n, b in statistics_buffers(self.model).items()},
+                              "scaler": self.scaler.state_dict(), **client})
         barrier(self.info)
 
-    def load(self, directory: str, name: str) -> dict:
-        saved = checkpoint.load(os.path.join(directory, name))
+    def load(self, store: CheckpointStore, name: str) -> dict:
+        saved = store.read_file(name)
         params = dict(trainable_parameters(self.model))
         if sorted(saved["trainable"]) != sorted(params):
-            raise ValueError(f"{directory}/{name}: its trainable tensors differ from this config's model")
+            raise ValueError(f"{store.path(name)}: its trainable tensors differ from this config's model")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved["trainable"][n])
@@ -216,10 +201,7 @@ def deepspeed_config(t, world: int) -> dict:
 
 class DeepSpeedEngine:
     """ZeRO stage 0-3 over the trainable parameters only (frozen ones are partitioned under stage 3
-    and never reach the optimizer or the checkpoints). Checkpoints are tags ``step<N>`` (``step<N>.<k>``
-    when a step is saved twice), each marked complete only after every rank has written its shards;
-    ``latest`` names only complete tags."""
-    COMPLETE = "COMPLETE"
+    and never reach the optimizer or the checkpoints). Checkpoints: sharded tags (rlrr.checkpoint)."""
 
     def __init__(self, model: nn.Module, cfg, info: DistInfo, compiled: Optional[CompilePlan] = None):
         import deepspeed  # imported here: plain DDP runs never pay for it
@@ -291,41 +273,19 @@ class DeepSpeedEngine:
         # ZeRO-3 keeps each parameter's own partition in ds_tensor (the full one only while gathered)
         return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.model.parameters())
 
-    @staticmethod
-    def _tags(directory: str) -> list[str]:
-        """Every tag folder, newest first."""
-        def order(tag):
-            step, _, k = tag[len("step"):].partition(".")
-            return int(step), int(k or 0)
-        tags = [t for t in (os.listdir(directory) if os.path.isdir(directory) else [])
-                if re.fullmatch(r"step\d+(\.\d+)?", t) and os.path.isdir(os.path.join(directory, t))]
-        return sorted(tags, key=order, reverse=True)
-
-    @classmethod
-    def checkpoints(cls, directory: str) -> list[str]:
-        return [t for t in cls._tags(directory) if os.path.isfile(os.path.join(directory, t, cls.COMPLETE))]
-
-    def save(self, directory: str, client: dict) -> None:
-        tag, k = f"step{client['state']['global_step']}", 0
-        while os.path.exists(os.path.join(directory, tag if not k else f"{tag}.{k}")):
-            k += 1  # never overwrite a tag in place: a crash mid-save would leave neither version
-        tag = broadcast_object(self.info, tag if not k else f"{tag}.{k}")  # rank 0's listing decides
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client, exclude_frozen_parameters=True,
+    def save(self, store: CheckpointStore, client: dict) -> None:
+        tag = store.new_tag(client["state"]["global_step"], self.info)
+        self.engine.save_checkpoint(store.directory, tag=tag, client_state=client, exclude_frozen_parameters=True,
                                     save_latest=False)
         barrier(self.info)  # every rank's shards are written
         if self.info.is_main:
-            write_text_atomic(os.path.join(directory, tag, self.COMPLETE), "")
-            write_text_atomic(os.path.join(directory, "latest"), tag)
-            keep = set(self.checkpoints(directory)[:2])  # this one and its fallback
-            for old in self._tags(directory):
-                if old not in keep:
-                    shutil.rmtree(os.path.join(directory, old))
+            store.commit(tag)
         barrier(self.info)
 
-    def load(self, directory: str, tag: str) -> dict:
-        path, client = self.engine.load_checkpoint(directory, tag=tag, load_module_strict=False)
+    def load(self, store: CheckpointStore, tag: str) -> dict:
+        path, client = self.engine.load_checkpoint(store.directory, tag=tag, load_module_strict=False)
         if path is None:
-            raise ValueError(f"{directory}/{tag}: DeepSpeed found no checkpoint to load")
+            raise ValueError(f"{store.path(tag)}: DeepSpeed found no checkpoint to load")
         return client
 
 

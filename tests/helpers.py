@@ -68,12 +68,24 @@ def make_vtab(root: Path, n_train=12, n_val=4, n_test=10, classes=3) -> Path:
     return root
 
 
-def tool_module(name: str):
-    """tools/<name> imported as a module (tools are scripts, not a package; no sys.path edit)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name.removesuffix('.py')}", ROOT / "tools" / name)
+def module_at(relpath: str):
+    """A script of this repository (tools/<name>.py, launch/train.py) imported as a module by its path:
+    scripts are not a package, and no sys.path edit is needed."""
+    name = relpath.removesuffix(".py").replace("/", "_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tool_module(name: str):
+    """tools/<name> imported as a module."""
+    return module_at(f"tools/{name}")
+
+
+def entry_point():
+    """launch/train.py imported as a module: its ``main(argv)`` and ``cli(argv)`` run the real entry point."""
+    return module_at("launch/train.py")
 
 
 def tool_main(name: str):

@@ -6,9 +6,10 @@ import typing
 import pytest
 
 from rlrr.config import DataConfig, ModelConfig, Range, TrainConfig, choices
-from rlrr.train import cli
 
-from helpers import ROOT, write_config
+from helpers import ROOT, entry_point, write_config
+
+cli = entry_point().cli
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from rlrr.checkpoint import CheckpointStore
 from rlrr.config import ConfigError, load_config
 from rlrr.distributed import DistInfo
 from rlrr.engine import ENGINES, ZERO3_LIVE_DEFAULTS, DDPEngine, deepspeed_config
@@ -67,11 +68,12 @@ def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
     engine.backward(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]), last_micro=True)
     norm, applied = engine.step()
     assert norm > 0.001 and applied  # the norm before clipping is reported
-    engine.save(str(tmp_path), {"state": {"global_step": 1}})
+    store = CheckpointStore(str(tmp_path), sharded=False)
+    engine.save(store, {"state": {"global_step": 1}})
     trained = engine.trainable_fp32()
     other_model, other = _engine([])
-    assert other.checkpoints(str(tmp_path)) == ["last.pt"]
-    other.load(str(tmp_path), "last.pt")
+    assert store.saved() == ["last.pt"]
+    other.load(store, "last.pt")
     assert all(torch.equal(trained[n], t) for n, t in other.trainable_fp32().items())
     assert other.optimizer.state_dict()["state"].keys() == engine.optimizer.state_dict()["state"].keys()
 

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from rlrr.data.loader import Manifest, SplitLoader, read_split
 from rlrr.data.transforms import Recipe, normalize
 from rlrr.inference import AdapterBank, load_model
-from rlrr.train import main as train_main
 
-from helpers import run_tool, tiny_vtab_shards, tool_main, write_config
+from helpers import entry_point, run_tool, tiny_vtab_shards, tool_main, write_config
+
+train_main = entry_point().main
 
 pytestmark = pytest.mark.integration  # tools on runs trained end to end
 

@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from rlrr.config import ConfigError
-from rlrr.train import cli, main
 
-from helpers import ROOT, comparable_adapter, train_cmd, write_config
+from helpers import ROOT, comparable_adapter, entry_point, train_cmd, write_config
+
+_entry = entry_point()
+cli, main = _entry.cli, _entry.main
 
 FAULTS = str(ROOT / "tests" / "faults")
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlrr.train import main as train_main
+from helpers import entry_point, run_tool, tiny_vtab_shards, tool_module, write_config
 
-from helpers import run_tool, tiny_vtab_shards, tool_module, write_config
+train_main = entry_point().main
 
 report = tool_module("report.py")
 

@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from rlrr.config import ConfigError, load_config
 from rlrr.data.loader import Manifest, SplitLoader
 from rlrr.data.transforms import Recipe, normalize
-from rlrr.train import main
 
-from helpers import train_cmd, write_config
+from helpers import entry_point, train_cmd, write_config
+
+main = entry_point().main
 
 integration = pytest.mark.integration  # torchrun / DeepSpeed / subprocess runs: make test, not make test-fast
 

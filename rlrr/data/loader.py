@@ -54,7 +54,16 @@ class ManifestError(ValueError):
 
 
 class DataError(ValueError):
-    """A shard that cannot be read where every sample counts (evaluation), or a label out of range."""
+    """A shard that cannot be read where every sample counts (evaluation), or a label out of range.
+
+    Raised in a loader worker, it reaches the trainer rebuilt by torch from the worker's traceback
+    text (``DataError("Caught DataError in DataLoader worker ...")``): its message is then that text's
+    last line, so ``str(e)`` is the same one line wherever it was raised."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught DataError"):
+            message = message.strip().splitlines()[-1].removeprefix(f"{__name__}.DataError: ")
+        super().__init__(message)
 
 
 class Manifest:

@@ -1,6 +1,5 @@
 """rlrr: Residual-based Low-Rank Rescaling (CVPR 2024) for timm ViT, Swin and CNN backbones, with its baselines."""
 from .adapter import (
-                      RLRRConfig,
                       apply_rlrr,
                       count_trainable,
                       load_adapter,
@@ -8,6 +7,7 @@ from .adapter import (
                       save_adapter,
                       trainable_parameters,
 )
+from .config import RLRRConfig
 from .inference import AdapterBank, load_model
 from .layers import RLRRConv2d, RLRRLinear, ScaleShift
 from .model import build_model, create_model, merge_model

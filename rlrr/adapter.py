@@ -6,10 +6,8 @@ and, on ViT only, after the patch embedding. Any other model (timm ResNet, Mobil
 RLRR on every plain nn.Conv2d (section 8). Everything else is frozen; the head is trainable and
 starts at zero.
 """
-import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -20,40 +18,10 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from .atomic import write_atomic
-from .config import check_dataclass, check_rlrr_variant
-from .layers import Form, Init, RLRRConv2d, RLRRLinear, ScaleShift, Sides, fold_bias_into_preceding_norm
+from .config import RLRRConfig, check_rlrr_variant
+from .layers import Init, RLRRConv2d, RLRRLinear, ScaleShift, fold_bias_into_preceding_norm
 
 ADAPTER_FORMAT = "rlrr.adapter/1"
-
-
-@dataclass(frozen=True)
-class RLRRConfig:
-    """Options of the method.
-
-    init: "official" (the reference's random start, W' != W at step 0) or "identity"
-        (W' = W and SSF = identity at step 0, so features equal the pre-trained backbone's).
-    split_qkv: one input-side vector per q/k/v chunk of the fused qkv layer. None follows the
-        reference: True on ViT (separate q, k, v layers there), False on Swin (fused there).
-    ssf: add the SSF scale/shift after the norms (part of RLRR; off only for ablations).
-    rank, sides, form: the paper's ablations (rlrr.layers): rank r of S_out S_in; "both" sides or
-        one ("out": rows, "in": columns, rank 1 only); "residual" W*(1+D), "plain" W*D, "additive" W+D.
-    targets: the linears to adapt by their last name (qkv, proj, fc1, fc2, reduction); None: all of
-        them (on CNNs: every plain conv).
-    """
-    init: Init = "official"
-    split_qkv: Optional[bool] = None
-    ssf: bool = True
-    rank: int = 1
-    sides: Sides = "both"
-    form: Form = "residual"
-    targets: Optional[tuple] = None
-
-    def __post_init__(self):
-        check_dataclass(self, "RLRRConfig")
-        check_rlrr_variant(self.rank, self.sides, self.targets, "RLRRConfig")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -128,6 +96,7 @@ def apply_rlrr(model: nn.Module, config: Optional[RLRRConfig] = None) -> nn.Modu
     """Adapt a timm ViT or Swin (linears + SSF), or any other model's plain convolutions, in place and
     return it; only adapter vectors and the head train."""
     config = config or RLRRConfig()
+    check_rlrr_variant(config, "RLRRConfig")
     if is_adapted(model):
         raise ValueError("apply_rlrr: the model already has RLRR layers")
     variant = dict(init=config.init, rank=config.rank, sides=config.sides, form=config.form)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 from timm.models.swin_transformer import PatchMerging
 
-from .adapter import RLRRConfig, add_scale_shift, is_transformer, transformer_targets, zero_trainable_head
+from .adapter import add_scale_shift, is_transformer, transformer_targets, zero_trainable_head
+from .config import RLRRConfig
 from .layers import Init
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .atomic import fsync_path, write_atomic, write_text_atomic
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, flat_dict
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, restart_attempt
 
 log = logging.getLogger("rlrr")
@@ -143,14 +143,9 @@ def load(engine, store: CheckpointStore, info: DistInfo, cfg: RunConfig, allow_c
 
 
 def check_config_unchanged(saved: Optional[dict], cfg: RunConfig, allow: bool) -> None:
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "timm_kwargs" else {prefix + k: v})
-        return out
     if saved is None:
         return
-    old, new = flat(saved), flat(cfg.to_dict())
+    old, new = flat_dict(saved), flat_dict(cfg.to_dict())
     changed = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
     if changed and not allow:

@@ -67,18 +67,43 @@ class LoraConfig:
 
 
 @dataclass
+class RLRRConfig:
+    """The method's options (docs/method.md); ``model.rlrr`` in a run config.
+
+    init: "official" (the reference's random start, W' != W at step 0) or "identity"
+        (W' = W and SSF = identity at step 0, so features equal the pre-trained backbone's).
+    split_qkv: one input-side vector per q/k/v chunk of the fused qkv layer. None follows the
+        reference: True on ViT (separate q, k, v layers there), False on Swin (fused there).
+    ssf: add the SSF scale/shift after the norms (part of RLRR; off only for ablations).
+    rank, sides, form: the paper's ablations (rlrr.layers): rank r of S_out S_in; "both" sides or
+        one ("out": rows, "in": columns, rank 1 only); "residual" W*(1+D), "plain" W*D, "additive" W+D.
+    targets: the linears to adapt by their last name (qkv, proj, fc1, fc2, reduction); None: all of
+        them (on CNNs: every plain conv).
+    """
+    init: Init = "official"
+    split_qkv: Optional[bool] = None
+    ssf: bool = True
+    rank: PositiveInt = 1
+    sides: Sides = "both"
+    form: Form = "residual"
+    targets: Optional[list] = None
+
+    def __post_init__(self):  # the types; how rank, sides and targets combine: check_rlrr_variant
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        check_dataclass(self, "RLRRConfig")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class ModelConfig:
     name: str = "vit_base_patch16_224"  # a timm ViT or Swin
     pretrained: Optional[str] = None  # local .npz / .safetensors / .pth
     img_size: PositiveInt = 224
     method: Method = "rlrr"  # rlrr | linear (head only) | full (every weight): docs/method.md
-    init: Init = "official"  # official (the reference's random start) | identity (W' = W at step 0)
-    split_qkv: Optional[bool] = None  # one input-side vector per q/k/v; null: on for ViT, off for Swin
-    ssf: bool = True  # RLRR's SSF scale/shift after the norms (off only for ablations)
-    rank: PositiveInt = 1  # RLRR ablation: rank r of S_out (out x r) S_in (r x in)
-    sides: Sides = "both"  # RLRR ablation: both scale vectors, or out (rows) / in (columns) only
-    form: Form = "residual"  # RLRR ablation: residual W*(1+D) | plain W*D | additive W+D (without W)
-    targets: Optional[list] = None  # RLRR: linears to adapt (qkv, proj, fc1, fc2, reduction); null: all
+    rlrr: RLRRConfig = field(default_factory=RLRRConfig)  # method rlrr: init, split_qkv, ssf, rank, sides, ...
     lora: LoraConfig = field(default_factory=LoraConfig)  # method lora only
     drop_path: Rate = 0.0
     drop_path_mode: DropPathMode = "dropout"  # dropout (the reference) | stochastic_depth (timm)
@@ -151,7 +176,8 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-RENAMED = {"data.eval_batch_size": "data.eval_batch_size_per_rank"}  # old key -> new key
+RENAMED = {"data.eval_batch_size": "data.eval_batch_size_per_rank",  # old key -> new key
+           **{f"model.{f.name}": f"model.rlrr.{f.name}" for f in dataclasses.fields(RLRRConfig)}}
 
 
 def choices(hint) -> Optional[tuple]:
@@ -201,6 +227,14 @@ def check_dataclass(obj, source: str) -> None:
     hints = typing.get_type_hints(type(obj), include_extras=True)
     for f in dataclasses.fields(obj):
         check_value(getattr(obj, f.name), hints[f.name], f.name, source)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """A config dict with dotted keys (``{"model.rlrr.rank": 1, ...}``); timm_kwargs stays one value."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "timm_kwargs" else {prefix + k: v})
+    return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -279,16 +313,16 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
     return cfg
 
 
-def check_rlrr_variant(rank, sides, targets, source: str, prefix: str = "") -> None:
+def check_rlrr_variant(r: RLRRConfig, source: str, prefix: str = "") -> None:
     """The checks the types alone cannot make (rlrr.layers.variants), as one ConfigError naming the key."""
-    problem = variant_problem(rank, sides, targets, prefix)
+    problem = variant_problem(r.rank, r.sides, r.targets, prefix)
     if problem:
         raise ConfigError(f"{source}: {problem}")
 
 
 def _check(cfg: RunConfig, source: str) -> None:
     m = cfg.model
-    check_rlrr_variant(m.rank, m.sides, m.targets, source, prefix="model.")
+    check_rlrr_variant(m.rlrr, source, prefix="model.rlrr.")
     bad = [t for t in m.lora.targets if t not in LINEAR_TARGETS[:4]] if isinstance(m.lora.targets, list) else [0]
     if bad or not m.lora.targets:
         raise ConfigError(f"{source}: model.lora.targets = {m.lora.targets!r}: expected a non-empty list of "

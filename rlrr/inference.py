@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from .adapter import check_adapter_fit, load_adapter, read_adapter, statistics_buffers, trainable_parameters
 from .atomic import write_json_atomic
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, flat_dict, load_config
 from .data.shards import shard_resize
 from .data.transforms import MEAN_STD, Recipe, normalize
 
@@ -155,11 +155,10 @@ class AdapterBank:
     def add(self, name: str, run_dir: str) -> None:
         """Read a run's adapter (checked against the bank's backbone and method) into memory."""
         cfg = load_config(os.path.join(run_dir, "config.yaml"))
-        mine = dataclasses.asdict(self.cfg.model)
-        theirs = dataclasses.asdict(cfg.model)
-        differ = [k for k in mine if mine[k] != theirs[k] and k not in ("drop_path", "drop_path_mode")]
+        mine, theirs = flat_dict(dataclasses.asdict(self.cfg.model)), flat_dict(dataclasses.asdict(cfg.model))
+        differ = [k for k in mine if mine[k] != theirs.get(k) and k not in ("drop_path", "drop_path_mode")]
         if differ or (self.cfg.model.pretrained is None and cfg.train.seed != self.cfg.train.seed):
-            what = ", ".join(f"model.{k}: {theirs[k]!r} vs {mine[k]!r}" for k in differ) or \
+            what = ", ".join(f"model.{k}: {theirs.get(k)!r} vs {mine[k]!r}" for k in differ) or \
                 "no pre-trained file and another seed (a different random backbone)"
             raise ValueError(f"AdapterBank: {run_dir} was trained on another backbone or method ({what})")
         self.add_adapter(name, os.path.join(run_dir, "adapter.safetensors"), card=read_card(run_dir))

@@ -14,20 +14,15 @@ import timm
 import torch
 import torch.nn as nn
 
-from .adapter import RLRRConfig, apply_rlrr, is_adapted, merge_rlrr, zero_trainable_head
+from .adapter import apply_rlrr, is_adapted, merge_rlrr, zero_trainable_head
 from .baselines import LoraOptions, apply_bitfit, apply_lora, apply_ssf, merge_lora
-from .config import Method, ModelConfig
+from .config import Method, ModelConfig, RLRRConfig
 from .layers import Kernel, RLRRLinear
 from .pretrained import load_pretrained
 
 
-def rlrr_config(m: ModelConfig) -> RLRRConfig:
-    return RLRRConfig(init=m.init, split_qkv=m.split_qkv, ssf=m.ssf, rank=m.rank, sides=m.sides, form=m.form,
-                      targets=None if m.targets is None else tuple(m.targets))
-
-
 def _rlrr(model: nn.Module, m: ModelConfig) -> nn.Module:
-    return apply_rlrr(model, rlrr_config(m))
+    return apply_rlrr(model, m.rlrr)
 
 
 def _linear_probe(model: nn.Module, m: ModelConfig) -> nn.Module:
@@ -49,7 +44,7 @@ def _lora(model: nn.Module, m: ModelConfig) -> nn.Module:
 
 METHODS: dict[str, Callable[[nn.Module, ModelConfig], nn.Module]] = {
     "rlrr": _rlrr, "linear": _linear_probe, "full": _full, "bitfit": lambda model, m: apply_bitfit(model),
-    "ssf": lambda model, m: apply_ssf(model, m.init), "lora": _lora}
+    "ssf": lambda model, m: apply_ssf(model, m.rlrr.init), "lora": _lora}
 if set(METHODS) != set(typing.get_args(Method)):
     raise ImportError(f"rlrr.model.METHODS {sorted(METHODS)} and config.Method {typing.get_args(Method)} disagree")
 
@@ -107,9 +102,9 @@ def create_model(name: str, num_classes: int, pretrained: Optional[str] = None,
     config = config or RLRRConfig()
     default_cfg = timm.models.get_pretrained_cfg(name)
     img_size = timm_kwargs.pop("img_size", default_cfg.input_size[-1] if default_cfg else 224)
-    m = ModelConfig(name=name, pretrained=pretrained, img_size=img_size, method="rlrr", init=config.init,
-                    split_qkv=config.split_qkv, ssf=config.ssf, drop_path=timm_kwargs.pop("drop_path_rate", 0.0),
-                    drop_path_mode="stochastic_depth", timm_kwargs=timm_kwargs)
+    m = ModelConfig(name=name, pretrained=pretrained, img_size=img_size, method="rlrr", rlrr=config,
+                    drop_path=timm_kwargs.pop("drop_path_rate", 0.0), drop_path_mode="stochastic_depth",
+                    timm_kwargs=timm_kwargs)
     return build_model(m, num_classes)
 
 

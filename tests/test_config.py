@@ -19,7 +19,7 @@ def _error(*overrides, path=None) -> str:
     ("train.precision=fp8", "train.precision = 'fp8': expected one of fp32, bf16, fp16"),
     ("train.zero_stage=true", "train.zero_stage = True: expected one of 0, 1, 2, 3"),  # not taken for 1
     ("model.method=lora2", "model.method = 'lora2': expected one of rlrr, linear, full"),
-    ("model.init=zeros", "model.init = 'zeros': expected one of official, identity"),
+    ("model.rlrr.init=zeros", "model.rlrr.init = 'zeros': expected one of official, identity"),
     ("data.stats=clip", "data.stats = 'clip': expected one of half, imagenet"),
     ("data.recipe=inat", "data.recipe = 'inat': expected one of vtab, fgvc"),
     ("modle.name=x", "unknown key modle; did you mean model"),
@@ -52,10 +52,10 @@ def test_renamed_key_in_a_file_names_the_file_and_the_new_key(tmp_path):
 def test_base_inheritance_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("data: {shards: s, flip: true}\ntrain: {lr: 0.001, epochs: 100}\n")
     (tmp_path / "task.yaml").write_text("base: base.yaml\ntrain: {lr: 0.003}\n")
-    cfg = load_config(str(tmp_path / "task.yaml"), ["train.weight_decay=0.05", "model.split_qkv=null",
-                                                    "model.ssf=false"])
+    cfg = load_config(str(tmp_path / "task.yaml"), ["train.weight_decay=0.05", "model.rlrr.split_qkv=null",
+                                                    "model.rlrr.ssf=false"])
     assert cfg.train.lr == 0.003 and cfg.train.epochs == 100 and cfg.data.flip is True
-    assert cfg.train.weight_decay == 0.05 and cfg.run_name == "task" and cfg.model.ssf is False
+    assert cfg.train.weight_decay == 0.05 and cfg.run_name == "task" and cfg.model.rlrr.ssf is False
     with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
         load_config(str(tmp_path / "nope.yaml"))
 

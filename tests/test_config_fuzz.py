@@ -5,13 +5,14 @@ import typing
 
 import pytest
 
-from rlrr.config import DataConfig, ModelConfig, Range, TrainConfig, choices
+from rlrr.config import DataConfig, LoraConfig, ModelConfig, Range, RLRRConfig, TrainConfig, choices
 
 from helpers import ROOT, entry_point, write_config
 
 cli = entry_point().cli
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "model.rlrr": RLRRConfig, "model.lora": LoraConfig, "data": DataConfig,
+            "train": TrainConfig}
 
 
 def _field_cases() -> list[tuple[str, str]]:
@@ -44,6 +45,7 @@ OTHER_CASES = [
     ("train=3", "train must be a mapping"),
     ("train.lr", "--set 'train.lr': expected key=value"),
     ("data.eval_batch_size=8", "data.eval_batch_size was renamed to data.eval_batch_size_per_rank"),
+    ("model.rank=2", "model.rank was renamed to model.rlrr.rank"),
     ("train.lr=.nan", "train.lr = nan: expected a number > 0"),
     ("train.lr=.inf", "train.lr = inf: expected a number > 0"),
     ("train.warmup_epochs=3", "train.warmup_epochs = 3: expected 0..train.epochs (2)"),

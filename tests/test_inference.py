@@ -161,5 +161,5 @@ def test_adapter_bank_gives_each_tasks_own_model(trained, tmp_path):
     other = trained["tmp"] / "other"
     shutil.copytree(runs[1], other)
     (other / "config.yaml").write_text((other / "config.yaml").read_text().replace("rank: 1", "rank: 2"))
-    with pytest.raises(ValueError, match=r"trained on another backbone or method \(model.rank: 2 vs 1\)"):
+    with pytest.raises(ValueError, match=r"trained on another backbone or method \(model.rlrr.rank: 2 vs 1\)"):
         bank.add("other", str(other))

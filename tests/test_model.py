@@ -44,11 +44,11 @@ def test_seed_gives_the_same_model_and_leaves_the_callers_rng_alone():
 
 
 def test_rlrr_options_reach_the_adapter():
-    no_ssf = build_model(_cfg(ssf=False, split_qkv=False), 3)
+    no_ssf = build_model(_cfg(rlrr=RLRRConfig(ssf=False, split_qkv=False)), 3)
     assert not any(isinstance(m, ScaleShift) for m in no_ssf.modules())
     assert no_ssf.blocks[0].attn.qkv.scale_in.shape[0] == 1 and no_ssf.rlrr_config == RLRRConfig(split_qkv=False,
                                                                                                 ssf=False)
-    ident = build_model(_cfg(init="identity"), 3)
+    ident = build_model(_cfg(rlrr=RLRRConfig(init="identity")), 3)
     assert not ident.blocks[0].mlp.fc1.scale_out.any()
 
 

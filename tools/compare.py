@@ -5,7 +5,7 @@ launch/train.py under torchrun in its own run directory, then write a table, JSO
     python tools/compare.py --config configs/demo.yaml --methods rlrr,lora,ssf,bitfit,full,linear \\
         --out-dir runs/compare
     python tools/compare.py --config configs/vtab/kitti.yaml --nproc 8 --methods rlrr,full \\
-        --variant "rlrr-r10=rlrr model.rank=10" --variant "rlrr-no1=rlrr model.form=plain"
+        --variant "rlrr-r10=rlrr model.rlrr.rank=10" --variant "rlrr-no1=rlrr model.rlrr.form=plain"
 
 ``--parallel N`` runs N at once (on a GPU machine each on its own GPUs, on CPUs each with its share of
 the cores). A method is a file

@@ -27,20 +27,20 @@ import numpy as np
 ROOT = demo.ROOT
 MNIST5K = os.path.join(ROOT, "data", "results", "mnist-5k")
 MOBILENET = os.path.join(ROOT, "pretrained", "mobilenet_v2_imagenet.pth")
-ABLATIONS = ["rlrr-rank4=rlrr model.rank=4", "rlrr-no-residual=rlrr model.form=plain",
-             "rlrr-without-W=rlrr model.form=additive", "rlrr-out-side=rlrr model.sides=out",
-             "rlrr-attention-only=rlrr model.targets=[qkv,proj]",
+ABLATIONS = ["rlrr-rank4=rlrr model.rlrr.rank=4", "rlrr-no-residual=rlrr model.rlrr.form=plain",
+             "rlrr-without-W=rlrr model.rlrr.form=additive", "rlrr-out-side=rlrr model.rlrr.sides=out",
+             "rlrr-attention-only=rlrr model.rlrr.targets=[qkv,proj]",
              # the same, started at W' = W: the reference's random start rescales W by up to +-22% (residual) but
              # replaces it outright without the residual 1 or without W
-             "rlrr-identity=rlrr model.init=identity",
-             "rlrr-no-residual-identity=rlrr model.form=plain model.init=identity",
-             "rlrr-without-W-identity=rlrr model.form=additive model.init=identity"]
+             "rlrr-identity=rlrr model.rlrr.init=identity",
+             "rlrr-no-residual-identity=rlrr model.rlrr.form=plain model.rlrr.init=identity",
+             "rlrr-without-W-identity=rlrr model.rlrr.form=additive model.rlrr.init=identity"]
 STUDIES = {
     "fmnist-dinov2": ("configs/demo.yaml", "rlrr,lora,ssf,bitfit,full,linear", ABLATIONS, os.path.join("runs", "demo")),
     "mnist5k-dinov2": ("configs/results/mnist5k_dinov2.yaml", "rlrr,lora,ssf,bitfit,full,linear", [], None),
     "fmnist-mobilenetv2": ("configs/results/fmnist_mobilenetv2.yaml", "rlrr,bitfit,full,linear",
-                           ["rlrr-rank10=rlrr model.rank=10", "rlrr-identity=rlrr model.init=identity",
-                            "rlrr-rank10-identity=rlrr model.rank=10 model.init=identity"], None),
+                           ["rlrr-rank10=rlrr model.rlrr.rank=10", "rlrr-identity=rlrr model.rlrr.init=identity",
+                            "rlrr-rank10-identity=rlrr model.rlrr.rank=10 model.rlrr.init=identity"], None),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from rlrr.config import ConfigError, load_config
-from rlrr.data.loader import DataError
+from rlrr.data.manifest import DataError
 from rlrr.distributed import world_from_env
 from rlrr.run import RunStopped
 from rlrr.train import train

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from .compile import CompilePlan
 from .config import ConfigError, RunConfig
-from .data.loader import Manifest, ManifestError, SplitLoader
+from .data.loader import SplitLoader
+from .data.manifest import Manifest, ManifestError
 from .data.transforms import Recipe
 from .distributed import DistInfo, world_from_env
 from .engine import batch_per_rank, deepspeed_config

@@ -25,7 +25,8 @@ from .atomic import write_atomic, write_json_atomic
 from .checkpoint import CheckpointStore
 from .compile import CompilePlan
 from .config import RunConfig, save_config
-from .data.loader import Manifest, SplitLoader
+from .data.loader import SplitLoader
+from .data.manifest import Manifest
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_object, peak_memory_mb
 from .engine import Engine
 from .inference import inference_card, write_card

@@ -8,7 +8,8 @@ import sys
 
 import torch.distributed as dist
 
-from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.loader import SplitLoader
+from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe
 
 

@@ -5,7 +5,8 @@ import torch
 
 from rlrr.compile import compile_plan
 from rlrr.config import load_config
-from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.loader import SplitLoader
+from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe
 from rlrr.distributed import DistInfo
 from rlrr.evaluate import evaluate

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from rlrr.data.loader import Manifest, SplitLoader, read_split
+from rlrr.data.loader import SplitLoader
+from rlrr.data.manifest import Manifest
+from rlrr.data.samples import read_split
 from rlrr.data.transforms import Recipe, normalize
 from rlrr.inference import AdapterBank, load_model
 

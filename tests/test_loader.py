@@ -1,4 +1,4 @@
-"""The train/eval loaders (rlrr/data/loader.py) and the recipes' transforms (rlrr/data/transforms.py)."""
+"""The train/eval loaders (rlrr/data/: loader, streaming, in_memory, samples) and the recipes' transforms (rlrr/data/transforms.py)."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from rlrr.data.loader import Manifest, ManifestError, SplitLoader
+from rlrr.data.loader import SplitLoader
+from rlrr.data.manifest import Manifest, ManifestError
 from rlrr.data.transforms import Recipe, normalize
 
 from helpers import ROOT, tiny_vtab_shards
@@ -113,15 +114,31 @@ def test_the_fast_decoder_gives_pil_pixels_and_pil_is_the_fallback(mode, fmt, mo
     import numpy as np
     from PIL import Image
 
-    from rlrr.data import loader
+    from rlrr.data import samples
     pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     image = Image.fromarray(pixels).convert(mode)
     buf = io.BytesIO()
     image.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     sample = {fmt.lower().replace("jpeg", "jpg"): buf.getvalue(), "cls": "2", "__key__": "k"}
-    assert loader.decode_image is not None  # torchvision's decoder is in use here
-    fast, label, key = loader.decode(sample)
-    monkeypatch.setattr(loader, "decode_image", None)
-    slow, _, _ = loader.decode(sample)
+    assert samples.decode_image is not None  # torchvision's decoder is in use here
+    fast, label, key = samples.decode(sample)
+    monkeypatch.setattr(samples, "decode_image", None)
+    slow, _, _ = samples.decode(sample)
     assert fast.shape == slow.shape == (3, 24, 40) and fast.dtype == slow.dtype == torch.uint8
     assert torch.equal(fast, slow) and label == 2 and key == "k"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_eval_shard_is_a_one_line_data_error_in_process_or_from_a_loader_worker(shards, tmp_path, workers):
+    import shutil
+
+    from rlrr.data.manifest import DataError
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    shard = sorted((copy / "test").glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:700])
+    loader = SplitLoader(Manifest(str(copy)), "test", train=False, batch_size=4, workers=workers,
+                         recipe=Recipe("vtab", False, image_size=32))
+    with pytest.raises(DataError) as e:  # from a worker, torch rebuilds it from the worker's traceback text
+        list(loader.epoch(0))
+    assert str(e.value).startswith("unreadable shard: ") and str(shard) in str(e.value) and "\n" not in str(e.value)

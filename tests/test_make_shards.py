@@ -10,7 +10,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from rlrr.data.loader import Manifest, decode
+from rlrr.data.manifest import Manifest
+from rlrr.data.samples import decode
 
 from helpers import FASHION_MNIST, make_shards, make_vtab, run_tool_here, write_image
 

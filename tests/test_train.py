@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rlrr.config import ConfigError, load_config
-from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.loader import SplitLoader
+from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe, normalize
 
 from helpers import entry_point, train_cmd, write_config

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from rlrr.atomic import write_text_atomic
-from rlrr.data.loader import Manifest, SplitLoader
+from rlrr.data.loader import SplitLoader
+from rlrr.data.manifest import Manifest
 from rlrr.data.shards import write_shards
 from rlrr.data.sources import _read_idx, read_vtab
 from rlrr.data.transforms import Recipe, normalize

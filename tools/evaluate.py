@@ -20,7 +20,8 @@ import torch
 
 from rlrr.atomic import write_atomic, write_json_atomic
 from rlrr.config import ConfigError, load_config
-from rlrr.data.loader import DataError, Manifest, ManifestError, SplitLoader
+from rlrr.data.loader import SplitLoader
+from rlrr.data.manifest import DataError, Manifest, ManifestError
 from rlrr.data.transforms import normalize
 from rlrr.distributed import barrier, gather_object, init_distributed
 from rlrr.inference import Preprocess, load_model

@@ -22,7 +22,8 @@ import torch
 
 from rlrr.atomic import write_atomic, write_json_atomic
 from rlrr.config import ConfigError, load_config
-from rlrr.data.loader import DataError, Manifest, ManifestError, read_split
+from rlrr.data.manifest import DataError, Manifest, ManifestError
+from rlrr.data.samples import read_split
 from rlrr.inference import Preprocess, load_model
 
 

@@ -57,7 +57,8 @@ def read_images(paths: list[str], pre: Preprocess):
 
 
 def read_shards(shards: str, split: str):
-    from rlrr.data.loader import Manifest, read_split
+    from rlrr.data.manifest import Manifest
+    from rlrr.data.samples import read_split
     manifest = Manifest(shards)
     return [(key, image, None) for image, _, key in read_split(manifest.split(split).shards)]
 

@@ -1,0 +1,57 @@
+"""A split decoded once and kept as one uint8 tensor (on the GPU in CUDA runs): each training epoch
+is a seeded permutation, batched and augmented in this process; in evaluation rank r takes samples
+r::world, every sample exactly once."""
+import math
+
+import torch
+import webdataset as wds
+
+from .manifest import DataError, Split
+from .samples import read_split, read_tolerant, seeded_generator, skip_broken_tar
+from .transforms import Recipe
+
+
+def load_split(split: Split, recipe: Recipe, num_classes: int, skipped=None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(images, labels, keys) of every sample, resized. Training (``skipped`` given) skips and counts
+    unreadable samples; evaluation needs every one the manifest lists."""
+    if skipped is not None:
+        raw = wds.tarfile_samples(({"url": u} for u in split.shards), handler=skip_broken_tar(skipped))
+        items = read_tolerant(raw, num_classes, skipped)
+    else:
+        items = read_split(split.shards, num_classes)
+    images, labels, keys = [], [], []
+    for image, label, key in items:
+        images.append(recipe.resize(image))
+        labels.append(label)
+        keys.append(key)
+    if not images:
+        raise DataError(f"split {split.name}: no readable sample in {len(split.shards)} shard(s)")
+    if skipped is None and len(images) != split.num_samples:
+        raise DataError(f"split {split.name}: read {len(images)} samples, manifest says {split.num_samples}")
+    return torch.stack(images), torch.tensor(labels), keys
+
+
+def train_indices(num_samples: int, num_batches: int, batch_size: int, rank: int, world: int, seed: int,
+                  epoch: int) -> torch.Tensor:
+    """One permutation for all ranks; rank r takes every world-th index, wrapped to equal length."""
+    order = torch.randperm(num_samples, generator=seeded_generator(seed, epoch))
+    need = num_batches * batch_size * world
+    return order.repeat(math.ceil(need / len(order)))[:need][rank::world]
+
+
+class MemoryEpoch:
+    """One epoch over in-memory uint8 tensors, batched in this process."""
+
+    def __init__(self, images, labels, keys, indices, batch_size, recipe, generator):
+        self.images, self.labels, self.keys, self.indices = images, labels, keys, indices
+        self.batch_size, self.recipe, self.generator = batch_size, recipe, generator
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start:start + self.batch_size]
+            on_device = idx.to(self.images.device)
+            yield (self.recipe.augment(self.images[on_device], self.generator), self.labels[on_device],
+                   [self.keys[i] for i in idx.tolist()])

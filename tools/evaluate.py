@@ -8,33 +8,23 @@ matrix, each sample counted exactly once at any world size.
 
 Writes <out>/evaluation.json (metrics, per-class accuracy, the confusion matrix) and confusion.png
 (default out: RUN_DIR/eval-<split>). On the run's own test split it reproduces results.json's final
-test accuracy. Each rank reads its own shards (the training loader's exactly-once split); rank 0
-gathers predictions and checks that the count equals the manifest's.
+test accuracy: it is the same code (rlrr.evaluate). Each rank reads its own shards (the training
+loader's exactly-once split), and the count must equal the manifest's.
 """
 import argparse
 import os
 import sys
 
 import numpy as np
-import torch
 
 from rlrr.atomic import write_atomic, write_json_atomic
+from rlrr.cli import add_run_arguments, tool_main
 from rlrr.config import ConfigError, load_config
 from rlrr.data.loader import SplitLoader
-from rlrr.data.manifest import DataError, Manifest, ManifestError
-from rlrr.data.transforms import normalize
-from rlrr.distributed import barrier, gather_object, init_distributed
+from rlrr.data.manifest import Manifest
+from rlrr.distributed import barrier, init_distributed
+from rlrr.evaluate import PlainModel, evaluate
 from rlrr.inference import Preprocess, load_model
-
-
-def metrics(logits_top5: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    top1 = logits_top5[:, 0] == labels
-    top5 = (logits_top5 == labels[:, None]).any(1)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, logits_top5[:, 0]), 1)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    return {"acc1": 100.0 * top1.mean(), "acc5": 100.0 * top5.mean(), "samples": int(len(labels)),
-            "per_class_acc1": (100.0 * per_class).tolist(), "confusion": confusion.tolist()}
 
 
 def plot_confusion(confusion: list, class_names: list, path: str, title: str) -> None:
@@ -58,61 +48,38 @@ def plot_confusion(confusion: list, class_names: list, path: str, title: str) ->
     plt.close(fig)
 
 
-@torch.no_grad()
+@tool_main("evaluate")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="a finished run directory")
+    add_run_arguments(ap)
     ap.add_argument("--shards", help="shard folder (default: the run's data.shards)")
     ap.add_argument("--split", help="default: the run's data.test_split")
-    ap.add_argument("--source", choices=["merged", "adapter"], default="merged")
-    ap.add_argument("--backbone", help="the pre-trained file, if it moved since training (adapter source)")
     ap.add_argument("--batch-size", type=int, default=64, help="per rank")
     ap.add_argument("--out", help="output folder (default: RUN_DIR/eval-<split>)")
     args = ap.parse_args(argv)
     info = init_distributed()
-    try:
-        cfg = load_config(os.path.join(args.run, "config.yaml"))
-        shards, split = args.shards or cfg.data.shards, args.split or cfg.data.test_split
-        manifest = Manifest(shards)
-        model, card = load_model(args.run, args.source, args.backbone, device=str(info.device))
-        if manifest.num_classes != card["num_classes"]:
-            raise ConfigError(f"{manifest.path}: {manifest.num_classes} classes, the run has {card['num_classes']}")
-        pre = Preprocess(card)
-        loader = SplitLoader(manifest, split, train=False, batch_size=args.batch_size, recipe=pre.recipe,
-                             rank=info.rank, world=info.world, workers=0)
-        top5, labels = [], []
-        for images, y, *_ in loader.epoch(0):
-            logits = model(normalize(images.to(info.device), pre.stats))  # the loader resized and cropped
-            top5.append(logits.float().topk(min(5, card["num_classes"]), dim=1).indices.cpu())
-            labels.append(y.cpu())
-    except (ConfigError, ManifestError, DataError, ValueError, OSError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    mine = (torch.cat(top5).numpy() if top5 else np.zeros((0, 5), dtype=np.int64),
-            torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64))
-    everything = gather_object(info, mine)
-    code = 0
+    cfg = load_config(os.path.join(args.run, "config.yaml"))
+    shards, split = args.shards or cfg.data.shards, args.split or cfg.data.test_split
+    manifest = Manifest(shards)
+    model, card = load_model(args.run, args.source, args.backbone, device=str(info.device))
+    if manifest.num_classes != card["num_classes"]:
+        raise ConfigError(f"{manifest.path}: {manifest.num_classes} classes, the run has {card['num_classes']}")
+    pre = Preprocess(card)
+    loader = SplitLoader(manifest, split, train=False, batch_size=args.batch_size, recipe=pre.recipe,
+                         rank=info.rank, world=info.world, workers=0)
+    scores = evaluate(PlainModel(model), loader, info, card["num_classes"], pre.stats, confusion=True)
     if info.is_main:
-        preds = np.concatenate([p for p, _ in everything])
-        truth = np.concatenate([t for _, t in everything])
-        expected = loader.split.num_samples
-        if len(truth) != expected:
-            print(f"evaluate: error: saw {len(truth)} samples of {split}, the manifest says {expected}",
-                  file=sys.stderr)
-            code = 1
-        else:
-            result = {"run": args.run, "shards": shards, "split": split, "source": args.source,
-                      "world_size": info.world, "class_names": card["class_names"],
-                      **metrics(preds, truth, card["num_classes"])}
-            out = args.out or os.path.join(args.run, f"eval-{split}")
-            os.makedirs(out, exist_ok=True)
-            write_json_atomic(os.path.join(out, "evaluation.json"), result)
-            plot_confusion(result["confusion"], card["class_names"], os.path.join(out, "confusion.png"),
-                           f"{os.path.basename(os.path.normpath(args.run))}: {split}, top-1 {result['acc1']:.2f}%")
-            print(f"{split}: top-1 {result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  ({result['samples']} samples, "
-                  f"world {info.world}); {out}/evaluation.json, confusion.png")
+        result = {"run": args.run, "shards": shards, "split": split, "source": args.source, "world_size": info.world,
+                  "class_names": card["class_names"], **scores}
+        out = args.out or os.path.join(args.run, f"eval-{split}")
+        os.makedirs(out, exist_ok=True)
+        write_json_atomic(os.path.join(out, "evaluation.json"), result)
+        plot_confusion(result["confusion"], card["class_names"], os.path.join(out, "confusion.png"),
+                       f"{os.path.basename(os.path.normpath(args.run))}: {split}, top-1 {result['acc1']:.2f}%")
+        print(f"{split}: top-1 {result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  ({result['samples']} samples, "
+              f"world {info.world}); {out}/evaluation.json, confusion.png")
     barrier(info)
-    return code
+    return 0
 
 
 if __name__ == "__main__":

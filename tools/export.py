@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from rlrr.atomic import write_atomic, write_json_atomic
-from rlrr.config import ConfigError, load_config
-from rlrr.data.manifest import DataError, Manifest, ManifestError
+from rlrr.cli import add_run_arguments, tool_main
+from rlrr.config import load_config
+from rlrr.data.manifest import DataError, Manifest
 from rlrr.data.samples import read_split
 from rlrr.inference import Preprocess, load_model
 
@@ -73,20 +74,17 @@ def check(path: str, model: torch.nn.Module, images: torch.Tensor) -> dict:
             "batch_sizes": [1, len(images)]}
 
 
+@tool_main("export")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", help="a finished run directory")
+    add_run_arguments(ap, source=False)
     ap.add_argument("--onnx", required=True, help="output .onnx file")
     ap.add_argument("--opset", type=int, default=18)
     ap.add_argument("--images", type=int, default=32, help="test images to check on")
     ap.add_argument("--atol", type=float, default=1e-4, help="largest allowed |ONNX - PyTorch| logit difference")
     args = ap.parse_args(argv)
-    try:
-        model, card = load_model(args.run, "merged")
-        images = test_images(args.run, card, args.images)
-    except (ConfigError, ManifestError, DataError, ValueError, OSError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        return 2
+    model, card = load_model(args.run, "merged")
+    images = test_images(args.run, card, args.images)
     export(model, images[:2], args.onnx, args.opset)
     figures = check(args.onnx, model, images)
     import onnx

@@ -13,6 +13,7 @@ imagefolder (<root>/<split>/<class>/<image>), idx (MNIST-style IDX files).
 import argparse
 import sys
 
+from rlrr.cli import tool_main
 from rlrr.data.shards import select_splits, write_shards
 from rlrr.data.sources import READERS, DatasetError
 
@@ -24,6 +25,7 @@ def _subset(text: str) -> tuple[str, int]:
     return split, int(n)
 
 
+@tool_main("make_shards", errors=(DatasetError, FileExistsError, OSError))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("format", choices=sorted(READERS))
@@ -47,22 +49,18 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        source = READERS[args.format](args.root, args.num_classes)
-        if args.name:
-            source.name = args.name
-        if args.class_names:
-            names = [n.strip() for n in args.class_names.split(",")]
-            if len(names) != len(source.class_names):
-                raise DatasetError(f"--class-names: {len(names)} names for {len(source.class_names)} classes")
-            source.class_names = names
-        select_splits(source, dict(args.subset), args.val_split, args.seed)
-        manifest = write_shards(source, args.out, image_size=args.image_size, resize=args.resize, fmt=args.encoding,
-                                shard_size=args.shard_size, workers=args.workers, strict=args.strict,
-                                overwrite=args.overwrite, progress=not args.no_progress)
-    except (DatasetError, FileExistsError, OSError) as e:
-        print(f"make_shards: error: {e}", file=sys.stderr)
-        return 2
+    source = READERS[args.format](args.root, args.num_classes)
+    if args.name:
+        source.name = args.name
+    if args.class_names:
+        names = [n.strip() for n in args.class_names.split(",")]
+        if len(names) != len(source.class_names):
+            raise DatasetError(f"--class-names: {len(names)} names for {len(source.class_names)} classes")
+        source.class_names = names
+    select_splits(source, dict(args.subset), args.val_split, args.seed)
+    manifest = write_shards(source, args.out, image_size=args.image_size, resize=args.resize, fmt=args.encoding,
+                            shard_size=args.shard_size, workers=args.workers, strict=args.strict,
+                            overwrite=args.overwrite, progress=not args.no_progress)
     counts = ", ".join(f"{s} {v['num_samples']} ({len(v['shards'])} shards)" for s, v in manifest["splits"].items())
     print(f"wrote {args.out}: {manifest['num_classes']} classes; {counts}; {len(manifest['skipped'])} skipped")
     return 0

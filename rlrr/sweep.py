@@ -1,0 +1,168 @@
+"""Many training runs on one machine: each a ``launch/train.py`` run under torchrun in its own run
+directory, several at once, each in its own slot (on a GPU machine its own GPUs, on CPUs its share of
+the cores). A finished run (results.json present) is reused and an interrupted one resumes from its
+checkpoint, so a sweep can simply be started again. A run that fails is retried up to ``retries``
+times, then reported with its own one-line error; it never stops the others. Used by tools/compare.py
+and tools/protocol.py.
+"""
+import json
+import os
+import queue
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+from .atomic import write_text_atomic
+from .config import ConfigError, load_config
+
+
+def repo_root() -> str:
+    """The checkout that holds launch/train.py and configs/ (the package's parent in an editable
+    install, else the working directory)."""
+    for root in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd()):
+        if os.path.isfile(os.path.join(root, "launch", "train.py")):
+            return root
+    raise ConfigError("launch/train.py not found: run from the rlrr checkout")
+
+
+@dataclass
+class Job:
+    """One training run: ``bases`` (config files, later ones laid over earlier ones) plus ``overrides``
+    (key=value), written to <out>/<label>.yaml, trained in <out>/<label>/."""
+    label: str
+    bases: list[str]
+    overrides: list[str] = field(default_factory=list)
+    out: str = "runs"
+    nproc: int = 1
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(os.path.abspath(self.out), self.label)
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(os.path.abspath(self.out), f"{self.label}.yaml")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(os.path.abspath(self.out), f"{self.label}.log")
+
+    def results(self) -> Optional[dict]:
+        path = os.path.join(self.run_dir, "results.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def compose(self) -> None:
+        """Write the run's config file and check it (a ConfigError here, before any process starts)."""
+        write_text_atomic(self.config_path, yaml.safe_dump({
+            "base": [os.path.abspath(b) for b in self.bases], "output_dir": os.path.abspath(self.out),
+            "run_name": self.label}))
+        load_config(self.config_path, self.overrides)
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
+               os.path.join(repo_root(), "launch", "train.py"), "--config", self.config_path]
+        for kv in self.overrides:
+            cmd += ["--set", kv]
+        return cmd
+
+
+def run_job(job: Job, gpus: Optional[str] = None, threads: Optional[int] = None, timeout: Optional[float] = None,
+            rerun: bool = False, retries: int = 0, tool: str = "sweep") -> dict:
+    """Train ``job`` (or reuse its results); returns {status, attempts, launch_s, results}. ``status``:
+    "reused", "ok", or "failed (...): <its error line>"."""
+    row = {"label": job.label, "run_dir": job.run_dir, "overrides": job.overrides, "attempts": 0}
+    if job.results() is not None and not rerun:
+        return {**row, "status": "reused", "results": job.results()}
+    try:
+        job.compose()
+    except ConfigError as e:
+        return _failed(row, f"failed (config): {e}", tool)
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    t0 = time.time()
+    while True:
+        row["attempts"] += 1
+        print(f"{tool}: {job.label}: {' '.join(shlex.quote(c) for c in job.command())}", flush=True)
+        rc = _launch(job, env, timeout)
+        if rc == 0 or row["attempts"] > retries:
+            break
+        print(f"{tool}: {job.label}: {_why(rc)} ({last_error(job.log_path)}); retrying", file=sys.stderr, flush=True)
+    row["launch_s"] = round(time.time() - t0, 1)
+    if rc != 0:
+        return _failed(row, f"failed ({_why(rc)}): {last_error(job.log_path)}", tool)
+    results = job.results()
+    if results is None:
+        return {**row, "status": "missing: no results.json"}
+    return {**row, "status": "ok", "results": results}
+
+
+def _launch(job: Job, env: dict, timeout: Optional[float]):
+    with open(job.log_path, "a") as log:  # appended: a retried run's log keeps the failed attempt
+        try:
+            return subprocess.run(job.command(), cwd=repo_root(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
+def _why(rc) -> str:
+    return "timed out" if rc == "timeout" else f"exit {rc}"
+
+
+def _failed(row: dict, status: str, tool: str) -> dict:
+    print(f"{tool}: {row['label']}: {status}", file=sys.stderr, flush=True)
+    return {**row, "status": status}
+
+
+def last_error(log_path: str) -> str:
+    """The run's own one-line error if it printed one, else the log's last line."""
+    if not os.path.isfile(log_path):
+        return "no output"
+    with open(log_path, errors="replace") as f:
+        lines = [ln.strip() for ln in f if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"\S+: error: ", ln)] or [ln for ln in lines if "error" in ln.lower()]
+    return ((errors or lines or ["no output"])[-1])[:300]
+
+
+def slots(parallel: int, nproc: int) -> list[tuple[Optional[str], Optional[int]]]:
+    """(CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS) of each of ``parallel`` slots: on a GPU machine slot k
+    owns GPUs k*nproc .. (k+1)*nproc - 1; on CPUs the slots share the cores out."""
+    import torch
+    gpus = torch.cuda.device_count()
+    if gpus and gpus < parallel * nproc:
+        raise ConfigError(f"--parallel {parallel} x {nproc} processes per run needs {parallel * nproc} GPUs, "
+                          f"this machine has {gpus}")
+    if gpus:
+        return [(",".join(str(k * nproc + i) for i in range(nproc)), None) for k in range(parallel)]
+    threads = None if parallel == 1 or "OMP_NUM_THREADS" in os.environ else \
+        max(1, (os.cpu_count() or 1) // (parallel * nproc))
+    return [(None, threads)] * parallel
+
+
+def run_jobs(jobs: list[Job], parallel: int = 1, **kwargs) -> list[dict]:
+    """Every job, in order, ``parallel`` at a time, each in a free slot; one row per job (run_job's)."""
+    if parallel <= 1:
+        return [run_job(j, **kwargs) for j in jobs]
+    free = queue.Queue()
+    for slot in slots(parallel, max(j.nproc for j in jobs)):
+        free.put(slot)
+
+    def one(job):
+        gpus, threads = free.get()
+        try:
+            return run_job(job, gpus=gpus, threads=threads, **kwargs)
+        finally:
+            free.put((gpus, threads))
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return list(pool.map(one, jobs))

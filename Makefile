@@ -29,13 +29,16 @@ $(STAMP): setup.py
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# pytest-xdist: one worker per core (at most 4); the SLURM modules share one worker (xdist_group)
+XDIST := -n auto --maxprocesses 4 --dist loadgroup
+
 # everything: lint, unit tests, and the integration tests (torchrun, DeepSpeed, SLURM, the tools)
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 # unit tests only: no process starts, no SLURM (marker `integration` in pytest.ini)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not integration" tests
+	$(PY) -m pytest -q $(XDIST) -m "not integration" tests
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

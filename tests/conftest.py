@@ -7,6 +7,10 @@ import pytest
 # when it is imported, so it is set before anything imports it; CPU runs never launch a kernel otherwise
 # (model.kernel auto picks torch's ops off CUDA).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (make test: one worker per core) every worker and the processes it starts use one
+# thread for torch's operators: two workers of two threads each on two cores spend their time spinning.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

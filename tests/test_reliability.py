@@ -21,7 +21,8 @@ from helpers import ROOT, comparable_adapter, entry_point, train_cmd, write_conf
 _entry = entry_point()
 cli, main = _entry.cli, _entry.main
 
-FAULTS = str(ROOT / "tests" / "faults")
+# the fault injector first, then whatever the caller had (a checkout other than the installed one, say)
+FAULTS = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")]))
 
 
 def _adapter(run) -> dict:

@@ -4,6 +4,7 @@ The cluster starts once for this module and is shut down at the end (nothing lef
 `scontrol requeue` resuming from the checkpoint is tested on two nodes in test_slurm_multinode.py.
 """
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from slurm_cluster import resumed_step, running_cluster, wait_for
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]
 JOB_ENV = {"PYTHON": sys.executable, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
 
-pytestmark = pytest.mark.integration  # a real SLURM cluster
+# a real SLURM cluster; one pytest-xdist worker runs every SLURM module (one cluster at a time)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_usr1_during_evaluation_checkpoints_requeues_and_resumes(cluster, shards
     cfg = write_config(tmp_path / "evalsig.yaml", shards, tmp_path / "runs",
                        data={"eval_batch_size_per_rank": 1}, train={"epochs": 3})
     run, marker = tmp_path / "runs" / "evalsig", tmp_path / "evaluating"
-    faults = {"PYTHONPATH": str(ROOT / "tests" / "faults"), "RLRR_FAULT_SLOW_EVAL": str(marker),
+    faults = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])), "RLRR_FAULT_SLOW_EVAL": str(marker),
               "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
     job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg,
                           env=faults)

@@ -3,6 +3,7 @@ values, and Google-format .npz files written from a timm ViT. Fixtures built on 
 import contextlib
 import importlib.util
 import io
+import os
 import subprocess
 import sys
 import zlib
@@ -16,6 +17,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist (make installs it)
+
+
+# tests/faults/sitecustomize.py (environment-armed faults) first on PYTHONPATH, then whatever the caller had
+FAULTS_PATH = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")]))
 
 
 def launcher(nproc=None) -> list[str]:

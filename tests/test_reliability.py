@@ -16,13 +16,12 @@ from safetensors.torch import load_file
 
 from rlrr.config import ConfigError
 
-from helpers import ROOT, comparable_adapter, entry_point, train_cmd, write_config
+from helpers import FAULTS_PATH, comparable_adapter, entry_point, train_cmd, write_config
 
 _entry = entry_point()
 cli, main = _entry.cli, _entry.main
 
-# the fault injector first, then whatever the caller had (a checkout other than the installed one, say)
-FAULTS = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")]))
+FAULTS = FAULTS_PATH
 
 
 def _adapter(run) -> dict:

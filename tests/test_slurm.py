@@ -4,7 +4,6 @@ The cluster starts once for this module and is shut down at the end (nothing lef
 `scontrol requeue` resuming from the checkpoint is tested on two nodes in test_slurm_multinode.py.
 """
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import ROOT, write_config
+from helpers import FAULTS_PATH, ROOT, write_config
 from slurm_cluster import resumed_step, running_cluster, wait_for
 
 # The scripts ask for GPUs and many CPUs (cluster defaults); this CPU node has 2 cores and none.
@@ -103,7 +102,7 @@ def test_usr1_during_evaluation_checkpoints_requeues_and_resumes(cluster, shards
     cfg = write_config(tmp_path / "evalsig.yaml", shards, tmp_path / "runs",
                        data={"eval_batch_size_per_rank": 1}, train={"epochs": 3})
     run, marker = tmp_path / "runs" / "evalsig", tmp_path / "evaluating"
-    faults = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")])), "RLRR_FAULT_SLOW_EVAL": str(marker),
+    faults = {"PYTHONPATH": FAULTS_PATH, "RLRR_FAULT_SLOW_EVAL": str(marker),
               "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
     job = _sbatch_in_root(cluster, *CPU_NODE, f"--output={tmp_path}/slurm-%j.out", "launch/slurm/train.sbatch", cfg,
                           env=faults)

@@ -27,7 +27,8 @@ def parse_args(argv):
     ap.add_argument("--config", help="YAML run config (see configs/)")
     ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                     help="override config keys, e.g. train.lr=0.003 (repeatable)")
-    ap.add_argument("--resume", choices=["latest"], help="continue the run in <output_dir>/<run_name>")
+    ap.add_argument("--resume", choices=["latest", "auto"],
+                    help="continue the run in <output_dir>/<run_name>; auto: if it saved a checkpoint, else start it")
     ap.add_argument("--allow-config-change", action="store_true",
                     help="resume even though keys other than run length and logging changed since the checkpoint")
     ap.add_argument("--print-run-dir", action="store_true",

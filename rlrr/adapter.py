@@ -7,6 +7,7 @@ RLRR on every plain nn.Conv2d (section 8). Everything else is frozen; the head i
 starts at zero.
 """
 import json
+import logging
 import os
 from typing import Iterator, Optional
 
@@ -22,6 +23,7 @@ from .config import RLRRConfig, check_rlrr_variant
 from .layers import Init, RLRRConv2d, RLRRLinear, ScaleShift, fold_bias_into_preceding_norm
 
 ADAPTER_FORMAT = "rlrr.adapter/1"
+log = logging.getLogger("rlrr")
 
 
 def is_transformer(model: nn.Module) -> bool:
@@ -99,23 +101,44 @@ def apply_rlrr(model: nn.Module, config: Optional[RLRRConfig] = None) -> nn.Modu
     check_rlrr_variant(config, "RLRRConfig")
     if is_adapted(model):
         raise ValueError("apply_rlrr: the model already has RLRR layers")
-    variant = dict(init=config.init, rank=config.rank, sides=config.sides, form=config.form)
+    variant = dict(rank=config.rank, sides=config.sides, form=config.form)
     model.requires_grad_(False)
+    starts = {}
     if is_transformer(model):
+        init = "official" if config.init == "auto" else config.init
         linears, ssf = transformer_targets(model, config)
         for path, groups in linears.items():
-            _set_submodule(model, path, RLRRLinear(model.get_submodule(path), in_groups=groups, **variant))
-        add_scale_shift(model, ssf, config.init)
+            _set_submodule(model, path, RLRRLinear(model.get_submodule(path), in_groups=groups, init=init, **variant))
+            starts[path] = init
+        add_scale_shift(model, ssf, init)
     else:
         convs = conv_targets(model)
         if not convs:
             raise TypeError(f"RLRR found nothing to adapt in {type(model).__name__}: it is not a timm ViT or Swin "
                             "and has no plain nn.Conv2d")
         for path in convs:
-            _set_submodule(model, path, RLRRConv2d(model.get_submodule(path), **variant))
+            conv = model.get_submodule(path)
+            starts[path] = conv_start(conv, config.init)
+            _set_submodule(model, path, RLRRConv2d(conv, init=starts[path], **variant))
     zero_trainable_head(model)
     model.rlrr_config = config
+    model.rlrr_starts = {s: sum(v == s for v in starts.values()) for s in sorted(set(starts.values()))}
+    log.info(f"RLRR start (model.rlrr.init = {config.init}): " +
+             ", ".join(f"{s} on {n} of {len(starts)} layers" for s, n in model.rlrr_starts.items()))
     return model
+
+
+SMALL_FAN_IN = 36  # below it, the reference's bounds (6 / sqrt(fan-in) for s_out s_in) exceed 1: weights can flip
+
+
+def conv_start(conv: nn.Conv2d, init: str) -> str:
+    """The start of one convolution's RLRR. "auto": the reference's, unless the convolution's fan-in in
+    the RLRR matrix view, in/groups x kernel width, is below SMALL_FAN_IN (depthwise 3x3: 3, MobileNetV2's
+    stem: 9, at the reference's up to +-3.5): there W' = W at step 0 (identity)."""
+    if init != "auto":
+        return init
+    fan_in = conv.in_channels // conv.groups * conv.kernel_size[1]
+    return "identity" if fan_in < SMALL_FAN_IN else "official"
 
 
 def add_scale_shift(model: nn.Module, placement: dict[str, int], init: Init) -> None:

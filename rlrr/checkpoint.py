@@ -93,19 +93,21 @@ def store_for(cfg: RunConfig, run_dir: str) -> CheckpointStore:
     return CheckpointStore(os.path.join(run_dir, "checkpoints"), sharded=cfg.train.engine == "deepspeed")
 
 
-def decide_run_dir(cfg: RunConfig, info: DistInfo, resume_requested: bool) -> tuple[str, bool]:
+def decide_run_dir(cfg: RunConfig, info: DistInfo, resume: Optional[str] = None) -> tuple[str, bool]:
     """(run directory, resume?). Rank 0 decides both: it creates the directory later, and the other
-    ranks must not race it. A restart by torchrun --max-restarts or a SLURM requeue resumes by itself."""
+    ranks must not race it. A restart by torchrun --max-restarts or a SLURM requeue resumes by itself.
+    ``resume``: "latest" (a checkpoint must exist), "auto" (resume if one exists, else start, over an
+    attempt that saved none if need be: sweeps and the protocol), or None (a new run)."""
     run_dir = os.path.join(cfg.output_dir, broadcast_object(info, cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S")))
     store = store_for(cfg, run_dir)
     restarted = restart_attempt() != "0.0"
-    resume = broadcast_object(info, (resume_requested or restarted) and bool(store.saved()))
+    resuming = broadcast_object(info, (resume is not None or restarted) and bool(store.saved()))
     existing = broadcast_object(info, os.path.exists(store.directory))
-    if resume_requested and not resume:
+    if resume == "latest" and not resuming:
         raise ConfigError(f"--resume latest: no {cfg.train.engine} checkpoint in {store.directory}")
-    if not resume and existing and not restarted:
+    if not resuming and existing and not restarted and resume != "auto":
         raise ConfigError(f"{run_dir} already holds a run; pass --resume latest or choose another run_name")
-    return run_dir, resume
+    return run_dir, resuming
 
 
 def save(engine, store: CheckpointStore, info: DistInfo, cfg: RunConfig, state: dict) -> None:

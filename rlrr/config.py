@@ -70,8 +70,10 @@ class LoraConfig:
 class RLRRConfig:
     """The method's options (docs/method.md); ``model.rlrr`` in a run config.
 
-    init: "official" (the reference's random start, W' != W at step 0) or "identity"
-        (W' = W and SSF = identity at step 0, so features equal the pre-trained backbone's).
+    init: "official" (the reference's random start, W' != W at step 0), "identity" (W' = W and SSF =
+        identity at step 0, so features equal the pre-trained backbone's), or "auto" (the default): the
+        reference's start on ViT, Swin and ordinary convolutions, identity on convolutions whose small
+        fan-in would let it scale weights by more than 2x or flip them (depthwise ones, say).
     split_qkv: one input-side vector per q/k/v chunk of the fused qkv layer. None follows the
         reference: True on ViT (separate q, k, v layers there), False on Swin (fused there).
     ssf: add the SSF scale/shift after the norms (part of RLRR; off only for ablations).
@@ -80,7 +82,7 @@ class RLRRConfig:
     targets: the linears to adapt by their last name (qkv, proj, fc1, fc2, reduction); None: all of
         them (on CNNs: every plain conv).
     """
-    init: Init = "official"
+    init: Init = "auto"
     split_qkv: Optional[bool] = None
     ssf: bool = True
     rank: PositiveInt = 1

@@ -44,7 +44,7 @@ def _lora(model: nn.Module, m: ModelConfig) -> nn.Module:
 
 METHODS: dict[str, Callable[[nn.Module, ModelConfig], nn.Module]] = {
     "rlrr": _rlrr, "linear": _linear_probe, "full": _full, "bitfit": lambda model, m: apply_bitfit(model),
-    "ssf": lambda model, m: apply_ssf(model, m.rlrr.init), "lora": _lora}
+    "ssf": lambda model, m: apply_ssf(model, "identity" if m.rlrr.init == "identity" else "official"), "lora": _lora}
 if set(METHODS) != set(typing.get_args(Method)):
     raise ImportError(f"rlrr.model.METHODS {sorted(METHODS)} and config.Method {typing.get_args(Method)} disagree")
 

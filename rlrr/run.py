@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -51,6 +52,7 @@ class RunState:
     samples_skipped: int = 0  # this rank's unreadable training samples, skipped
     warmup_s: float = 0.0  # the first optimizer step of each process start (compiling, when compiled) ...
     warmup_images: int = 0  # ... and its images: both left out of img/s
+    run_s: float = 0.0  # wall time of every process start (setup, training, evaluation), summed over restarts
 
 
 class StopReason(enum.Enum):
@@ -102,6 +104,14 @@ class Run:
     stopped: Optional[StopReason] = None  # set when the loop stops early
     writer: Optional[SummaryWriter] = None  # rank 0 only
     epoch_img_per_s: float = 0.0
+    clock: float = field(default_factory=time.perf_counter)  # the last tick (rlrr.run.tick)
+
+
+def tick(run: "Run") -> None:
+    """Add this process's time since the last tick to ``state.run_s`` (checkpoints and results.json carry it)."""
+    now = time.perf_counter()
+    run.state.run_s += now - run.clock
+    run.clock = now
 
 
 
@@ -164,6 +174,7 @@ def summarize(run: Run) -> dict:
         "wall_time_s": round(st.train_time, 1),
         "img_per_s": round((st.images - st.warmup_images) / max(st.train_time - st.warmup_s, 1e-9), 1),
         "warmup_s": round(st.warmup_s, 1),  # first steps of each process start, compile included
+        "run_s": round(st.run_s, 1), "device": run.info.device.type,  # cost: run_s x world_size device-seconds
         "compile": run.compiled.to_dict(),
         "nonfinite_skipped": st.nonfinite_skipped,
         "train_samples_skipped": int(skipped),
@@ -171,6 +182,7 @@ def summarize(run: Run) -> dict:
         "peak_memory_mb": max(peak_mb),  # the largest rank's (GPU: max_memory_allocated; CPU: peak RSS)
         "world_size": run.info.world, "config_hash": cfg.digest(),
         "model": cfg.model.name, "method": cfg.model.method, "history": st.history,
+        "rlrr_starts": getattr(run.model, "rlrr_starts", None),  # RLRR: layers per start (model.rlrr.init auto)
     }
 
 

@@ -5,11 +5,14 @@ checkpoint, so a sweep can simply be started again. A run that fails is retried 
 times, then reported with its own one-line error; it never stops the others. Used by tools/compare.py
 and tools/protocol.py.
 """
+import ctypes
+import fcntl
 import json
 import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +23,7 @@ from typing import Optional
 import yaml
 
 from .atomic import write_text_atomic
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, parse_override
 
 
 def repo_root() -> str:
@@ -62,18 +65,26 @@ class Job:
             return json.load(f)
 
     def compose(self) -> None:
-        """Write the run's config file and check it (a ConfigError here, before any process starts)."""
-        write_text_atomic(self.config_path, yaml.safe_dump({
-            "base": [os.path.abspath(b) for b in self.bases], "output_dir": os.path.abspath(self.out),
-            "run_name": self.label}))
-        load_config(self.config_path, self.overrides)
+        """Write the run's config file, the overrides in it (the file alone describes the run: a SLURM
+        array task reads nothing else), and check it: a ConfigError here, before any process starts."""
+        data = {"base": [os.path.abspath(b) for b in self.bases]}
+        for text in self.overrides:
+            keys, value = parse_override(text)
+            node = data
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+        data.update(output_dir=os.path.abspath(self.out), run_name=self.label)
+        write_text_atomic(self.config_path, yaml.safe_dump(data, sort_keys=False))
+        load_config(self.config_path)
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
-               os.path.join(repo_root(), "launch", "train.py"), "--config", self.config_path]
-        for kv in self.overrides:
-            cmd += ["--set", kv]
-        return cmd
+        """launch/train.py on the composed config (under torchrun for several processes); --resume auto
+        continues an attempt that saved a checkpoint."""
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}"] \
+            if self.nproc > 1 else []
+        return [sys.executable, *launcher, os.path.join(repo_root(), "launch", "train.py"), "--config",
+                self.config_path, "--resume", "auto"]
 
 
 def run_job(job: Job, gpus: Optional[str] = None, threads: Optional[int] = None, timeout: Optional[float] = None,
@@ -108,12 +119,25 @@ def run_job(job: Job, gpus: Optional[str] = None, threads: Optional[int] = None,
 
 
 def _launch(job: Job, env: dict, timeout: Optional[float]):
-    with open(job.log_path, "a") as log:  # appended: a retried run's log keeps the failed attempt
-        try:
+    """One attempt. The run holds a lock on <label>.lock for as long as it lives: a sweep started again
+    while an orphaned attempt of an earlier one still runs waits for it to end, and never trains the
+    same run twice at once. The attempt is told to stop (SIGTERM: it saves a checkpoint) if this
+    process dies first."""
+    with open(job.log_path, "a") as log, open(job.config_path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:  # appended: a retried run's log keeps the failed attempt
             return subprocess.run(job.command(), cwd=repo_root(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout).returncode
+                                  timeout=timeout, pass_fds=(lock.fileno(),), preexec_fn=_stop_with_parent).returncode
         except subprocess.TimeoutExpired:
             return "timeout"
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (Linux)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _why(rc) -> str:

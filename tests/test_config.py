@@ -19,7 +19,7 @@ def _error(*overrides, path=None) -> str:
     ("train.precision=fp8", "train.precision = 'fp8': expected one of fp32, bf16, fp16"),
     ("train.zero_stage=true", "train.zero_stage = True: expected one of 0, 1, 2, 3"),  # not taken for 1
     ("model.method=lora2", "model.method = 'lora2': expected one of rlrr, linear, full"),
-    ("model.rlrr.init=zeros", "model.rlrr.init = 'zeros': expected one of official, identity"),
+    ("model.rlrr.init=zeros", "model.rlrr.init = 'zeros': expected one of auto, official, identity"),
     ("data.stats=clip", "data.stats = 'clip': expected one of half, imagenet"),
     ("data.recipe=inat", "data.recipe = 'inat': expected one of vtab, fgvc"),
     ("modle.name=x", "unknown key modle; did you mean model"),

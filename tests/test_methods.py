@@ -273,3 +273,24 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
     # run again: finished runs are reused, not retrained
     again = run_tool("compare.py", "--config", config, "--out-dir", out, "--methods", "rlrr,linear")
     assert again.returncode == 0 and again.stdout.count("| reused |") == 2
+
+
+def test_auto_start_keeps_small_fan_in_convolutions_and_the_reference_start_elsewhere():
+    """model.rlrr.init auto: W' = W on convolutions whose fan-in in/groups x kernel width is below 36
+    (MobileNetV2's depthwise 3x3: 3, its stem: 9), the reference's random start on the others and on
+    every ViT linear."""
+    from rlrr.adapter import SMALL_FAN_IN
+    model = build_model(ModelConfig(name="mobilenetv2_100", method="rlrr"), CLASSES, seed=0)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, RLRRConv2d)}
+    for name, conv in convs.items():
+        base = conv.base
+        small = base.in_channels // base.groups * base.kernel_size[1] < SMALL_FAN_IN
+        assert bool((conv.scale_out == 0).all()) == small, name  # identity: D = s_out s_in = 0
+    depthwise = [c for c in convs.values() if c.base.groups == c.base.in_channels > 1]
+    assert depthwise and all((c.scale_out == 0).all() for c in depthwise)
+    assert model.rlrr_starts == {"identity": sum((c.scale_out == 0).all().item() for c in convs.values()),
+                                 "official": sum((c.scale_out != 0).any().item() for c in convs.values())}
+    assert model.rlrr_starts["official"] > 0
+    vit = _vit("rlrr")
+    assert vit.rlrr_starts == {"official": 4 * len(vit.blocks)}
+    assert all((m.scale_out != 0).any() for m in vit.modules() if hasattr(m, "scale_out"))

@@ -6,11 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlrr import paper
+
 from helpers import entry_point, run_tool, tiny_vtab_shards, tool_module, write_config
 
 train_main = entry_point().main
-
 report = tool_module("report.py")
+
 
 pytestmark = pytest.mark.integration  # command-line tools on runs trained end to end
 
@@ -27,14 +29,14 @@ def runs(tmp_path_factory):
 
 
 def test_paper_row_reproduces_the_papers_means():
-    tasks = {t.group: [] for t in report.VTAB}
-    for t in report.VTAB:
+    tasks = {t.group: [] for t in paper.VTAB}
+    for t in paper.VTAB:
         tasks[t.group].append(t.paper)
     means = {g: sum(v) / len(v) for g, v in tasks.items()}
     assert [len(tasks[g]) for g in ("Natural", "Specialized", "Structured")] == [7, 4, 8]
     for g, m in means.items():
-        assert m == pytest.approx(report.PAPER_MEANS["vtab"][g], abs=0.1)  # the paper averages unrounded values
-    assert sum(t.paper for t in report.VTAB) / 19 == pytest.approx(74.5, abs=0.05)
+        assert m == pytest.approx(paper.PAPER_MEANS["vtab"][g], abs=0.1)  # the paper averages unrounded values
+    assert sum(t.paper for t in paper.VTAB) / 19 == pytest.approx(74.5, abs=0.05)
     assert sum(means.values()) / 3 == pytest.approx(76.7, abs=0.06)
 
 
@@ -59,16 +61,16 @@ def test_report_tables_mark_missing_tasks_and_never_average_them(runs, tmp_path)
 
 
 def test_report_complete_suite_means_and_errors(tmp_path):
-    for t in report.VTAB:  # a complete sweep where we match the paper to the digit, plus one repeated seed
+    for t in paper.VTAB:  # a complete sweep where we match the paper to the digit, plus one repeated seed
         for seed, delta in ((0, 0.0), (1, 1.0)) if t.name == "dtd" else ((0, 0.0),):
             run = tmp_path / "all" / f"s{seed}" / t.name
             run.mkdir(parents=True)
             (run / "results.json").write_text(json.dumps({"test_acc1_final": t.paper + delta}))
     values, unmatched = report.collect(report.find_runs([tmp_path / "all"]), "test_acc1_final")
-    table = {r["name"]: r for r in report.rows(report.VTAB, values, "vtab")}
+    table = {r["name"]: r for r in paper.rows(paper.VTAB, values, "vtab")}
     assert table["DTD"]["ours"] == pytest.approx(73.4) and table["DTD"]["runs"] == 2 and not unmatched
     assert table["Specialized"]["ours"] == pytest.approx(85.8)
-    assert table["Mean (19 tasks)"]["ours"] == pytest.approx((sum(t.paper for t in report.VTAB) + 0.5) / 19)
+    assert table["Mean (19 tasks)"]["ours"] == pytest.approx((sum(t.paper for t in paper.VTAB) + 0.5) / 19)
     res = run_tool("report.py", tmp_path / "all", "--metric", "at_best_val")
     assert res.returncode == 2 and "test_acc1_at_best_val is missing or null" in res.stderr
     (tmp_path / "other" / "imagenet").mkdir(parents=True)

@@ -39,7 +39,8 @@ STUDIES = {
     "fmnist-dinov2": ("configs/demo.yaml", "rlrr,lora,ssf,bitfit,full,linear", ABLATIONS, os.path.join("runs", "demo")),
     "mnist5k-dinov2": ("configs/results/mnist5k_dinov2.yaml", "rlrr,lora,ssf,bitfit,full,linear", [], None),
     "fmnist-mobilenetv2": ("configs/results/fmnist_mobilenetv2.yaml", "rlrr,bitfit,full,linear",
-                           ["rlrr-rank10=rlrr model.rlrr.rank=10", "rlrr-identity=rlrr model.rlrr.init=identity",
+                           ["rlrr-reference-init=rlrr model.rlrr.init=official",
+                            "rlrr-rank10=rlrr model.rlrr.rank=10", "rlrr-identity=rlrr model.rlrr.init=identity",
                             "rlrr-rank10-identity=rlrr model.rlrr.rank=10 model.rlrr.init=identity"], None),
 }
 

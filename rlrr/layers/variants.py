@@ -2,7 +2,9 @@
 config schema (rlrr/config.py) and the layers both read it without importing each other."""
 from typing import Literal, Optional
 
-Init = Literal["official", "identity"]  # the adapter's starting point: the reference's random one, or W' = W
+# the adapter's starting point: the reference's random one, W' = W, or auto: the reference's except on
+# convolutions where it would flip weights (rlrr.adapter.conv_start)
+Init = Literal["auto", "official", "identity"]
 Sides = Literal["both", "out", "in"]  # which scale vectors train (the other side is fixed at ones)
 Form = Literal["residual", "plain", "additive"]  # W*(1+D) | W*D | W+D with D = S_out S_in
 Kernel = Literal["auto", "triton", "torch"]  # RLRRLinear's passes around the matmuls: see use_fused

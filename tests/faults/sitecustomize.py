@@ -8,15 +8,18 @@ that it fired, so a restarted worker runs clean):
   RLRR_FAULT_RAISE_AT=N       raise RuntimeError at the N-th training loss
   RLRR_FAULT_SLOW_EVAL=PATH   every evaluation batch takes a second, and PATH is created at the first one
   RLRR_FAULT_RANK=R           only on this rank (default 0)
+  RLRR_FAULT_ARGV=TEXT        only in a process whose command line contains TEXT (one run of a sweep)
 """
 import os
+import sys
 
 _once = os.environ.get("RLRR_FAULT_ONCE")
 
 
 def _armed() -> bool:
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-    return rank == os.environ.get("RLRR_FAULT_RANK", "0") and not (_once and os.path.exists(_once))
+    this_run = os.environ.get("RLRR_FAULT_ARGV", "") in " ".join(sys.argv)
+    return rank == os.environ.get("RLRR_FAULT_RANK", "0") and this_run and not (_once and os.path.exists(_once))
 
 
 def _fired() -> None:

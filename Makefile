@@ -29,16 +29,15 @@ $(STAMP): setup.py
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# pytest-xdist: one worker per core (at most 4); the SLURM modules share one worker (xdist_group)
-XDIST := -n auto --maxprocesses 4 --dist loadgroup
-
-# everything: lint, unit tests, and the integration tests (torchrun, DeepSpeed, SLURM, the tools)
+# everything: lint, unit tests, and the integration tests (torchrun, DeepSpeed, SLURM, the tools). One
+# process: on 2 cores the integration tests keep both busy already (pytest-xdist measured no faster).
 test: lint
-	$(PY) -m pytest -q $(XDIST) tests
+	$(PY) -m pytest -q tests
 
-# unit tests only: no process starts, no SLURM (marker `integration` in pytest.ini)
+# unit tests only: no process starts, no SLURM (marker `integration` in pytest.ini); one pytest-xdist
+# worker per core (at most 4), one torch thread each
 test-fast: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not integration" tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 -m "not integration" tests
 
 demo: $(STAMP)
 	$(PY) tools/demo.py

@@ -81,6 +81,11 @@ def test_fgvc_remaps_class_ids_over_the_union_of_splits(tmp_path):
     assert sorted(labels) == [1, 2]  # 17 -> 1 and 42 -> 2 in every split, not renumbered per split
     _, train_labels, _ = read_shards(tmp_path / "out", "train")
     assert sorted(train_labels) == [0, 1]
+    # without trainval.json, trainval is train + val (what tools/protocol.py retrains on)
+    (root / "trainval.json").unlink()
+    assert make_shards("fgvc", "--root", root, "--out", tmp_path / "out2").returncode == 0
+    manifest, trainval, _ = read_shards(tmp_path / "out2", "trainval")
+    assert sorted(manifest.data["splits"]) == ["test", "train", "trainval", "val"] and sorted(trainval) == [0, 0, 1]
 
 
 def test_imagefolder_and_corrupt_images(tmp_path):

@@ -99,6 +99,8 @@ def read_fgvc(root: str, num_classes=None) -> Source:
     label_map = {c: i for i, c in enumerate(original)}
     splits = {s: [(os.path.join(image_root, p), label_map[int(c)]) for p, c in sorted(d.items())]
               for s, d in raw.items()}
+    if "trainval" not in splits and {"train", "val"} <= set(splits):  # VPT trains the final model on both
+        splits["trainval"] = splits["train"] + splits["val"]
     _check_files_exist(splits)
     if num_classes is not None and len(original) > num_classes:
         raise DatasetError(f"{root}: {len(original)} distinct class ids but --num-classes {num_classes}")

@@ -21,6 +21,20 @@ def tiny_shards(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def two_runs(tmp_path_factory) -> dict:
+    """Two finished RLRR runs of one random backbone (same seed, no pre-trained file), trained by the
+    real entry point and named after VTAB tasks (a sweep's layout, <output_dir>/<task>): dtd at lr 0.01,
+    kitti at 0.03. 16 train, 4 val and 13 test images. For the inference tools and the report."""
+    from helpers import entry_point, tiny_vtab_shards, write_config
+    tmp = tmp_path_factory.mktemp("two-runs")
+    shards = tiny_vtab_shards(tmp, n_train=16, n_val=4, n_test=13, shard_size=4)
+    for task, lr in (("dtd", 0.01), ("kitti", 0.03)):
+        cfg = write_config(tmp / f"{task}.yaml", shards, tmp / "runs", train={"epochs": 2, "lr": lr})
+        assert entry_point().main(["--config", cfg])["test_acc1_final"] is not None
+    return {"runs": tmp / "runs", "shards": shards, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
 def local_protocol(tmp_path_factory) -> dict:
     """tools/protocol.py on one machine (tests/test_protocol.py), three calls: the first stopped by
     SIGTERM once three grid runs have finished; the second with one retraining run failing on every

@@ -16,22 +16,14 @@ from rlrr.data.samples import read_split
 from rlrr.data.transforms import Recipe, normalize
 from rlrr.inference import AdapterBank, load_model
 
-from helpers import entry_point, run_tool, tiny_vtab_shards, tool_main, write_config
-
-train_main = entry_point().main
+from helpers import run_tool, tool_main
 
 pytestmark = pytest.mark.integration  # tools on runs trained end to end
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two finished runs on one random backbone (same seed, no pre-trained file): two tasks."""
-    tmp = tmp_path_factory.mktemp("inference")
-    shards = tiny_vtab_shards(tmp, n_train=16, n_val=4, n_test=13, shard_size=4)
-    for task, lr in (("task-a", 0.01), ("task-b", 0.03)):
-        cfg = write_config(tmp / f"{task}.yaml", shards, tmp / "runs", train={"epochs": 2, "lr": lr})
-        assert train_main(["--config", cfg])["test_acc1_final"] is not None
-    return {"runs": tmp / "runs", "shards": shards, "tmp": tmp}
+@pytest.fixture
+def trained(two_runs):
+    return two_runs
 
 
 def _reference_probs(run, shards) -> dict:
@@ -50,7 +42,7 @@ def _reference_probs(run, shards) -> dict:
 
 
 def test_run_directory_is_self_contained_and_loads_with_the_timm_one_liner(trained):
-    run = trained["runs"] / "task-a"
+    run = trained["runs"] / "dtd"
     card = json.loads((run / "inference.json").read_text())
     manifest = Manifest(trained["shards"])
     assert card["class_names"] == manifest.class_names and card["num_classes"] == 4
@@ -71,7 +63,7 @@ def test_run_directory_is_self_contained_and_loads_with_the_timm_one_liner(train
 
 
 def test_predict_on_files_and_shards_equals_the_models_own_probabilities(trained, tmp_path):
-    run, shards = trained["runs"] / "task-a", trained["shards"]
+    run, shards = trained["runs"] / "dtd", trained["shards"]
     expected = _reference_probs(run, shards)
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
@@ -103,7 +95,7 @@ def test_predict_on_files_and_shards_equals_the_models_own_probabilities(trained
 
 
 def test_evaluate_under_torchrun_equals_the_runs_own_test_accuracy(trained, tmp_path):
-    run = trained["runs"] / "task-a"
+    run = trained["runs"] / "dtd"
     results = json.loads((run / "results.json").read_text())
     proc = run_tool("evaluate.py", run, "--out", tmp_path / "two", nproc=2)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -121,7 +113,7 @@ def test_evaluate_under_torchrun_equals_the_runs_own_test_accuracy(trained, tmp_
 
 
 def test_onnx_export_agrees_with_pytorch_and_fails_loudly(trained, tmp_path, capsys):
-    run = trained["runs"] / "task-a"
+    run = trained["runs"] / "dtd"
     onnx_path = tmp_path / "model.onnx"
     assert tool_main("export.py")([str(run), "--onnx", str(onnx_path), "--images", "13"]) == 0
     report = json.loads((tmp_path / "model.onnx.json").read_text())
@@ -137,14 +129,14 @@ def test_onnx_export_agrees_with_pytorch_and_fails_loudly(trained, tmp_path, cap
 
 
 def test_adapter_bank_gives_each_tasks_own_model(trained, tmp_path):
-    runs = [trained["runs"] / "task-a", trained["runs"] / "task-b"]
+    runs = [trained["runs"] / "dtd", trained["runs"] / "kitti"]
     bank = AdapterBank.from_runs([str(r) for r in runs])
     backbone = bank.model.blocks[0].attn.qkv.weight
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         separate = {r.name: load_model(str(r))[0](x) for r in runs}
-        assert not torch.allclose(separate["task-a"], separate["task-b"], atol=1e-3)
-        for name in ("task-a", "task-b", "task-a", "task-b"):  # switch back and forth
+        assert not torch.allclose(separate["dtd"], separate["kitti"], atol=1e-3)
+        for name in ("dtd", "kitti", "dtd", "kitti"):  # switch back and forth
             assert torch.allclose(bank.use(name)(x), separate[name], atol=1e-5), name
     assert bank.model.blocks[0].attn.qkv.weight is backbone  # the backbone was never reloaded
     # predict --adapters: one backbone, both tasks, the same answers as each run alone

@@ -8,24 +8,17 @@ from safetensors.torch import load_file
 
 from rlrr import paper
 
-from helpers import entry_point, run_tool, tiny_vtab_shards, tool_module, write_config
+from helpers import run_tool, tool_module
 
-train_main = entry_point().main
 report = tool_module("report.py")
 
 
 pytestmark = pytest.mark.integration  # command-line tools on runs trained end to end
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two finished RLRR runs named after VTAB tasks (the sweep's layout: <output_dir>/<task>)."""
-    tmp = tmp_path_factory.mktemp("tools")
-    shards = tiny_vtab_shards(tmp, n_train=16, n_val=4, n_test=8, shard_size=4)
-    for task in ("dtd", "kitti"):
-        cfg = write_config(tmp / f"{task}.yaml", shards, tmp / "sweep", train={"epochs": 2, "batch_size": 4})
-        train_main(["--config", cfg])
-    return tmp / "sweep"
+@pytest.fixture
+def runs(two_runs):
+    return two_runs["runs"]
 
 
 def test_paper_row_reproduces_the_papers_means():

@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,8 @@ def run_job(job: Job, gpus: Optional[str] = None, threads: Optional[int] = None,
     row = {"label": job.label, "run_dir": job.run_dir, "overrides": job.overrides, "attempts": 0}
     if job.results() is not None and not rerun:
         return {**row, "status": "reused", "results": job.results()}
+    if rerun and os.path.isdir(job.run_dir):  # train again from the start, not resume the finished run
+        shutil.rmtree(job.run_dir)
     try:
         job.compose()
     except ConfigError as e:

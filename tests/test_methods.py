@@ -1,6 +1,6 @@
 """The baselines (bitfit, ssf, lora) and RLRR's ablation variants and convolution form: counts against
 the formulas, exact merges into plain timm models, gradients, the torchvision MobileNetV2 weights,
-and tools/compare.py running every method through launch/train.py under torchrun."""
+and tools/compare.py running every method through launch/train.py."""
 import csv
 import importlib.util
 import json
@@ -216,9 +216,10 @@ def test_variant_and_lora_keys_are_checked_in_one_line(tmp_path, tiny_shards):
 
 
 @pytest.mark.integration
-def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
+def test_compare_runs_every_method_through_the_entry_point(tmp_path, tiny_shards):
     """tools/compare.py: the six methods, an RLRR variant run and RLRR on a CNN (one-sided, no residual), each through
-    launch/train.py under torchrun; one broken run shown as failed; merged files load into timm."""
+    launch/train.py (one process each: torchrun only for several); one broken run shown as failed with its
+    own exit code; merged files load into timm."""
     config = write_config(tmp_path / "task.yaml", tiny_shards, tmp_path / "unused",
                           train={"epochs": 1, "warmup_epochs": 0})
     out = tmp_path / "cmp"
@@ -234,7 +235,7 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
     assert "1 of 9 runs failed or left no results: broken" in proc.stderr
     report = json.loads((out / "compare.json").read_text())
     rows = {r["label"]: r for r in report["runs"]}
-    assert rows["broken"]["status"] == ("failed (exit 1): train: error: model.pretrained = '/nonexistent.pth': "
+    assert rows["broken"]["status"] == ("failed (exit 2): train: error: model.pretrained = '/nonexistent.pth': "
                                         "file not found")
     md = (out / "compare.md").read_text()
     assert "| broken | — | — | FAILED |" in md
@@ -273,6 +274,12 @@ def test_compare_runs_every_method_under_torchrun(tmp_path, tiny_shards):
     # run again: finished runs are reused, not retrained
     again = run_tool("compare.py", "--config", config, "--out-dir", out, "--methods", "rlrr,linear")
     assert again.returncode == 0 and again.stdout.count("| reused |") == 2
+    # --rerun trains again from the start (the finished run's checkpoint is not resumed)
+    before = (out / "linear" / "results.json").stat().st_mtime_ns
+    rerun = run_tool("compare.py", "--config", config, "--out-dir", out, "--methods", "linear", "--rerun")
+    assert rerun.returncode == 0 and rerun.stdout.count("| ok |") == 1, rerun.stderr[-2000:]
+    assert (out / "linear" / "results.json").stat().st_mtime_ns != before
+    assert "resumed" not in (out / "linear.log").read_text()  # both attempts' logs: neither resumed
 
 
 def test_auto_start_keeps_small_fan_in_convolutions_and_the_reference_start_elsewhere():

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from rlrr.config import ConfigError, RunConfig, check_value, choices, load_config, save_config
+from rlrr.config import ConfigError, RunConfig, load_config, save_config
+from rlrr.config_types import check_value, choices
 
 from helpers import ROOT
 

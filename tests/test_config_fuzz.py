@@ -5,7 +5,8 @@ import typing
 
 import pytest
 
-from rlrr.config import DataConfig, LoraConfig, ModelConfig, Range, RLRRConfig, TrainConfig, choices
+from rlrr.config import DataConfig, LoraConfig, ModelConfig, RLRRConfig, TrainConfig
+from rlrr.config_types import Range, choices
 
 from helpers import ROOT, entry_point, write_config
 

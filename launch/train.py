@@ -13,11 +13,10 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 from rlrr.config import ConfigError, load_config
 from rlrr.data.manifest import DataError
-from rlrr.distributed import world_from_env
+from rlrr.distributed import exit_process, world_from_env
 from rlrr.run import RunStopped
 from rlrr.train import train
 
@@ -80,13 +79,4 @@ def lost_a_peer(e: BaseException) -> bool:
 
 
 if __name__ == "__main__":
-    code = cli(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if dist.is_initialized():
-        # gloo may abort (SIGABRT) in interpreter teardown after all work is done, and torchrun would
-        # report the run as failed: meet the other ranks (after a success), and leave without the teardown
-        if code == 0:
-            dist.barrier()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(cli(sys.argv[1:]))

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from rlrr.distributed import status_mb
+from rlrr.distributed import exit_process, status_mb
 
 # glibc's malloc otherwise keeps freed blocks up to 32 MB (a transformer layer's weight) for re-use, so
 # the resident set would count what ZeRO-3 gathered and released as held; with a fixed 64 KiB mmap
@@ -207,4 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # a worker leaves without gloo's teardown

@@ -228,16 +228,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), yaml.safe_load(raw) if raw else None
 
 
+def apply_override(data: dict, text: str) -> None:
+    """``key.sub=value`` written into the nested mapping ``data`` (sections made as needed)."""
+    keys, value = parse_override(text)
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {text}: {k} is not a section")
+    node[keys[-1]] = value
+
+
 def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
     data = load_yaml(path) if path else {}
     for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text}: {k} is not a section")
-        node[keys[-1]] = value
+        apply_override(data, text)
     source = path or "--set"
     cfg = _build(RunConfig, data, "", source)
     if cfg.run_name is None and path:

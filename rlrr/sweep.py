@@ -24,7 +24,7 @@ from typing import Optional
 import yaml
 
 from .atomic import write_text_atomic
-from .config import ConfigError, load_config, parse_override
+from .config import ConfigError, apply_override, load_config
 
 
 def repo_root() -> str:
@@ -70,11 +70,7 @@ class Job:
         array task reads nothing else), and check it: a ConfigError here, before any process starts."""
         data = {"base": [os.path.abspath(b) for b in self.bases]}
         for text in self.overrides:
-            keys, value = parse_override(text)
-            node = data
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
+            apply_override(data, text)
         data.update(output_dir=os.path.abspath(self.out), run_name=self.label)
         write_text_atomic(self.config_path, yaml.safe_dump(data, sort_keys=False))
         load_config(self.config_path)
@@ -93,8 +89,9 @@ def run_job(job: Job, gpus: Optional[str] = None, threads: Optional[int] = None,
     """Train ``job`` (or reuse its results); returns {status, attempts, launch_s, results}. ``status``:
     "reused", "ok", or "failed (...): <its error line>"."""
     row = {"label": job.label, "run_dir": job.run_dir, "overrides": job.overrides, "attempts": 0}
-    if job.results() is not None and not rerun:
-        return {**row, "status": "reused", "results": job.results()}
+    finished = job.results()
+    if finished is not None and not rerun:
+        return {**row, "status": "reused", "results": finished}
     if rerun and os.path.isdir(job.run_dir):  # train again from the start, not resume the finished run
         shutil.rmtree(job.run_dir)
     try:

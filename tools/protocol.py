@@ -79,9 +79,9 @@ def print_plan(plan: Plan) -> None:
     total = {"grid": 0.0, "retrain": 0.0}
     for task in plan.tasks:
         for stage, jobs in (("grid", plan.grid_jobs(task)), ("retrain", plan.retrain_jobs(task, plan.points()[0]))):
-            measured = [run_cost(j.results()) for j in jobs if run_cost(j.results())]
-            for job in jobs:
-                done = job.results() is not None
+            results = [job.results() for job in jobs]  # each read once
+            measured = [c for c in map(run_cost, results) if c]
+            for job, done in zip(jobs, results):
                 total[stage] += 0.0 if done else estimate_s(plan, stage, task, measured)
                 print(f"{stage} {job.label}: {'reused' if done else ' '.join(map(shlex.quote, job.command()))}")
     runs = len(plan.tasks) * (len(plan.points()) + len(plan.seeds))

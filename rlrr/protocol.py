@@ -141,7 +141,7 @@ def select(plan: Plan) -> dict:
         for point, job in zip(plan.points(), plan.grid_jobs(task)):
             r = job.results()
             scored.append({"point": point, "run": job.label, "val_acc1": r["test_acc1_final"] if r else None,
-                           "cost_s": run_cost(r)})
+                           "cost_s": run_cost(r), "device": r.get("device") if r else None})
         finished = [s for s in scored if s["val_acc1"] is not None]
         best = max(finished, key=lambda s: s["val_acc1"]) if finished else None  # max keeps the first of equals
         selection[task.name] = {"point": best["point"] if best else None,
@@ -167,10 +167,10 @@ def estimate_s(plan: Plan, stage: str, task: Task, measured: list[float]) -> flo
     return task.epochs * task.samples[split] / EST_IMG_PER_S + EST_START_S * plan.nproc
 
 
-def report(plan: Plan, selection: dict, device: str) -> dict:
+def report(plan: Plan, selection: dict) -> dict:
     """protocol.json and protocol.md (per task: chosen point, val top-1, test mean +- std, cost; the
     paper's table beside ours), report.csv and report.png."""
-    tasks, costs = [], {"grid": 0.0, "retrain": 0.0}
+    tasks, costs, devices = [], {"grid": 0.0, "retrain": 0.0}, set()
     for task in plan.tasks:
         chosen = selection[task.name]
         costs["grid"] += sum(g["cost_s"] or 0.0 for g in chosen["grid"])
@@ -178,6 +178,7 @@ def report(plan: Plan, selection: dict, device: str) -> dict:
         results = [(job, job.results()) for job in runs]
         tests = [r["test_acc1_final"] for _, r in results if r]
         costs["retrain"] += sum(run_cost(r) or 0.0 for _, r in results)
+        devices |= {g["device"] for g in chosen["grid"]} | {r.get("device") for _, r in results if r}
         failed = [job for job, r in results if r is None] if runs else plan.grid_jobs(task)
         tasks.append({"task": task.name, "point": chosen["point"], "val_acc1": chosen["val_acc1"],
                       "test_acc1": tests, "test_mean": statistics.fmean(tests) if tests else None,
@@ -185,7 +186,8 @@ def report(plan: Plan, selection: dict, device: str) -> dict:
                       "seeds": len(tests), "failed": [j.label for j in failed],
                       "errors": [last_error(j.log_path) for j in failed],
                       "status": "ok" if tests and len(tests) == len(plan.seeds) else "FAILED"})
-    unit = "GPU-hours" if device == "cuda" else "CPU process-hours"
+    # the runs' own devices, not this process's (a SLURM report job may run on a CPU node)
+    unit = "GPU-hours" if "cuda" in devices else "CPU process-hours"
     out = {"grid": plan.grid, "seeds": plan.seeds, "method": plan.method, "tasks": tasks,
            "cost": {stage: round(s / 3600, 4) for stage, s in costs.items()} | {"total": round(sum(costs.values()) /
                                                                                                 3600, 4)},

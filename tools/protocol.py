@@ -90,11 +90,6 @@ def print_plan(plan: Plan) -> None:
           f"(until runs are measured: epochs x images at {EST_IMG_PER_S:.0f} img/s per GPU, plus a minute per process)")
 
 
-def device_kind() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_local(plan: Plan, args) -> int:
     import torch
     parallel = args.parallel or max(1, torch.cuda.device_count() // plan.nproc)
@@ -108,7 +103,7 @@ def run_local(plan: Plan, args) -> int:
 
 
 def finish(plan: Plan, selection: dict) -> int:
-    out = report(plan, selection, device_kind())
+    out = report(plan, selection)
     print(markdown(out, {}))
     failed = [t["task"] for t in out["tasks"] if t["status"] != "ok"]
     if failed:

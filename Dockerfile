@@ -13,9 +13,10 @@ WORKDIR /opt/rlrr
 
 # A C compiler: Triton builds its kernel launchers with it on first use (torch.compile and rlrr's fused
 # RLRR kernels, both on by default on a GPU); the runtime image has none. The distribution's current gcc.
+# curl: data.shards on http(s):// (README "Shards elsewhere").
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc libc6-dev curl \
     && rm -rf /var/lib/apt/lists/*
 
 # Dependencies first: this layer is rebuilt only when the pins change.

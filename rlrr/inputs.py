@@ -11,7 +11,7 @@ import torch.nn as nn
 from .compile import CompilePlan
 from .config import ConfigError, RunConfig
 from .data.loader import SplitLoader
-from .data.manifest import Manifest, ManifestError
+from .data.manifest import Manifest, ManifestError, open_manifest
 from .data.transforms import Recipe
 from .distributed import DistInfo, world_from_env
 from .engine import batch_per_rank, deepspeed_config
@@ -35,7 +35,7 @@ def check_inputs(cfg: RunConfig) -> Manifest:
         deepspeed_config(cfg.train, world_from_env().size)  # a JSON that contradicts the run config
     splits = [s for s in (cfg.data.train_split, cfg.data.test_split, cfg.data.val_split) if s]
     try:
-        manifest = Manifest(cfg.data.shards)
+        manifest = open_manifest(cfg.data)
         for split in splits:
             manifest.split(split)
         if cfg.data.verify is not False and world_from_env().local_rank == 0:  # once per node

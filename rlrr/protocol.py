@@ -29,7 +29,7 @@ from . import paper
 from .atomic import write_json_atomic, write_text_atomic
 from .cli import UsageError
 from .config import ConfigError, load_config
-from .data.manifest import Manifest, ManifestError
+from .data.manifest import ManifestError, open_manifest
 from .sweep import Job, last_error, repo_root
 
 DEFAULT_GRIDS = {  # the values the reference recipe uses across each suite's tasks (docs/method.md, section 6)
@@ -116,7 +116,7 @@ def read_task(config: str, overrides: list[str]) -> Task:
     """A task: its config checked, its splits found in the manifest of its shards."""
     cfg = load_config(config, overrides)
     try:
-        manifest = Manifest(cfg.data.shards)
+        manifest = open_manifest(cfg.data)
     except ManifestError as e:
         raise ConfigError(f"{config}: {e}") from None
     have = set(manifest.data["splits"])

@@ -67,7 +67,7 @@ def test_predict_on_files_and_shards_equals_the_models_own_probabilities(trained
     expected = _reference_probs(run, shards)
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
-    for image, _, key in read_split(Manifest(shards).split("test").shards):
+    for image, _, key in read_split(Manifest(shards).split("test").shards, Manifest(shards).reader()):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(images / "sub" / f"{key}.png")
     (images / "broken.jpg").write_bytes(b"not a jpeg at all")
     out_json, out_csv = tmp_path / "p.json", tmp_path / "p.csv"

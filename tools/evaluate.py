@@ -21,7 +21,7 @@ from rlrr.atomic import write_atomic, write_json_atomic
 from rlrr.cli import add_run_arguments, tool_main
 from rlrr.config import ConfigError, load_config
 from rlrr.data.loader import SplitLoader
-from rlrr.data.manifest import Manifest
+from rlrr.data.manifest import open_manifest
 from rlrr.distributed import barrier, init_distributed
 from rlrr.evaluate import PlainModel, evaluate
 from rlrr.inference import Preprocess, load_model
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     info = init_distributed()
     cfg = load_config(os.path.join(args.run, "config.yaml"))
     shards, split = args.shards or cfg.data.shards, args.split or cfg.data.test_split
-    manifest = Manifest(shards)
+    manifest = open_manifest(cfg.data, shards)
     model, card = load_model(args.run, args.source, args.backbone, device=str(info.device))
     if manifest.num_classes != card["num_classes"]:
         raise ConfigError(f"{manifest.path}: {manifest.num_classes} classes, the run has {card['num_classes']}")

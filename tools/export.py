@@ -23,7 +23,7 @@ import torch
 from rlrr.atomic import write_atomic, write_json_atomic
 from rlrr.cli import add_run_arguments, tool_main
 from rlrr.config import load_config
-from rlrr.data.manifest import DataError, Manifest
+from rlrr.data.manifest import DataError, open_manifest
 from rlrr.data.samples import read_split
 from rlrr.inference import Preprocess, load_model
 
@@ -31,9 +31,9 @@ from rlrr.inference import Preprocess, load_model
 def test_images(run: str, card: dict, count: int) -> torch.Tensor:
     """The first ``count`` images of the run's test split, preprocessed as in evaluation."""
     cfg = load_config(os.path.join(run, "config.yaml"))
-    manifest = Manifest(cfg.data.shards)
+    manifest = open_manifest(cfg.data)
     images = []
-    for image, _, _ in read_split(manifest.split(cfg.data.test_split).shards):
+    for image, _, _ in read_split(manifest.split(cfg.data.test_split).shards, manifest.reader()):
         images.append(image)
         if len(images) == count:
             break

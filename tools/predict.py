@@ -60,7 +60,7 @@ def read_shards(shards: str, split: str):
     from rlrr.data.manifest import Manifest
     from rlrr.data.samples import read_split
     manifest = Manifest(shards)
-    return [(key, image, None) for image, _, key in read_split(manifest.split(split).shards)]
+    return [(key, image, None) for image, _, key in read_split(manifest.split(split).shards, manifest.reader())]
 
 
 @torch.no_grad()

@@ -4,21 +4,22 @@ r::world, every sample exactly once."""
 import math
 
 import torch
-import webdataset as wds
 
+from .fetch import ShardReader
 from .manifest import DataError, Split
-from .samples import read_split, read_tolerant, seeded_generator, skip_broken_tar
+from .samples import read_split, read_tolerant, seeded_generator, skip_broken_tar, tar_samples
 from .transforms import Recipe
 
 
-def load_split(split: Split, recipe: Recipe, num_classes: int, skipped=None) -> tuple[torch.Tensor, torch.Tensor, list]:
+def load_split(split: Split, reader: ShardReader, recipe: Recipe, num_classes: int, skipped=None
+               ) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(images, labels, keys) of every sample, resized. Training (``skipped`` given) skips and counts
     unreadable samples; evaluation needs every one the manifest lists."""
     if skipped is not None:
-        raw = wds.tarfile_samples(({"url": u} for u in split.shards), handler=skip_broken_tar(skipped))
+        raw = tar_samples(split.shards, reader, skip_broken_tar(skipped))
         items = read_tolerant(raw, num_classes, skipped)
     else:
-        items = read_split(split.shards, num_classes)
+        items = read_split(split.shards, reader, num_classes)
     images, labels, keys = [], [], []
     for image, label, key in items:
         images.append(recipe.resize(image))

@@ -25,7 +25,7 @@ class SplitLoader:
     def __init__(self, manifest: Manifest, split: str, *, train: bool, batch_size: int, recipe: Recipe,
                  rank: int = 0, world: int = 1, workers: int = 2, seed: int = 0, in_memory: bool = False,
                  shuffle_buffer: int = 1000, device: Optional[torch.device] = None):
-        self.split = manifest.split(split)
+        self.split, self.reader = manifest.split(split), manifest.reader()
         self.num_classes = manifest.num_classes
         self.train, self.batch_size, self.recipe, self.in_memory = train, batch_size, recipe, in_memory
         self.rank, self.world, self.workers, self.seed, self.shuffle_buffer = rank, world, workers, seed, shuffle_buffer
@@ -40,7 +40,8 @@ class SplitLoader:
             self.per_worker = math.ceil(steps / max(1, workers))
             self.num_batches = steps if in_memory else self.per_worker * max(1, workers)
         if in_memory:
-            self.images, self.labels, self.keys = load_split(self.split, recipe, self.num_classes, self.skipped)
+            self.images, self.labels, self.keys = load_split(self.split, self.reader, recipe, self.num_classes,
+                                                             self.skipped)
             if device is not None:  # e.g. the GPU: batches are gathered and augmented there, no copy per step
                 self.images, self.labels = self.images.to(device), self.labels.to(device)
 
@@ -72,8 +73,9 @@ class SplitLoader:
 
     def _stream_epoch(self, epoch: int):
         if self._stream is None:
-            self._stream = stream_loader(self.split, train=self.train, batch_size=self.batch_size, recipe=self.recipe,
-                                         rank=self.rank, world=self.world, workers=self.workers, seed=self.seed,
+            self._stream = stream_loader(self.split, self.reader, train=self.train, batch_size=self.batch_size,
+                                         recipe=self.recipe, rank=self.rank, world=self.world, workers=self.workers,
+                                         seed=self.seed,
                                          num_classes=self.num_classes, per_worker=self.per_worker,
                                          shuffle_buffer=self.shuffle_buffer, skipped=self.skipped)
         if self.train:

@@ -17,6 +17,7 @@ try:  # libjpeg-turbo / libpng straight into a CHW tensor: PIL's pixels, about 3
 except ImportError:
     decode_image = None
 
+from .fetch import ShardReader, ShardReadError
 from .manifest import DataError
 from .transforms import Recipe
 
@@ -36,6 +37,13 @@ def decode(sample: dict) -> tuple[torch.Tensor, int, str]:
     return image, int(sample["cls"]), sample["__key__"]
 
 
+def tar_samples(urls, reader: ShardReader, handler) -> Iterator[dict]:
+    """webdataset's samples (``{"__key__", "__url__", "jpg"|"png", "cls"}``) of the shards at ``urls``,
+    opened by ``reader``; ``handler`` as webdataset's: True skips what failed, else it raises."""
+    files = wds.tariterators.tar_file_expander(reader.streams(urls, handler), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
+
+
 def _raise_naming_the_shard(exn: Exception) -> bool:
     raise DataError(f"unreadable shard: {exn}") from None  # webdataset appends " @ <shard>" to the message
 
@@ -47,9 +55,10 @@ def checked(item: tuple[torch.Tensor, int, str], num_classes: Optional[int], url
     return item
 
 
-def read_split(shards: list[str], num_classes: Optional[int] = None) -> Iterator[tuple[torch.Tensor, int, str]]:
+def read_split(shards: list[str], reader: ShardReader, num_classes: Optional[int] = None
+               ) -> Iterator[tuple[torch.Tensor, int, str]]:
     """Every sample of ``shards``, in order; any unreadable part is a DataError naming the shard."""
-    for sample in wds.tarfile_samples(({"url": u} for u in shards), handler=_raise_naming_the_shard):
+    for sample in tar_samples(shards, reader, _raise_naming_the_shard):
         try:
             item = decode(sample)
         except Exception as e:
@@ -71,16 +80,23 @@ def read_tolerant(samples, num_classes: Optional[int], skipped) -> Iterator[tupl
         yield checked(item, num_classes, sample.get("__url__"))
 
 
-def _skip(skipped, what: str) -> None:
+def _skip(skipped, what: str, count: int = 1) -> None:
     """Count a skip in the shared value (loader processes and this one) and say what was skipped."""
     with skipped.get_lock():
-        skipped.value += 1
+        skipped.value += count
     print(f"rlrr: skipped {what}", file=sys.stderr, flush=True)
 
 
 def skip_broken_tar(skipped):
+    """Training's handler: a shard that breaks off is skipped from there, one that cannot be fetched is
+    skipped whole (its samples counted), and one whose bytes are not the manifest's ends the run."""
     def handler(exn: Exception) -> bool:
-        _skip(skipped, f"the rest of an unreadable training shard: {exn}")
+        if isinstance(exn, ShardReadError):
+            if exn.changed:
+                raise DataError(f"training shard {exn}") from None
+            _skip(skipped, f"a training shard that could not be read: {exn}", exn.num_samples or 1)
+        else:
+            _skip(skipped, f"the rest of an unreadable training shard: {exn}")
         return True
     return handler
 

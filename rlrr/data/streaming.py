@@ -19,7 +19,7 @@ from typing import Iterator
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .samples import batches, read_split, read_tolerant, seed_of, seeded_generator, skip_broken_tar
+from .samples import batches, read_split, read_tolerant, seed_of, seeded_generator, skip_broken_tar, tar_samples
 
 
 def _worker() -> tuple[int, int]:
@@ -30,9 +30,9 @@ def _worker() -> tuple[int, int]:
 class TrainStream(IterableDataset):
     """Fixed-length, resampled-on-exhaustion, shuffled stream of training batches for one rank."""
 
-    def __init__(self, shards, batches_per_worker, batch_size, recipe, rank, world, seed, epoch, buffer=1000,
+    def __init__(self, shards, reader, batches_per_worker, batch_size, recipe, rank, world, seed, epoch, buffer=1000,
                  num_classes=None, skipped=None):
-        self.shards, self.batches_per_worker = shards, batches_per_worker
+        self.shards, self.reader, self.batches_per_worker = shards, reader, batches_per_worker
         self.batch_size, self.recipe = batch_size, recipe
         self.rank, self.world, self.seed, self.buffer = rank, world, seed, buffer
         self.epoch_box = epoch  # a shared Value: persistent workers read the current epoch at each __iter__
@@ -54,8 +54,7 @@ class TrainStream(IterableDataset):
         worker, num_workers = _worker()
         rng = random.Random(seed_of(self.seed, self.epoch, self.rank, worker, "buffer"))
         samples = wds.shuffle(self.buffer, self.buffer // 4, rng=rng)(
-            wds.tarfile_samples(({"url": u} for u in self._urls(worker, num_workers)),
-                                handler=skip_broken_tar(self.skipped)))
+            tar_samples(self._urls(worker, num_workers), self.reader, skip_broken_tar(self.skipped)))
         augment = seeded_generator(self.seed, self.epoch, self.rank, worker, "augment")
         yield from batches(read_tolerant(samples, self.num_classes, self.skipped), self.batch_size, self.recipe,
                            augment, self.batches_per_worker)
@@ -64,14 +63,15 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Each shard read by exactly one (rank, worker); every sample exactly once."""
 
-    def __init__(self, shards, batch_size, recipe, rank, world, num_classes=None):
-        self.shards, self.batch_size, self.recipe, self.rank, self.world = shards, batch_size, recipe, rank, world
+    def __init__(self, shards, reader, batch_size, recipe, rank, world, num_classes=None):
+        self.shards, self.reader, self.batch_size, self.recipe = shards, reader, batch_size, recipe
+        self.rank, self.world = rank, world
         self.num_classes = num_classes
 
     def __iter__(self):
         worker, num_workers = _worker()
         mine = self.shards[self.rank::self.world][worker::num_workers]
-        yield from batches(read_split(mine, self.num_classes), self.batch_size, self.recipe, None)
+        yield from batches(read_split(mine, self.reader, self.num_classes), self.batch_size, self.recipe, None)
 
 
 def _alive(pid: int) -> bool:
@@ -110,15 +110,16 @@ def worker_context():
     return ctx
 
 
-def stream_loader(split, *, train: bool, batch_size: int, recipe, rank: int, world: int, workers: int, seed: int,
-                  num_classes: int, per_worker: int = 0, shuffle_buffer: int = 1000, skipped=None) -> DataLoader:
+def stream_loader(split, reader, *, train: bool, batch_size: int, recipe, rank: int, world: int, workers: int,
+                  seed: int, num_classes: int, per_worker: int = 0, shuffle_buffer: int = 1000,
+                  skipped=None) -> DataLoader:
     """The split's DataLoader, made once per run: its worker processes start once, not per epoch. For
     training, set ``loader.dataset.epoch_box.value`` to the epoch before iterating it."""
     if train:
-        stream = TrainStream(split.shards, per_worker, batch_size, recipe, rank, world, seed,
+        stream = TrainStream(split.shards, reader, per_worker, batch_size, recipe, rank, world, seed,
                              worker_context().Value("q", 0), shuffle_buffer, num_classes, skipped)
     else:
-        stream = EvalStream(split.shards, batch_size, recipe, rank, world, num_classes)
+        stream = EvalStream(split.shards, reader, batch_size, recipe, rank, world, num_classes)
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                       worker_init_fn=functools.partial(_exit_with, os.getpid()),
                       # its own seed stream: drawing from the global one would shift the model's dropout on

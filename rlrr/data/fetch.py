@@ -11,7 +11,7 @@ import fcntl
 import hashlib
 import io
 import os
-import select
+import selectors
 import signal
 import subprocess
 import sys
@@ -56,22 +56,25 @@ def _read_once(url: str, read_timeout_s: float) -> bytes:
     proc = subprocess.Popen(command(url, read_timeout_s), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
     out, err = [], []
-    open_fds = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    waiting = selectors.DefaultSelector()  # epoll: no FD_SETSIZE limit in a process with many files open
+    waiting.register(proc.stdout, selectors.EVENT_READ, out)
+    waiting.register(proc.stderr, selectors.EVENT_READ, err)
     try:
-        while open_fds:
-            ready, _, _ = select.select(list(open_fds), [], [], read_timeout_s)
+        while waiting.get_map():
+            ready = waiting.select(read_timeout_s)
             if not ready:
                 raise _Attempt(f"no data for {read_timeout_s:g} s (data.read_timeout_s)")
-            for fd in ready:
-                chunk = os.read(fd, 1 << 20)
+            for key, _ in ready:
+                chunk = os.read(key.fd, 1 << 20)
                 if chunk:
-                    open_fds[fd].append(chunk)
+                    key.data.append(chunk)
                 else:
-                    del open_fds[fd]
+                    waiting.unregister(key.fileobj)
         code = proc.wait(timeout=read_timeout_s)
     except subprocess.TimeoutExpired:
         raise _Attempt(f"the command did not exit {read_timeout_s:g} s after its output ended") from None
     finally:
+        waiting.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -58,10 +58,10 @@ def local_protocol(tmp_path_factory) -> dict:
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
     finished = {p: p.stat().st_mtime_ns for p in out.glob("grid/*/results.json")}
-    env = {**one_thread, "PYTHONPATH": FAULTS_PATH, "RLRR_FAULT_RAISE_AT": "1", "RLRR_FAULT_ARGV": "mnist-b-seed43"}
+    env = {**one_thread, "PYTHONPATH": FAULTS_PATH, "RLRR_FAULT_RAISE_AT": "1", "RLRR_FAULT_ARGV": "digits-seed43"}
     res = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     second = {"code": res.returncode, "stderr": res.stderr, "report": json.loads((out / "protocol.json").read_text()),
-              "md": (out / "protocol.md").read_text(), "log": (out / "retrain" / "mnist-b-seed43.log").read_text()}
+              "md": (out / "protocol.md").read_text(), "log": (out / "retrain" / "digits-seed43.log").read_text()}
     third = subprocess.run(command, capture_output=True, text=True, timeout=900, env=one_thread)
     return {"tasks": tasks, "out": out, "finished_after_stop": finished, "second": second,
             "third_code": third.returncode, "report": json.loads((out / "protocol.json").read_text())}

@@ -199,11 +199,9 @@ def _mnist_sample_idx(root: Path, part: slice) -> Path:
 
 
 def protocol_tasks(tmp: Path) -> list[str]:
-    """Three small tasks of real images for tools/protocol.py: Fashion-MNIST and two disjoint samples of
-    MNIST digits, each 48 train / 16 val (train+val 64) / 32 test images of 10 classes at 32 px; returns
-    their configs."""
-    sources = {"fmnist": FASHION_MNIST, "mnist-a": _mnist_sample_idx(tmp / "mnist-a-idx", slice(0, 300)),
-               "mnist-b": _mnist_sample_idx(tmp / "mnist-b-idx", slice(300, 600))}
+    """Two small tasks of real images for tools/protocol.py: Fashion-MNIST and a sample of MNIST digits,
+    each 48 train / 16 val (train+val 64) / 32 test images of 10 classes at 32 px; returns their configs."""
+    sources = {"fmnist": FASHION_MNIST, "digits": _mnist_sample_idx(tmp / "digits-idx", slice(0, 300))}
     configs = []
     for name, source in sources.items():
         res = make_shards("idx", "--root", source, "--out", tmp / name, "--subset", "train=64", "--val-split", "16",

@@ -62,9 +62,10 @@ def test_bench_scaling_reports_each_cell_per_rank_and_a_failed_cell_as_failed(tm
 def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     """The GPU script's steps, tiny and on CPU: every step runs (fp16 is skipped: it needs CUDA) and
     the JSON and the table are complete. Without a GPU and without --dry-run it refuses."""
-    # DDP bf16 through torchrun is trained in tests/test_train.py; here --skip shows how a step is left out
+    # --skip leaves out what this suite runs anyway: DDP bf16 through torchrun (tests/test_train.py) and
+    # the fused kernels' tests (tests/test_fused.py)
     res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--dry-run", "--jobs", "2", "--out-dir",
-                          str(tmp_path), "--skip", "train-ddp-bf16"],
+                          str(tmp_path), "--skip", "train-ddp-bf16", "--skip", "fused-kernels"],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "acceptance.json").read_text())
@@ -75,7 +76,8 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
                           "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop"} | same_model
     assert all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
-    assert steps["train-ddp-bf16"]["skipped"] == "--skip" and "train-ddp-bf16" not in data["training"]
+    assert steps["train-ddp-bf16"]["skipped"] == steps["fused-kernels"]["skipped"] == "--skip"
+    assert "train-ddp-bf16" not in data["training"]
     benches = data["benchmarks"]
     vit_b = benches["bench-vit-b-8"]
     # every RLRR path side by side (the Triton kernels through the interpreter here) with full and the probe

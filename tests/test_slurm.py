@@ -159,21 +159,22 @@ def test_sweep_dry_run_covers_the_suites_and_rejects_bad_input(tmp_path):
 
 def test_the_protocol_as_chained_arrays_gives_the_local_table(cluster, local_protocol, tmp_path):
     """tools/protocol.py --scheduler slurm: the grid array, then a job that selects and submits the
-    retraining array, then the report job; the table equals the one the local scheduler made."""
+    retraining array, then the report job; the table equals the one the local scheduler made (for one
+    of its tasks: each task's runs are independent of the others')."""
     from helpers import protocol_argv
     out = tmp_path / "p"
-    argv = protocol_argv(local_protocol["tasks"], out, "--scheduler", "slurm", "--max-parallel", "2",
+    argv = protocol_argv(local_protocol["tasks"][:1], out, "--scheduler", "slurm", "--max-parallel", "2",
                          "--sbatch", "--gpus-per-node=0 --cpus-per-task=1")
     res = subprocess.run([sys.executable, "tools/protocol.py", *argv], cwd=ROOT, capture_output=True, text=True,
                          env={**cluster.env, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("--array=0-11%2") == 1 and "--dependency=afterany:" in res.stdout
+    assert res.stdout.count("--array=0-3%2") == 1 and "--dependency=afterany:" in res.stdout
     wait_for(out / "protocol.json", timeout=900)
     report = json.loads((out / "protocol.json").read_text())
     local = local_protocol["report"]
 
     def table(r):
         return [(t["task"], t["point"], t["val_acc1"], t["test_acc1"], t["status"]) for t in r["tasks"]]
-    assert table(report) == table(local), (out / "protocol.md").read_text()
-    assert report["groups"] == local["groups"] and report["cost"]["total"] > 0
-    assert len(list((out / "retrain").glob("*/results.json"))) == 6
+    assert table(report) == table(local)[:1] and table(report)[0][0] == "fmnist", (out / "protocol.md").read_text()
+    assert report["groups"]["all"] == local["tasks"][0]["test_mean"] and report["cost"]["total"] > 0
+    assert len(list((out / "retrain").glob("*/results.json"))) == 2

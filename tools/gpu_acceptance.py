@@ -50,7 +50,8 @@ GPU_BENCHMARKS = [  # (name, model, batch, benchmark.py options); modes: benchma
     ("bench-vit-h-frozen-bf16", "vit_huge_patch14_224", 16,
      ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr+fused,rlrr+compiled"]),
 ]
-DRY_RUNS = {"bench-vit-b-8": [], "bench-vit-b-64-ckpt": ["--grad-checkpointing", "--no-inference"],
+DRY_RUNS = {"bench-vit-b-8": [],  # every mode; the checkpointed step in RLRR's default path and full fine-tuning's
+            "bench-vit-b-64-ckpt": ["--grad-checkpointing", "--no-inference", "--modes", "rlrr,full"],
             "bench-vit-h-frozen-bf16": ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr,rlrr+fused"]}
 DRY_MODES = "rlrr,rlrr+torch,rlrr+fused,full,linear"  # the compiled paths cost minutes of C++ builds on CPU
 DRY_MODEL, DRY_BATCH = "test_vit", 4  # every bench step of a dry run

@@ -103,8 +103,8 @@ class Fetcher:
         return self._fetch(url, sha256, num_samples)
 
     def _fetch(self, url: str, sha256: Optional[str], num_samples: int) -> bytes:
-        changed = False
         for attempt in range(self.retries + 1):
+            changed = False  # what the last attempt found decides the error's kind
             try:
                 data = _read_once(url, self.read_timeout_s)
                 digest = hashlib.sha256(data).hexdigest()

@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Input-pipeline throughput: rlrr's shard loader vs a per-file PIL loader (what the reference does:
-open, decode and resize every JPEG in every epoch), on the same images with the same workers.
+open, decode and resize every JPEG in every epoch), on the same images with the same workers; and the
+same shards streamed from an HTTP server (Python's http.server in its own process, on this machine:
+the cost of curl, the sha256 check and the retry machinery, not of a network), without and with
+data.cache_dir.
 
     python tools/bench_data.py --images 1000 --workers 2 --epochs 3
 
@@ -10,7 +13,9 @@ JPEGs in a VTAB-1k folder (train800val200.txt), i.e. the layout and typical file
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from rlrr.atomic import write_text_atomic
+from rlrr.data.fetch import Fetcher
 from rlrr.data.loader import SplitLoader
 from rlrr.data.manifest import Manifest
 from rlrr.data.shards import write_shards
@@ -68,6 +74,23 @@ def throughput(epochs, batches_of_epoch, finish=lambda x: x):
     return statistics.median(rates)
 
 
+def http_server(folder: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the HTTP server did not start")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=1000)
@@ -98,15 +121,27 @@ def main(argv=None):
                              workers=args.workers, in_memory=True)
         cache_time = time.perf_counter() - t0
         in_memory = throughput(args.epochs, memory.epoch, normalize)
+        server, url = http_server(out)
+        try:
+            remote = {}
+            for name, cache in (("http", None), ("http_cached", os.path.join(tmp, "cache"))):
+                loader = SplitLoader(Manifest(url, Fetcher(cache_dir=cache)), "train800val200", train=True,
+                                     batch_size=args.batch_size, recipe=tf, workers=args.workers)
+                remote[name] = throughput(args.epochs, loader.epoch, normalize)
+        finally:
+            server.kill()
     result = {"images": args.images, "source_size": args.source_size, "workers": args.workers,
               "batch_size": args.batch_size, "epochs": args.epochs,
               "per_file_pil_img_s": round(per_file, 1), "shards_streaming_img_s": round(streaming, 1),
-              "shards_in_memory_img_s": round(in_memory, 1),
+              "shards_in_memory_img_s": round(in_memory, 1), "shards_http_streaming_img_s": round(remote["http"], 1),
+              "shards_http_cached_streaming_img_s": round(remote["http_cached"], 1),
               "ratio_streaming": round(streaming / per_file, 2), "ratio_in_memory": round(in_memory / per_file, 2),
               "one_time_make_shards_s": round(shard_time, 1), "one_time_in_memory_decode_s": round(cache_time, 1)}
     print(f"per-file PIL loader (reference)   {per_file:9.1f} img/s")
     print(f"rlrr shards, streaming            {streaming:9.1f} img/s   {streaming / per_file:5.2f}x")
     print(f"rlrr shards, in memory            {in_memory:9.1f} img/s   {in_memory / per_file:5.2f}x")
+    for name, label in (("http", "streaming over HTTP"), ("http_cached", "HTTP + data.cache_dir")):
+        print(f"rlrr shards, {label:<21}{remote[name]:9.1f} img/s   {remote[name] / per_file:5.2f}x")
     print(f"one-time costs: make_shards {shard_time:.1f} s, in-memory decode {cache_time:.1f} s")
     if args.json:
         write_text_atomic(args.json, json.dumps(result, indent=1))

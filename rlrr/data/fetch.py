@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -161,12 +162,27 @@ class ShardReader:
 
     def streams(self, urls, handler):
         """webdataset's url_opener, reading through this reader: ``{"url", "stream"}`` per shard, a
-        failure passed to ``handler`` (True: go on with the next shard)."""
-        for url in urls:
-            try:
-                stream = self.open(url)
-            except Exception as exn:
-                if handler(exn):
-                    continue
-                break
-            yield {"url": url, "stream": stream}
+        failure passed to ``handler`` (True: go on with the next shard). A remote shard is fetched
+        while the one before it is read (one ahead, in a thread: curl and the hash release the GIL)."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="rlrr-fetch")
+        urls = iter(urls)
+
+        def ahead():
+            url = next(urls, None)
+            if url is None:
+                return None
+            return url, (pool.submit(self.open, url) if is_remote(url) else None)
+        try:
+            following = ahead()
+            while following is not None:
+                url, fetched = following
+                following = ahead()
+                try:
+                    stream = fetched.result() if fetched is not None else self.open(url)
+                except Exception as exn:
+                    if handler(exn):
+                        continue
+                    break
+                yield {"url": url, "stream": stream}
+        finally:  # a stream closed early (an epoch's last batch): the fetch under way is not waited for
+            pool.shutdown(wait=False, cancel_futures=True)

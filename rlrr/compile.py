@@ -9,8 +9,9 @@
 - Combinations that cannot work fall back with one line each: compile under DeepSpeed ZeRO-3 (its
   parameter gather/release hooks split every graph) and CUDA graphs with the DeepSpeed engine, off
   CUDA, or without compile.
-Training batches already have one shape (every epoch wraps to full batches); evaluation pads its last
-batch to the fixed size under CUDA graphs and drops the padded rows (rlrr.evaluate).
+Training batches already have one shape (every epoch wraps to full batches); a compiled run's evaluation
+pads its last batch to the fixed size and drops the padded rows (rlrr.evaluate): one graph, where a
+short batch would compile another (with dynamic shapes) or record another CUDA graph.
 """
 import os
 from dataclasses import dataclass, field

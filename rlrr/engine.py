@@ -36,7 +36,7 @@ class Engine(typing.Protocol):
     """What the training loop, evaluation and checkpoints use of an engine (DDPEngine, DeepSpeedEngine)."""
     model: nn.Module
     optimizer: torch.optim.Optimizer  # for the LR schedule (DeepSpeed: its wrapper)
-    static_shapes: bool  # replays CUDA graphs: evaluation pads to one batch shape
+    static_shapes: bool  # compiled: evaluation pads to one batch shape (no recompile for a short last batch)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor: ...  # fp32 logits (eval and training)
     def backward(self, images, labels, last_micro: bool, loss_ok=None) -> tuple[torch.Tensor, bool]: ...
@@ -68,7 +68,9 @@ class DDPEngine:
         self.dtype = AMP_DTYPES.get(t.precision)
         self.net = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) \
             if info.enabled else model
-        self.static_shapes = bool(compiled and compiled.cuda_graphs)  # evaluation pads to one batch shape
+        # compiled: evaluation pads to one batch shape, so a short last batch neither recompiles nor records a graph
+        self.static_shapes = bool(compiled and (compiled.compile or compiled.cuda_graphs))
+        self.cuda_graphs = bool(compiled and compiled.cuda_graphs)
         if compiled and compiled.compile:  # around DDP, so DDP's optimizer splits the graph at its buckets
             self.net = torch.compile(self.net, mode=compiled.mode)
         self.grad_accum = t.grad_accum
@@ -77,7 +79,7 @@ class DDPEngine:
         return torch.autocast(self.info.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def forward(self, images):
-        if self.static_shapes:  # a new step of the CUDA-graph tree: the last step's outputs are not read again
+        if self.cuda_graphs:  # a new step of the CUDA-graph tree: the last step's outputs are not read again
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
             return self.net(images).float()
@@ -215,7 +217,7 @@ class DeepSpeedEngine:
         self.model = model
         self.stage = self.engine.zero_optimization_stage()
         self.backwards_in_window = 0
-        self.static_shapes = False  # rlrr.compile.compile_plan: no CUDA graphs with this engine
+        self.static_shapes = bool(compiled and compiled.compile)  # as DDPEngine's (no CUDA graphs here)
         if compiled and compiled.compile:
             self.engine.compile()
 

@@ -63,9 +63,10 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
 
     Ranks may hold different numbers of batches (exactly-once evaluation); the ranks step in lockstep,
     one small all-reduce per batch, and a rank that has run out makes ignored forward passes while
-    others still have batches (ZeRO-3 gathers weights collectively). An engine that replays CUDA
-    graphs (``static_shapes``) gets every batch at the loader's batch size: a short one is padded with
-    zeros and the padded rows' logits are dropped (eval mode: no sample sees another)."""
+    others still have batches (ZeRO-3 gathers weights collectively). An engine that runs a compiled
+    model or replays CUDA graphs (``static_shapes``) gets every batch at the loader's batch size: a
+    short one is padded with zeros and the padded rows' logits are dropped (eval mode: no sample sees
+    another)."""
     fixed = engine.static_shapes
     model = engine.model
     model.eval()

@@ -43,5 +43,12 @@ def write_text_atomic(path: str, text: str) -> None:
     write_atomic(path, write)
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    write_atomic(path, write)
+
+
 def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1))

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..atomic import write_atomic
+from ..atomic import write_bytes_atomic
 
 MAX_BACKOFF_S = 60.0
 
@@ -138,13 +138,8 @@ class Fetcher:
                 print(f"rlrr: {path}: the cached copy of {url} is damaged; fetching it again", file=sys.stderr,
                       flush=True)
             data = self._fetch(url, sha256, num_samples)
-            write_atomic(path, lambda tmp: _write_bytes(tmp, data))
+            write_bytes_atomic(path, data)
             return data
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,19 @@ def train_cmd(*args, nproc=None) -> list[str]:
     return launcher(nproc) + [str(ROOT / "launch" / "train.py"), *map(str, args)]
 
 
+def run_adapter(run_dir: Path) -> dict:
+    """A finished run's adapter.safetensors."""
+    from safetensors.torch import load_file
+    return load_file(str(Path(run_dir) / "adapter.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """The same names and, bit for bit, the same tensors (the first that differs is named)."""
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def comparable_adapter(adapter: dict) -> dict:
     """The adapter without the key third of each qkv bias shift: softmax ignores a constant added to
     every key, so that bias has an exactly zero gradient, and Adam turns rounding noise into lr-sized

@@ -12,26 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from rlrr.config import ConfigError
 
-from helpers import FAULTS_PATH, comparable_adapter, entry_point, train_cmd, write_config
+from helpers import (
+    FAULTS_PATH,
+    assert_same_tensors,
+    comparable_adapter,
+    entry_point,
+    run_adapter,
+    train_cmd,
+    write_config,
+)
 
 _entry = entry_point()
 cli, main = _entry.cli, _entry.main
 
 FAULTS = FAULTS_PATH
-
-
-def _adapter(run) -> dict:
-    return load_file(str(run / "adapter.safetensors"))
-
-
-def _assert_same_adapter(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +50,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(tiny_shards, 
     main(["--config", cfg, "--resume", "latest"])
     out = capsys.readouterr().out
     assert "skipped unreadable checkpoint(s) last.pt: RuntimeError" in out and "using prev.pt" in out
-    _assert_same_adapter(_adapter(tmp_path / "runs" / "fb"), _adapter(straight))
+    assert_same_tensors(run_adapter(tmp_path / "runs" / "fb"), run_adapter(straight))
 
 
 def test_nothing_readable_left_is_one_clear_error(tiny_shards, tmp_path):
@@ -106,7 +103,7 @@ def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed" in res.stdout and "at epoch 1 step 6" in res.stdout, res.stdout[-2000:]
     runs = tmp_path / "runs"
-    _assert_same_adapter(_adapter(runs / "killed"), _adapter(runs / "straight"))
+    assert_same_tensors(run_adapter(runs / "killed"), run_adapter(runs / "straight"))
     a, b = (json.loads((runs / r / "results.json").read_text()) for r in ("killed", "straight"))
     assert a["history"] == b["history"] and a["steps"] == b["steps"] == 12
 
@@ -126,7 +123,7 @@ def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(
     res = subprocess.run(compiled + ["run_name=straight"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "first step:" in res.stdout and "(compiling)" in res.stdout, res.stderr[-3000:]
     straight = json.loads((runs / "straight" / "results.json").read_text())
-    comp, plain = _adapter(runs / "straight"), _adapter(runs / "eager")
+    comp, plain = run_adapter(runs / "straight"), run_adapter(runs / "eager")
     assert comp.keys() == plain.keys()
     for k in plain:  # atol: the key bias's true gradient is 0, and AdamW scales its rounding noise up to ~lr
         torch.testing.assert_close(comp[k], plain[k], rtol=1e-4, atol=1e-4)
@@ -144,7 +141,7 @@ def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(
                          env={**os.environ, **env})
     assert (tmp_path / "fired").exists() and res.returncode == 0, res.stderr[-3000:]
     assert "resumed" in res.stdout and "(compiling)" in res.stdout, res.stdout[-2000:]
-    _assert_same_adapter(_adapter(runs / "killed"), comp)
+    assert_same_tensors(run_adapter(runs / "killed"), comp)
     assert graphs() == compiled_graphs
 
 
@@ -162,7 +159,7 @@ def test_nan_loss_is_skipped_on_every_rank_and_counted(tiny_shards, tmp_path):
     run = tmp_path / "runs" / "skip"
     results = json.loads((run / "results.json").read_text())
     assert results["nonfinite_skipped"] == 1 and results["steps"] == 12
-    assert all(torch.isfinite(t).all() for t in _adapter(run).values())
+    assert all(torch.isfinite(t).all() for t in run_adapter(run).values())
     saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert saved["state"]["nonfinite_skipped"] == 1
     assert all(torch.isfinite(t).all() for t in saved["trainable"].values())
@@ -195,7 +192,7 @@ def test_a_nan_inside_an_accumulation_window_drops_the_whole_window_under_every_
         assert "step 3: non-finite loss; the step was dropped on every rank (1 dropped so far)" in res.stdout
         results = json.loads((tmp_path / "runs" / name / "results.json").read_text())
         assert results["steps"] == 12 and results["nonfinite_skipped"] == 1 and results["optimizer_updates"] == 11
-        adapters[name] = comparable_adapter(_adapter(tmp_path / "runs" / name))
+        adapters[name] = comparable_adapter(run_adapter(tmp_path / "runs" / name))
     assert max((adapters["zero3"][k] - adapters["ddp"][k]).abs().max().item() for k in adapters["ddp"]) <= 1e-4
 
 
@@ -346,7 +343,7 @@ def test_a_rank_killed_mid_epoch_restarts_and_equals_an_uninterrupted_run(in_mem
     assert proc.returncode == 0, err[-3000:]
     assert "resumed" in out, out[-2000:]
     runs = tmp_path / "runs"
-    _assert_same_adapter(_adapter(runs / "killed"), _adapter(runs / "straight"))
+    assert_same_tensors(run_adapter(runs / "killed"), run_adapter(runs / "straight"))
     a, b = (json.loads((runs / r / "results.json").read_text()) for r in ("killed", "straight"))
     assert a["history"] == b["history"]
 
@@ -383,4 +380,4 @@ def test_a_damaged_deepspeed_tag_falls_back_to_the_previous_one(tiny_shards, tmp
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "skipped unreadable checkpoint(s) step7" in res.stdout and "at epoch 1 step 6 (step6.1)" in res.stdout
-    _assert_same_adapter(_adapter(tmp_path / "runs" / "damaged"), _adapter(tmp_path / "runs" / "straight"))
+    assert_same_tensors(run_adapter(tmp_path / "runs" / "damaged"), run_adapter(tmp_path / "runs" / "straight"))

@@ -10,7 +10,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 from shard_server import ShardServer
 
 from rlrr.data.fetch import Fetcher
@@ -18,7 +17,7 @@ from rlrr.data.loader import SplitLoader
 from rlrr.data.manifest import DataError, Manifest
 from rlrr.data.transforms import Recipe
 
-from helpers import entry_point, train_cmd, write_config
+from helpers import assert_same_tensors, entry_point, run_adapter, train_cmd, write_config
 
 pytestmark = pytest.mark.integration  # curl and sh processes, a server thread
 
@@ -113,12 +112,8 @@ def _train(cfg: str, name: str) -> dict:
     res = subprocess.run(train_cmd("--config", cfg, "--set", f"run_name={name}", nproc=2), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    return {"stderr": res.stderr, "adapter": load_file(str(Path(cfg).parent / "runs" / name / "adapter.safetensors")),
+    return {"stderr": res.stderr, "adapter": run_adapter(Path(cfg).parent / "runs" / name),
             "results": json.loads((Path(cfg).parent / "runs" / name / "results.json").read_text())}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -136,7 +131,7 @@ def test_training_under_torchrun_from_a_failing_server_equals_training_from_disk
         served.fail(f"train800/{shard}.tar", fault)
     served.fail("test/test-000002.tar", "503")
     from_disk, from_server = _train(disk, "disk"), _train(http, "http")
-    _assert_same(from_server["adapter"], from_disk["adapter"])
+    assert_same_tensors(from_server["adapter"], from_disk["adapter"])
     assert from_server["results"]["history"] == from_disk["results"]["history"]
     assert from_server["results"]["train_samples_skipped"] == 0
     for reason in ("curl: (56)|curl: (18)", "error: 503", "no data for 2 s"):
@@ -145,4 +140,4 @@ def test_training_under_torchrun_from_a_failing_server_equals_training_from_disk
         before = served.shard_requests()
         again = _train(http, "cached")
         assert served.shard_requests() == before  # every shard came from the node's cache
-        _assert_same(again["adapter"], from_disk["adapter"])
+        assert_same_tensors(again["adapter"], from_disk["adapter"])

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import timm
-import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, comparable_adapter, train_cmd, write_config
+from helpers import ROOT, assert_same_tensors, comparable_adapter, run_adapter, train_cmd, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +36,7 @@ def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shard
     _run(cfg, "ddp", "train.engine=ddp")
 
     # resume: bit for bit the uninterrupted run
-    a, b = (load_file(str(runs / name / "adapter.safetensors")) for name in ("straight", "halves"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(run_adapter(runs / "straight"), run_adapter(runs / "halves"))
 
     # partitioning: each rank holds about half of all parameter elements, the frozen ones included
     z3 = json.loads((runs / "straight" / "results.json").read_text())
@@ -94,6 +92,5 @@ def test_two_torchrun_agents_with_a_c10d_rendezvous_train_what_one_agent_with_fo
     # global rank 0 (the only rank that logs the run) lives on exactly one of the two nodes
     assert sum("world 4, global batch 4 (1 x 4 x 1)" in out for out, _ in outs) == 1, outs
     _run(cfg, "one-node", nproc=4)
-    two, one = (load_file(str(tmp_path / "runs" / n / "adapter.safetensors")) for n in ("two-nodes", "one-node"))
-    assert two.keys() == one.keys() and all(torch.equal(two[k], one[k]) for k in one)
+    assert_same_tensors(run_adapter(tmp_path / "runs" / "two-nodes"), run_adapter(tmp_path / "runs" / "one-node"))
     assert json.loads((tmp_path / "runs" / "two-nodes" / "results.json").read_text())["world_size"] == 4

@@ -3,7 +3,6 @@ import json
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 import timm
@@ -17,7 +16,7 @@ from rlrr.data.loader import SplitLoader
 from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe, normalize
 
-from helpers import entry_point, train_cmd, write_config
+from helpers import assert_same_tensors, entry_point, run_adapter, train_cmd, write_config
 
 main = entry_point().main
 
@@ -75,11 +74,7 @@ def test_resume_gives_identical_adapter(shards, tmp_path):
     with pytest.raises(ConfigError, match="already holds a run; pass --resume latest"):
         main(["--config", halves])
     main(["--config", halves, "--resume", "latest"])
-    a = load_file(str(tmp_path / "runs" / "straight" / "adapter.safetensors"))
-    b = load_file(str(tmp_path / "runs" / "halves" / "adapter.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_tensors(run_adapter(tmp_path / "runs" / "straight"), run_adapter(tmp_path / "runs" / "halves"))
     ra = json.loads((tmp_path / "runs" / "straight" / "results.json").read_text())
     rb = json.loads((tmp_path / "runs" / "halves" / "results.json").read_text())
     assert ra["history"] == rb["history"]
@@ -138,10 +133,6 @@ def test_class_count_mismatch_is_a_clear_error(shards, tmp_path):
         main(["--config", cfg])
 
 
-def _adapter(run: Path) -> dict:
-    return load_file(str(run / "adapter.safetensors"))
-
-
 @integration
 def test_deepspeed_zero2_resume_is_exact(shards, tmp_path):
     """2 processes each: ZeRO-2 straight vs stopped + resumed (identical adapters). ZeRO-3 and the
@@ -153,8 +144,7 @@ def test_deepspeed_zero2_resume_is_exact(shards, tmp_path):
         res = subprocess.run(train_cmd("--config", cfg, *args, nproc=2), capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     assert (runs / "halves" / "checkpoints" / "latest").read_text().strip() == "step12"
-    a, b = _adapter(runs / "straight"), _adapter(runs / "halves")
-    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert_same_tensors(run_adapter(runs / "straight"), run_adapter(runs / "halves"))
     # frozen weights never reach a DeepSpeed checkpoint: the model states hold only the trainable tensors
     states = torch.load(next((runs / "halves" / "checkpoints" / "step12").glob("*model_states.pt")),
                         map_location="cpu", weights_only=True)
@@ -178,8 +168,7 @@ def test_bf16_frozen_weights_train_exactly_like_their_fp32_copy(shards, tmp_path
                            train={"epochs": 1, "precision": "bf16", "frozen_dtype": frozen})
         results[frozen] = main(["--config", cfg])
         assert ("frozen linear weights stored in bf16" in capsys.readouterr().out) == (frozen == "bf16")
-    wide, narrow = _adapter(tmp_path / "runs" / "frozen_fp32"), _adapter(tmp_path / "runs" / "frozen_bf16")
-    assert wide.keys() == narrow.keys() and all(torch.equal(wide[k], narrow[k]) for k in wide)
+    assert_same_tensors(run_adapter(tmp_path / "runs" / "frozen_fp32"), run_adapter(tmp_path / "runs" / "frozen_bf16"))
     assert results["bf16"]["test_acc1_final"] == results["fp32"]["test_acc1_final"]
     merged = load_file(str(tmp_path / "runs" / "frozen_bf16" / "merged.safetensors"))
     assert merged["blocks.0.attn.qkv.weight"].dtype == torch.float32

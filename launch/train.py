@@ -17,8 +17,9 @@ import torch
 from rlrr.config import ConfigError, load_config
 from rlrr.data.manifest import DataError
 from rlrr.distributed import exit_process, world_from_env
-from rlrr.run import RunStopped
-from rlrr.train import train
+
+# rlrr.train and rlrr.run (timm, torchmetrics: about 1.5 s) are imported where they are used: every loader
+# worker runs this file again as __mp_main__ (multiprocessing's forkserver does), and needs none of it.
 
 
 def parse_args(argv):
@@ -44,6 +45,7 @@ def main(argv=None) -> dict:
             raise ConfigError("run_name is not set, so the run directory is only decided at start; set run_name")
         print(os.path.join(cfg.output_dir, cfg.run_name))
         return {}
+    from rlrr.train import train
     return train(cfg, args.resume, args.allow_config_change)
 
 
@@ -51,6 +53,7 @@ def cli(argv=None) -> int:
     """``main`` for a command line: a bad input (config, file, name) is one line on stderr, printed by
     rank 0 only, and exit code 2; a run that stopped itself (RunStopped) likewise, exit code 3;
     anything else is a bug and keeps its traceback."""
+    from rlrr.run import RunStopped
     try:
         main(argv)
     except (ConfigError, DataError, RunStopped) as e:

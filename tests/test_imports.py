@@ -1,7 +1,12 @@
 """The package's import graph has no cycle: every import inside rlrr/ (module level or inside a function,
-relative or absolute), read from the source, resolved to the module it loads."""
+relative or absolute), read from the source, resolved to the module it loads. And the entry point stays
+light where loader workers import it."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from helpers import ROOT
 
@@ -71,3 +76,16 @@ def test_the_walker_sees_lazy_relative_and_submodule_imports():
 
 def test_rlrr_has_no_import_cycle():
     assert _cycle(_graph()) is None
+
+
+@pytest.mark.integration
+def test_the_entry_point_run_again_in_a_loader_worker_leaves_the_training_stack_out():
+    """multiprocessing's forkserver runs the parent's script again, as __mp_main__, in every loader worker it
+    starts (three per rank: train, val, test): launch/train.py must not import timm, torchmetrics or the
+    training loop there (about 1.5 s of CPU per worker before it was kept light)."""
+    heavy = ("timm", "torchmetrics", "rlrr.train", "rlrr.run", "rlrr.evaluate", "deepspeed")
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "launch" / "train.py")], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]

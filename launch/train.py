@@ -18,7 +18,7 @@ from rlrr.config import ConfigError, load_config
 from rlrr.data.manifest import DataError
 from rlrr.distributed import exit_process, world_from_env
 
-# rlrr.train and rlrr.run (timm, torchmetrics: about 1.5 s) are imported where they are used: every loader
+# rlrr.train and rlrr.run (timm and the rest: about 1.5 s) are imported where they are used: every loader
 # worker runs this file again as __mp_main__ (multiprocessing's forkserver does), and needs none of it.
 
 

@@ -1,12 +1,11 @@
 """Top-1/top-5 accuracy, the mean loss and (on request) the confusion matrix over a split, each sample
-counted once across all ranks (torchmetrics). The one implementation: training's evaluations and
-tools/evaluate.py both call ``evaluate``."""
+counted once across all ranks. The one implementation: training's evaluations and tools/evaluate.py
+both call ``evaluate``."""
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from .data.transforms import normalize
 from .distributed import DistInfo, all_reduce_sum
@@ -23,31 +22,39 @@ class PlainModel:
 
 
 class Scores:
-    """Running top-1/top-5 accuracy, loss sum and count (and the confusion matrix, rows = true class)
-    of this rank; ``result`` combines every rank's."""
+    """This rank's counts: samples, top-1 and top-5 hits, the loss sum (and the confusion matrix, rows =
+    true class); ``result`` adds every rank's in one all-reduce. Counts, not per-batch means, so that
+    accuracies are exact whatever the batches and ranks: float64 holds every count below 2**53 exactly.
+
+    Top-1 is the argmax (the first of tied logits), top-5 any of ``topk``'s five; the same definitions
+    as torchmetrics' micro-averaged MulticlassAccuracy, which tests/test_evaluate.py checks them against.
+    torchmetrics itself is not used here: importing it costs about 1.1 s in every training process (its
+    text metrics import transformers), for three sums that fit in the all-reduce the loss needs anyway."""
 
     def __init__(self, num_classes: int, device: torch.device, confusion: bool = False):
-        self.top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
-        self.top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
-        self.confusion = MulticlassConfusionMatrix(num_classes=num_classes).to(device) if confusion else None
-        self.loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, count
+        self.num_classes, self.k = num_classes, min(5, num_classes)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # samples, top-1, top-5 hits, loss sum
+        self.confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device) \
+            if confusion else None
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.top1.update(logits, labels)
-        self.top5.update(logits, labels)
+        predicted = logits.argmax(1)
+        in_top = logits.topk(self.k, dim=1).indices.eq(labels[:, None]).any(1)
+        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        self.sums += torch.stack([labels.new_tensor(len(labels)).double(), predicted.eq(labels).sum().double(),
+                                  in_top.sum().double(), loss.double()])
         if self.confusion is not None:
-            self.confusion.update(logits, labels)
-        self.loss_sum += torch.tensor([nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-                                       len(labels)], dtype=torch.float64, device=self.loss_sum.device)
+            self.confusion += torch.bincount(labels * self.num_classes + predicted,
+                                             minlength=self.num_classes ** 2).double()
 
     def result(self, info: DistInfo) -> dict:
-        """Every rank's samples together (collective: torchmetrics syncs its states on compute)."""
-        all_reduce_sum(info, self.loss_sum)
-        seen = int(self.loss_sum[1].item())
-        out = {"acc1": 100.0 * self.top1.compute().item(), "acc5": 100.0 * self.top5.compute().item(),
-               "loss": self.loss_sum[0].item() / max(1, seen), "samples": seen}
+        """Every rank's samples together (collective)."""
+        sums = all_reduce_sum(info, self.sums.clone()).tolist()
+        seen = int(sums[0])
+        out = {"acc1": 100.0 * sums[1] / max(1, seen), "acc5": 100.0 * sums[2] / max(1, seen),
+               "loss": sums[3] / max(1, seen), "samples": seen}
         if self.confusion is not None:
-            cm = self.confusion.compute().long().cpu()
+            cm = all_reduce_sum(info, self.confusion.clone()).long().cpu().view(self.num_classes, self.num_classes)
             out["per_class_acc1"] = (100.0 * cm.diagonal() / cm.sum(1).clamp(min=1)).tolist()
             out["confusion"] = cm.tolist()
         return out

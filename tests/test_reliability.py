@@ -116,7 +116,8 @@ def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(
     compile cache, filled by the first run). Both compiled runs start the same way (torchrun, one
     process), as a requeued job does. No dropout: compiled and eager graphs draw different random numbers."""
     runs = tmp_path / "runs"
-    cfg = write_config(tmp_path / "c.yaml", tiny_shards, runs, model={"drop_path": 0.0}, train={"save_every_steps": 4})
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, runs, model={"drop_path": 0.0, "timm_kwargs": {"depth": 2}},
+                       train={"save_every_steps": 4})
     eager = main(["--config", cfg, "--set", "run_name=eager", "train.compile=false"])
     compiled = [*train_cmd("--config", cfg, "--set", "train.compile=true", nproc=1)]
     compiled.insert(compiled.index("--standalone") + 1, "--max-restarts=1")

@@ -30,9 +30,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # everything: lint, unit tests, and the integration tests (torchrun, DeepSpeed, SLURM, the tools). One
-# process: on 2 cores the integration tests keep both busy already (pytest-xdist measured no faster).
+# pytest-xdist worker per core (at most 4), each test file on one worker (--dist loadfile: a module's
+# SLURM cluster and fixtures start once); a test mostly waits on the processes it starts, so one
+# process left a core idle half the time (docs/benchmarks.md, "The test suite").
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 # unit tests only: no process starts, no SLURM (marker `integration` in pytest.ini); one pytest-xdist
 # worker per core (at most 4), one torch thread each

@@ -12,9 +12,6 @@ from rlrr.protocol import Plan, Task, parse_grid, point_label
 
 from helpers import protocol_argv, tool_main
 
-# the worker that runs the SLURM modules, which compare their protocol with local_protocol
-pytestmark = pytest.mark.xdist_group("slurm")
-
 
 def test_grid_points_labels_and_the_tie_rule_order():
     grid = parse_grid(["train.lr=1e-3,3e-3", "model.rlrr.init=official,identity"])

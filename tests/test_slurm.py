@@ -18,8 +18,8 @@ from slurm_cluster import resumed_step, running_cluster, wait_for
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2"]
 JOB_ENV = {"PYTHON": sys.executable, "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
 
-# a real SLURM cluster; one pytest-xdist worker runs every SLURM module (one cluster at a time)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
+# a real SLURM cluster of this module's own (started on free ports in its own folder)
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

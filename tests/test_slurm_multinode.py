@@ -11,7 +11,7 @@ import pytest
 from helpers import ROOT, write_config
 from slurm_cluster import resumed_step, running_cluster, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]  # a real SLURM cluster, one at a time
+pytestmark = pytest.mark.integration  # a real SLURM cluster (its own, beside test_slurm.py's if need be)
 JOB_ENV = {"PYTHON": sys.executable, "NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1"}
 
 

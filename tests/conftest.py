@@ -1,5 +1,6 @@
 """Shared fixtures. Helpers importable by every test module live in tests/helpers.py."""
 import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -93,3 +94,23 @@ def local_protocol(tmp_path_factory, worker_id) -> dict:
     protocol = _built_once(tmp_path_factory, worker_id, "protocol", _local_protocol)
     return {**protocol, "out": Path(protocol["out"]),
             "finished_after_stop": {Path(p): t for p, t in protocol["finished_after_stop"]}}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, worker_id, tiny_shards):
+    """``uninterrupted(**sections)``: the folder of a 2-process torchrun run of tiny_shards with
+    write_config's ``sections``, run to its end once per test run. The tests that stop, kill, damage
+    or resume the same run (their own config adds only when to save, which changes no number) compare
+    with it, so test files no longer train the same reference each."""
+    def run(**sections) -> Path:
+        key = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:12]
+
+        def build(tmp: Path) -> str:
+            from helpers import train_cmd, write_config
+            cfg = write_config(tmp / "run.yaml", tiny_shards, tmp / "runs", **sections)
+            res = subprocess.run(train_cmd("--config", cfg, "--set", "run_name=straight", nproc=2),
+                                 capture_output=True, text=True, timeout=600)
+            assert res.returncode == 0, f"uninterrupted {sections}: {res.stderr[-3000:]}"
+            return str(tmp / "runs" / "straight")
+        return Path(_built_once(tmp_path_factory, worker_id, f"uninterrupted-{key}", build))
+    return run

@@ -86,15 +86,16 @@ def _torchrun(cfg, run_name, env=None, restarts=0):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("engine", ["ddp", "zero3"])  # the two checkpoint writers: torch files, DeepSpeed tags
-def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_run(engine, tiny_shards, tmp_path):
+def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_run(engine, tiny_shards, tmp_path,
+                                                                                    uninterrupted):
     """torchrun --max-restarts=1; rank 0 is SIGKILLed half-way through writing its third checkpoint:
     the restarted workers resume from the last complete one and finish with the same adapter."""
-    train = {"save_every_steps": 4}
-    if engine != "ddp":
-        train.update(engine="deepspeed", zero_stage=int(engine[-1]))
-    cfg = write_config(tmp_path / f"{engine}.yaml", tiny_shards, tmp_path / "runs", train=train)
-    res = _torchrun(cfg, "straight")
-    assert res.returncode == 0, res.stderr[-3000:]
+    # ZeRO-3: tests/test_scale.py's run (no drop-path, no flip: it is compared with DDP there)
+    run = {} if engine == "ddp" else {"model": {"drop_path": 0.0}, "data": {"flip": False},
+                                      "train": {"engine": "deepspeed", "zero_stage": 3}}
+    straight = uninterrupted(**run)
+    train = {**run.get("train", {}), "save_every_steps": 4}
+    cfg = write_config(tmp_path / f"{engine}.yaml", tiny_shards, tmp_path / "runs", **{**run, "train": train})
     saves_per_checkpoint = 1 if engine == "ddp" else 2  # DeepSpeed: model states + rank 0's optimizer shard
     env = {"PYTHONPATH": FAULTS, "RLRR_FAULT_KILL_IN_SAVE": str(2 * saves_per_checkpoint + 1),
            "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
@@ -102,9 +103,9 @@ def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_
     assert (tmp_path / "fired").exists(), res.stderr[-3000:]  # the fault did fire
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed" in res.stdout and "at epoch 1 step 6" in res.stdout, res.stdout[-2000:]
-    runs = tmp_path / "runs"
-    assert_same_tensors(run_adapter(runs / "killed"), run_adapter(runs / "straight"))
-    a, b = (json.loads((runs / r / "results.json").read_text()) for r in ("killed", "straight"))
+    killed = tmp_path / "runs" / "killed"
+    assert_same_tensors(run_adapter(killed), run_adapter(straight))
+    a, b = (json.loads((r / "results.json").read_text()) for r in (killed, straight))
     assert a["history"] == b["history"] and a["steps"] == b["steps"] == 12
 
 
@@ -376,11 +377,9 @@ def test_two_hundred_evaluations_with_streaming_loaders_and_workers_do_not_hang(
 
 
 @pytest.mark.integration
-def test_a_damaged_deepspeed_tag_falls_back_to_the_previous_one(tiny_shards, tmp_path):
-    cfg = write_config(tmp_path / "ds.yaml", tiny_shards, tmp_path / "runs",
-                       train={"engine": "deepspeed", "zero_stage": 2, "save_every_steps": 3})
-    res = _torchrun(cfg, "straight")
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_a_damaged_deepspeed_tag_falls_back_to_the_previous_one(tiny_shards, tmp_path, uninterrupted):
+    zero2 = {"engine": "deepspeed", "zero_stage": 2}
+    cfg = write_config(tmp_path / "ds.yaml", tiny_shards, tmp_path / "runs", train={**zero2, "save_every_steps": 3})
     cmd_stop = ["--set", "run_name=damaged", "train.max_steps=7"]
     res = subprocess.run(train_cmd("--config", cfg, *cmd_stop, nproc=2), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -394,4 +393,4 @@ def test_a_damaged_deepspeed_tag_falls_back_to_the_previous_one(tiny_shards, tmp
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "skipped unreadable checkpoint(s) step7" in res.stdout and "at epoch 1 step 6 (step6.1)" in res.stdout
-    assert_same_tensors(run_adapter(tmp_path / "runs" / "damaged"), run_adapter(tmp_path / "runs" / "straight"))
+    assert_same_tensors(run_adapter(tmp_path / "runs" / "damaged"), run_adapter(uninterrupted(train=zero2)))

@@ -26,20 +26,19 @@ def _merged_comparable(merged: dict) -> dict:
     return comparable_adapter({k.replace("qkv.bias", "qkv.bias_shift"): v for k, v in merged.items()})
 
 
-def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shards, tmp_path):
-    cfg = write_config(tmp_path / "z3.yaml", tiny_shards, tmp_path / "runs", model={"drop_path": 0.0},
-                       data={"flip": False}, train={"engine": "deepspeed", "zero_stage": 3})
-    runs = tmp_path / "runs"
-    _run(cfg, "straight")
+def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shards, tmp_path, uninterrupted):
+    zero3 = {"model": {"drop_path": 0.0}, "data": {"flip": False}, "train": {"engine": "deepspeed", "zero_stage": 3}}
+    cfg = write_config(tmp_path / "z3.yaml", tiny_shards, tmp_path / "runs", **zero3)
+    runs, straight = tmp_path / "runs", uninterrupted(**zero3)
     _run(cfg, "halves", "train.max_steps=7")
     _run(cfg, "halves", "--resume", "latest")
     _run(cfg, "ddp", "train.engine=ddp")
 
     # resume: bit for bit the uninterrupted run
-    assert_same_tensors(run_adapter(runs / "straight"), run_adapter(runs / "halves"))
+    assert_same_tensors(run_adapter(straight), run_adapter(runs / "halves"))
 
     # partitioning: each rank holds about half of all parameter elements, the frozen ones included
-    z3 = json.loads((runs / "straight" / "results.json").read_text())
+    z3 = json.loads((straight / "results.json").read_text())
     ddp = json.loads((runs / "ddp" / "results.json").read_text())
     total = ddp["parameter_elements_per_rank"][0]
     assert ddp["parameter_elements_per_rank"] == [total, total]
@@ -48,7 +47,7 @@ def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shard
 
     # the merged model is a plain timm model equal to the DDP run's (fp32, reduction order aside)
     plain = timm.create_model("test_vit", num_classes=4, img_size=32)
-    merged = load_file(str(runs / "straight" / "merged.safetensors"))
+    merged = load_file(str(straight / "merged.safetensors"))
     plain.load_state_dict(merged, strict=True)
     got, want = _merged_comparable(merged), _merged_comparable(load_file(str(runs / "ddp" / "merged.safetensors")))
     assert got.keys() == want.keys()

@@ -22,6 +22,8 @@ a one-process gloo group). Inference img/s: the RLRR-adapted model, then the mer
 timm model with their windows interleaved.
 """
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import statistics
@@ -31,13 +33,10 @@ import tempfile
 import time
 import typing
 
-import timm
 import torch
 
 from rlrr.config import FrozenDtype, ModelConfig, Precision
 from rlrr.distributed import peak_memory_mb, status_mb
-from rlrr.engine import AMP_DTYPES
-from rlrr.model import build_model
 
 METHODS = ("rlrr", "full", "linear", "lora")
 PATHS = ("eager", "fused", "torch", "compiled", "cudagraphs")
@@ -57,6 +56,7 @@ def parse_mode(mode: str, compile_all: bool = False) -> tuple[str, str]:
 
 def _model(args, method, path="eager"):
     """The model training builds (rlrr.model.build_model) for a mode; LoRA is peft on the full model."""
+    from rlrr.model import build_model
     kernel = {"fused": "triton", "torch": "torch"}.get(path, "auto")
     cfg = ModelConfig(name=args.model, img_size=args.img_size, method="full" if method in ("lora", "plain") else method,
                       fused_attn=not args.explicit_attn, kernel=kernel,
@@ -144,6 +144,8 @@ def peak_tflops(args) -> typing.Optional[float]:
 
 
 def measure_training(args, mode) -> dict:
+    # the training stack (timm, the model) here, in the measuring process only, and before its RSS is read
+    from rlrr.engine import AMP_DTYPES
     method, path = parse_mode(mode, args.compile)
     device = torch.device(args.device)
     base_mb = status_mb() if device.type == "cpu" else 0.0
@@ -183,6 +185,7 @@ def measure_training(args, mode) -> dict:
 @torch.no_grad()
 def measure_inference(args) -> dict:
     from rlrr import merge_rlrr
+    from rlrr.engine import AMP_DTYPES
     device = torch.device(args.device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     dtype = AMP_DTYPES.get(args.precision)
@@ -283,9 +286,7 @@ def main(argv=None) -> int:
         print(f"benchmark: error: unknown mode(s) {unknown}; METHOD[+PATH] with METHOD in {','.join(METHODS)} "
               f"and PATH in {','.join(PATHS)} (fused and torch: rlrr only)", file=sys.stderr)
         return 2
-    try:
-        import peft  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("peft") is None:  # found, not imported: only the lora worker imports it
         if any(parse_mode(m)[0] == "lora" for m in modes):
             print("benchmark: peft is not installed; skipping lora", file=sys.stderr)
             modes = [m for m in modes if parse_mode(m)[0] != "lora"]
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
     shared += [flag for flag, on in (("--compile", args.compile), ("--explicit-attn", args.explicit_attn),
                                      ("--grad-checkpointing", args.grad_checkpointing)) if on]
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
-               "torch": torch.__version__, "timm": timm.__version__, "training": {}}
+               "torch": torch.__version__, "timm": importlib.metadata.version("timm"), "training": {}}
     train = results["training"]
     for worker in modes * max(1, args.rounds) + ([] if args.no_inference else ["inference"]):
         res = subprocess.run([sys.executable, os.path.abspath(__file__), *shared, "--worker", worker],

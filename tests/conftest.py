@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,10 +29,10 @@ def tiny_shards(tmp_path_factory) -> str:
     return tiny_vtab_shards(tmp_path_factory.mktemp("tiny-task"), n_train=24, n_val=8, n_test=13, shard_size=4)
 
 
-def _built_once(tmp_path_factory, worker_id: str, name: str, build) -> dict:
+def _built_once(tmp_path_factory, worker_id: str, name: str, build) -> Any:
     """``build(folder)`` once per test run, its JSON-able result returned. Under pytest-xdist (make test:
     one worker per core) the first worker to ask builds it while holding a lock and the others read its
-    JSON: a session fixture that two test files share is then trained once, not once per worker."""
+    JSON: a session fixture that two test files share is then built once, not once per worker."""
     if worker_id == "master":
         return json.loads(json.dumps(build(tmp_path_factory.mktemp(name))))
     shared = tmp_path_factory.getbasetemp().parent  # this run's base folder, above each worker's own

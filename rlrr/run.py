@@ -65,6 +65,29 @@ class RunStopped(RuntimeError):
     """The run stopped itself for a reason the user must see (one line), e.g. a non-finite loss."""
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes each record to sys.stdout as it is at that moment. A handler that kept the stream of the
+    moment it was made would write to a closed file once a redirect made there (a notebook cell, a
+    test's capture) has ended: logging then prints "--- Logging error ---" into whatever stderr is."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):  # StreamHandler.__init__ and setStream assign it; the property decides
+        pass
+
+
+def log_to_stdout(rank: int) -> None:
+    """The run's log lines on stdout: INFO on rank 0, warnings only elsewhere."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s",
+                        handlers=[_CurrentStdout()], force=True)
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) -> save a checkpoint and leave cleanly."""
 

@@ -9,7 +9,6 @@ evaluate_all, end_epoch (log, checkpoint) -> summarize, write_final (rlrr.run).
 import dataclasses
 import logging
 import math
-import sys
 import time
 from typing import Optional
 
@@ -35,6 +34,7 @@ from .run import (
     RunStopped,
     StopReason,
     close_run,
+    log_to_stdout,
     open_run_dir,
     preempted_marker,
     summarize,
@@ -78,8 +78,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: boo
 
 def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: bool = False) -> Run:
     preempt = Preemption()  # first: a signal that arrives while the model loads is still honoured
-    logging.basicConfig(level=logging.INFO if world_from_env().rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+    log_to_stdout(world_from_env().rank)
     manifest = check_inputs(cfg)  # before any process group: a bad input fails every rank at once
     # DeepSpeed wants a process group, even of 1
     info = init_distributed(always=cfg.train.engine == "deepspeed", timeout_s=cfg.train.dist_timeout_s)

@@ -182,3 +182,22 @@ def test_torchelastic_restart_resumes_by_itself(shards, tmp_path, monkeypatch):
     assert results["steps"] == 12 and results["epochs"] == 2
 
 
+
+
+def test_log_lines_go_to_stdout_as_it_is_when_they_are_written(capsys):
+    """A run set up inside a redirect (a notebook cell, a test's capture) keeps logging after the
+    redirect's stream is closed: to the stdout of the moment, with no "--- Logging error ---"."""
+    import contextlib
+    import io
+    import logging
+
+    from rlrr.run import log_to_stdout
+    inside = io.StringIO()
+    with contextlib.redirect_stdout(inside):
+        log_to_stdout(rank=0)
+        logging.getLogger("rlrr").info("inside the redirect")
+        assert inside.getvalue().endswith("inside the redirect\n")
+    inside.close()
+    logging.getLogger("rlrr").info("after it")
+    out, err = capsys.readouterr()
+    assert out.endswith("after it\n") and "inside" not in out and err == ""

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from rlrr.atomic import write_text_atomic  # torch-free: Triton's setting below still comes first
+
 # Triton's interpreter runs rlrr/layers/fused.py's kernels on CPU tensors (tests/test_fused.py). Triton reads this
 # when it is imported, so it is set before anything imports it; CPU runs never launch a kernel otherwise
 # (model.kernel auto picks torch's ops off CUDA).
@@ -40,9 +42,7 @@ def _built_once(tmp_path_factory, worker_id: str, name: str, build) -> Any:
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the worker dies)
         if not done.exists():
-            data = json.dumps(build(tmp_path_factory.mktemp(name)))
-            done.with_suffix(".tmp").write_text(data)
-            done.with_suffix(".tmp").rename(done)
+            write_text_atomic(str(done), json.dumps(build(tmp_path_factory.mktemp(name))))
         return json.loads(done.read_text())
 
 

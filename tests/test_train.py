@@ -182,8 +182,6 @@ def test_torchelastic_restart_resumes_by_itself(shards, tmp_path, monkeypatch):
     assert results["steps"] == 12 and results["epochs"] == 2
 
 
-
-
 def test_log_lines_go_to_stdout_as_it_is_when_they_are_written(capsys):
     """A run set up inside a redirect (a notebook cell, a test's capture) keeps logging after the
     redirect's stream is closed: to the stdout of the moment, with no "--- Logging error ---"."""

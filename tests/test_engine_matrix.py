@@ -19,8 +19,8 @@ import subprocess
 import pytest
 from safetensors.torch import load_file
 
+from helpers import ROOT, entry_point, launcher, write_config
 from helpers import comparable_adapter as comparable
-from helpers import train_cmd, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -47,26 +47,47 @@ def test_the_cells_cover_every_pair_of_factor_values():
             assert len(pairs) == len(set(factors[i])) * len(set(factors[j])), (i, j)
 
 
+SHORT_WINDOW = ["train.batch_size=10", "train.grad_accum=5", "train.engine=deepspeed", "train.zero_stage=2"]
+
+
+def _cell_overrides(engine, stage, accum, clip, ckpt) -> list[str]:
+    overrides = [f"train.engine={engine}", f"train.grad_accum={accum}", f"model.grad_checkpointing={ckpt}"]
+    overrides += [f"train.zero_stage={stage}"] if stage is not None else []
+    return overrides + ([f"train.clip_grad={CLIP}"] if clip else [])
+
+
 @pytest.fixture(scope="module")
 def matrix(tiny_shards, tmp_path_factory):
+    """name -> (adapter, results) of every run: the two one-process references through the entry point in
+    this process, and every 2-process run through it in one torchrun launch (tests/train_many.py: the
+    runs one after another in the same two processes, each as a fresh process would run it)."""
     tmp = tmp_path_factory.mktemp("matrix")
     cfg = write_config(tmp / "m.yaml", tiny_shards, tmp / "runs", model={"drop_path": 0.0},
                        data={"flip": False, "in_memory": True},
                        train={"epochs": 1, "warmup_epochs": 0, "lr": 0.01, "eval_every": 100})
 
-    def run(name, *overrides, nproc=None):
-        res = subprocess.run(train_cmd("--config", cfg, "--set", f"run_name={name}", *overrides, nproc=nproc),
-                             capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
+    def argv(name, *overrides):
+        return ["--config", cfg, "--set", f"run_name={name}", *overrides]
+    for clip in (False, True):
+        entry_point().main(argv(f"ref-clip{clip}", *([f"train.clip_grad={CLIP}"] if clip else [])))
+    runs = {c[0]: argv(c[0], *_cell_overrides(*c[1:])) for c in CELLS}
+    runs["short-z2"] = argv("short-z2", *SHORT_WINDOW)
+    (tmp / "runs.json").write_text(json.dumps(runs))
+    res = subprocess.run(launcher(2) + [str(ROOT / "tests" / "train_many.py"), str(tmp / "runs.json"),
+                                        str(tmp / "outcome.json")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    errors = {name: o["error"] for name, o in json.loads((tmp / "outcome.json").read_text()).items() if "error" in o}
+
+    def run(name):
+        assert name not in errors, f"{name}: {errors[name]}"
         run_dir = tmp / "runs" / name
         return load_file(str(run_dir / "adapter.safetensors")), json.loads((run_dir / "results.json").read_text())
-
     return run
 
 
 @pytest.fixture(scope="module")
 def references(matrix):
-    return {clip: matrix(f"ref-clip{clip}", *([f"train.clip_grad={CLIP}"] if clip else [])) for clip in (False, True)}
+    return {clip: matrix(f"ref-clip{clip}") for clip in (False, True)}
 
 
 def test_clipping_is_active_in_the_reference(references):
@@ -76,10 +97,7 @@ def test_clipping_is_active_in_the_reference(references):
 
 @pytest.mark.parametrize("name,engine,stage,accum,clip,ckpt", CELLS, ids=[c[0] for c in CELLS])
 def test_every_engine_cell_trains_the_reference_model(matrix, references, name, engine, stage, accum, clip, ckpt):
-    overrides = [f"train.engine={engine}", f"train.grad_accum={accum}", f"model.grad_checkpointing={ckpt}"]
-    overrides += [f"train.zero_stage={stage}"] if stage is not None else []
-    overrides += [f"train.clip_grad={CLIP}"] if clip else []
-    adapter, results = matrix(name, *overrides, nproc=2)
+    adapter, results = matrix(name)
     ref_adapter, ref_results = references[clip]
     assert results["world_size"] == 2
     # 24 samples, global batch 4: 6 optimizer steps, counted by the loop and by Adam itself
@@ -95,6 +113,5 @@ def test_a_short_last_window_is_one_update_under_deepspeed(matrix):
     """24 samples, global batch 10 = 2 ranks x 1 x grad_accum 5: 12 micro-batches per rank, so the
     epoch ends with a window of 2. DeepSpeed must close it where the loop does: 3 updates (counting
     micro-batches itself, it would make 2 and carry the last window's gradients into the next epoch)."""
-    _, results = matrix("short-z2", "train.batch_size=10", "train.grad_accum=5", "train.engine=deepspeed",
-                        "train.zero_stage=2", nproc=2)
+    _, results = matrix("short-z2")
     assert results["steps"] == results["optimizer_updates"] == 3

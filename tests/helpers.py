@@ -3,6 +3,7 @@ values, and Google-format .npz files written from a timm ViT. Fixtures built on 
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -123,6 +124,19 @@ def write_config(path: Path, shards: str, out: Path, **sections) -> str:
 def train_cmd(*args, nproc=None) -> list[str]:
     """launch/train.py in a fresh interpreter, under torchrun with ``nproc`` processes if given."""
     return launcher(nproc) + [str(ROOT / "launch" / "train.py"), *map(str, args)]
+
+
+def train_many(runs: dict, folder: Path, nproc: int = 2) -> dict:
+    """Each of ``runs`` (name -> launch/train.py arguments) through the entry point, one after another in
+    one torchrun launch of ``nproc`` processes (tests/train_many.py); name -> {"results": ...} or
+    {"error": traceback}. For runs whose checks do not involve the process itself (a resume is checked
+    in a process of its own)."""
+    runs_file, out_file = folder / "train-many-runs.json", folder / "train-many-outcome.json"
+    runs_file.write_text(json.dumps({name: list(map(str, argv)) for name, argv in runs.items()}))
+    res = subprocess.run(launcher(nproc) + [str(ROOT / "tests" / "train_many.py"), str(runs_file), str(out_file)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out_file.read_text())
 
 
 def run_adapter(run_dir: Path) -> dict:

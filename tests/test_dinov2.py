@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_tool, tool_module
+from helpers import run_tool, run_tool_here, tool_module
 
 default_onnx_path = tool_module("convert_dinov2_onnx.py").default_onnx_path
 
@@ -39,6 +39,5 @@ def test_converted_dinov2_matches_onnxruntime(tmp_path):
 
 
 def test_missing_onnx_file_is_a_clear_error(tmp_path):
-    res = run_tool("convert_dinov2_onnx.py", "--onnx", tmp_path / "none.onnx", "--out", tmp_path / "x.safetensors",
-                   timeout=120)
+    res = run_tool_here("convert_dinov2_onnx.py", "--onnx", tmp_path / "none.onnx", "--out", tmp_path / "x.safetensors")
     assert res.returncode == 2 and "none.onnx" in res.stderr and not (tmp_path / "x.safetensors").exists()

@@ -14,13 +14,12 @@ that bias has an exactly zero gradient; Adam divides rounding noise by its own s
 entries by up to lr per step in a direction set by the noise. They are left out of the comparison.
 """
 import json
-import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import ROOT, entry_point, launcher, write_config
 from helpers import comparable_adapter as comparable
+from helpers import entry_point, train_many, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -72,11 +71,7 @@ def matrix(tiny_shards, tmp_path_factory):
         entry_point().main(argv(f"ref-clip{clip}", *([f"train.clip_grad={CLIP}"] if clip else [])))
     runs = {c[0]: argv(c[0], *_cell_overrides(*c[1:])) for c in CELLS}
     runs["short-z2"] = argv("short-z2", *SHORT_WINDOW)
-    (tmp / "runs.json").write_text(json.dumps(runs))
-    res = subprocess.run(launcher(2) + [str(ROOT / "tests" / "train_many.py"), str(tmp / "runs.json"),
-                                        str(tmp / "outcome.json")], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    errors = {name: o["error"] for name, o in json.loads((tmp / "outcome.json").read_text()).items() if "error" in o}
+    errors = {name: o["error"] for name, o in train_many(runs, tmp).items() if "error" in o}
 
     def run(name):
         assert name not in errors, f"{name}: {errors[name]}"

@@ -9,7 +9,7 @@ import pytest
 import timm
 from safetensors.torch import load_file
 
-from helpers import ROOT, assert_same_tensors, comparable_adapter, run_adapter, train_cmd, write_config
+from helpers import ROOT, assert_same_tensors, comparable_adapter, run_adapter, train_cmd, train_many, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +30,11 @@ def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shard
     zero3 = {"model": {"drop_path": 0.0}, "data": {"flip": False}, "train": {"engine": "deepspeed", "zero_stage": 3}}
     cfg = write_config(tmp_path / "z3.yaml", tiny_shards, tmp_path / "runs", **zero3)
     runs, straight = tmp_path / "runs", uninterrupted(**zero3)
-    _run(cfg, "halves", "train.max_steps=7")
+    # the first half and the DDP run in one launch; the resume in a process of its own
+    first = train_many({"halves": ["--config", cfg, "--set", "run_name=halves", "train.max_steps=7"],
+                        "ddp": ["--config", cfg, "--set", "run_name=ddp", "train.engine=ddp"]}, tmp_path)
+    assert first["halves"] == {"results": {"stopped_at_step": 7}} and "results" in first["ddp"], first
     _run(cfg, "halves", "--resume", "latest")
-    _run(cfg, "ddp", "train.engine=ddp")
 
     # resume: bit for bit the uninterrupted run
     assert_same_tensors(run_adapter(straight), run_adapter(runs / "halves"))

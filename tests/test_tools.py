@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from rlrr import paper
 
-from helpers import run_tool, tool_module
+from helpers import run_tool, run_tool_here, tool_module
 
 report = tool_module("report.py")
 
@@ -64,14 +64,14 @@ def test_report_complete_suite_means_and_errors(tmp_path):
     assert table["DTD"]["ours"] == pytest.approx(73.4) and table["DTD"]["runs"] == 2 and not unmatched
     assert table["Specialized"]["ours"] == pytest.approx(85.8)
     assert table["Mean (19 tasks)"]["ours"] == pytest.approx((sum(t.paper for t in paper.VTAB) + 0.5) / 19)
-    res = run_tool("report.py", tmp_path / "all", "--metric", "at_best_val")
+    res = run_tool_here("report.py", tmp_path / "all", "--metric", "at_best_val")
     assert res.returncode == 2 and "test_acc1_at_best_val is missing or null" in res.stderr
     (tmp_path / "other" / "imagenet").mkdir(parents=True)
     (tmp_path / "other" / "imagenet" / "results.json").write_text("{}")
-    res = run_tool("report.py", tmp_path / "other")
+    res = run_tool_here("report.py", tmp_path / "other")
     assert res.returncode == 2 and "no run matches a VTAB-1k or FGVC task" in res.stderr
     assert "imagenet is not a VTAB-1k or FGVC task name" in res.stderr
-    res = run_tool("report.py", tmp_path / "nothing-here")
+    res = run_tool_here("report.py", tmp_path / "nothing-here")
     assert res.returncode == 2 and "not a directory" in res.stderr
 
 
@@ -101,5 +101,5 @@ def test_svd_analysis_tables_and_plots(runs, tmp_path):
     for png in ("spectra.png", "angles.png"):
         assert (tmp_path / "svd" / png).read_bytes()[:4] == b"\x89PNG"
     assert "| blocks.0.mlp.fc1 |" in (tmp_path / "svd" / "svd.md").read_text()
-    bad = run_tool("analyze_svd.py", tmp_path)
+    bad = run_tool_here("analyze_svd.py", tmp_path)
     assert bad.returncode == 2 and "config.yaml does not exist" in bad.stderr

@@ -6,7 +6,6 @@ import hashlib
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from rlrr.data.loader import SplitLoader
 from rlrr.data.manifest import DataError, Manifest
 from rlrr.data.transforms import Recipe
 
-from helpers import assert_same_tensors, entry_point, run_adapter, train_cmd, write_config
+from helpers import assert_same_tensors, entry_point, run_adapter, train_many, write_config
 
 pytestmark = pytest.mark.integration  # curl and sh processes, a server thread
 
@@ -108,12 +107,13 @@ def test_the_cache_fetches_a_shard_once_and_again_when_its_copy_is_damaged(serve
     assert "the cached copy of" in capsys.readouterr().err
 
 
-def _train(cfg: str, name: str) -> dict:
-    res = subprocess.run(train_cmd("--config", cfg, "--set", f"run_name={name}", nproc=2), capture_output=True,
-                         text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return {"stderr": res.stderr, "adapter": run_adapter(Path(cfg).parent / "runs" / name),
-            "results": json.loads((Path(cfg).parent / "runs" / name / "results.json").read_text())}
+def _train(tmp_path, **configs) -> dict:
+    """Runs (name -> config) one after another in one launch of two processes; name -> adapter, results."""
+    argvs = {name: ["--config", cfg, "--set", f"run_name={name}"] for name, cfg in configs.items()}
+    outcome, stderr = train_many(argvs, tmp_path)
+    assert all("results" in o for o in outcome.values()), outcome
+    return {name: {"stderr": stderr, "adapter": run_adapter(tmp_path / "runs" / name),
+                   "results": json.loads((tmp_path / "runs" / name / "results.json").read_text())} for name in configs}
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -130,7 +130,8 @@ def test_training_under_torchrun_from_a_failing_server_equals_training_from_disk
     for shard, fault in (("train800-000001", "reset"), ("train800-000003", "503"), ("train800-000004", "stall")):
         served.fail(f"train800/{shard}.tar", fault)
     served.fail("test/test-000002.tar", "503")
-    from_disk, from_server = _train(disk, "disk"), _train(http, "http")
+    trained = _train(tmp_path, disk=disk, http=http)  # one launch: the server's faults are in the http run's stderr
+    from_disk, from_server = trained["disk"], trained["http"]
     assert_same_tensors(from_server["adapter"], from_disk["adapter"])
     assert from_server["results"]["history"] == from_disk["results"]["history"]
     assert from_server["results"]["train_samples_skipped"] == 0
@@ -138,6 +139,6 @@ def test_training_under_torchrun_from_a_failing_server_equals_training_from_disk
         assert any(r in from_server["stderr"] for r in reason.split("|")), reason
     if not in_memory:
         before = served.shard_requests()
-        again = _train(http, "cached")
+        again = _train(tmp_path, cached=http)["cached"]
         assert served.shard_requests() == before  # every shard came from the node's cache
         assert_same_tensors(again["adapter"], from_disk["adapter"])

@@ -32,7 +32,7 @@ def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shard
     runs, straight = tmp_path / "runs", uninterrupted(**zero3)
     # the first half and the DDP run in one launch; the resume in a process of its own
     first = train_many({"halves": ["--config", cfg, "--set", "run_name=halves", "train.max_steps=7"],
-                        "ddp": ["--config", cfg, "--set", "run_name=ddp", "train.engine=ddp"]}, tmp_path)
+                        "ddp": ["--config", cfg, "--set", "run_name=ddp", "train.engine=ddp"]}, tmp_path)[0]
     assert first["halves"] == {"results": {"stopped_at_step": 7}} and "results" in first["ddp"], first
     _run(cfg, "halves", "--resume", "latest")
 

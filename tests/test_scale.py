@@ -26,14 +26,35 @@ def _merged_comparable(merged: dict) -> dict:
     return comparable_adapter({k.replace("qkv.bias", "qkv.bias_shift"): v for k, v in merged.items()})
 
 
-def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shards, tmp_path, uninterrupted):
-    zero3 = {"model": {"drop_path": 0.0}, "data": {"flip": False}, "train": {"engine": "deepspeed", "zero_stage": 3}}
-    cfg = write_config(tmp_path / "z3.yaml", tiny_shards, tmp_path / "runs", **zero3)
-    runs, straight = tmp_path / "runs", uninterrupted(**zero3)
-    # the first half and the DDP run in one launch; the resume in a process of its own
-    first = train_many({"halves": ["--config", cfg, "--set", "run_name=halves", "train.max_steps=7"],
-                        "ddp": ["--config", cfg, "--set", "run_name=ddp", "train.engine=ddp"]}, tmp_path)[0]
-    assert first["halves"] == {"results": {"stopped_at_step": 7}} and "results" in first["ddp"], first
+ZERO3 = {"model": {"drop_path": 0.0}, "data": {"flip": False}, "train": {"engine": "deepspeed", "zero_stage": 3}}
+SHIPPED_STAGE = 3
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_shards, tmp_path_factory):
+    """The runs of this module that do not check their own process, in one 2-process launch: the ZeRO-3
+    run stopped at step 7 (its resume gets a process of its own), the DDP run of the same config, and
+    the shipped zero3_bf16.json run. -> the folder, the ZeRO-3 config."""
+    tmp = tmp_path_factory.mktemp("scale")
+    cfg = write_config(tmp / "z3.yaml", tiny_shards, tmp / "runs", **ZERO3)
+    shipped = write_config(tmp / "ds.yaml", tiny_shards, tmp / "runs",
+                           train={"engine": "deepspeed", "zero_stage": SHIPPED_STAGE, "precision": "bf16",
+                                  "deepspeed_config": str(_shipped_json()), "epochs": 1})
+    outcome = train_many({"halves": ["--config", cfg, "--set", "run_name=halves", "train.max_steps=7"],
+                          "ddp": ["--config", cfg, "--set", "run_name=ddp", "train.engine=ddp"],
+                          "shipped": ["--config", shipped, "--set", "run_name=shipped"]}, tmp)[0]
+    assert all("results" in o for o in outcome.values()), outcome
+    assert outcome["halves"]["results"] == {"stopped_at_step": 7}
+    return tmp, cfg
+
+
+def _shipped_json():
+    return ROOT / "configs" / "deepspeed" / f"zero{SHIPPED_STAGE}_bf16.json"
+
+
+def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(launched, uninterrupted):
+    tmp, cfg = launched
+    runs, straight = tmp / "runs", uninterrupted(**ZERO3)
     _run(cfg, "halves", "--resume", "latest")
 
     # resume: bit for bit the uninterrupted run
@@ -57,23 +78,18 @@ def test_zero3_partitions_resumes_exactly_and_merges_to_the_ddp_model(tiny_shard
     assert worst[0] <= 1e-4, worst
 
 
-def test_a_shipped_deepspeed_json_trains(tiny_shards, tmp_path):
+def test_a_shipped_deepspeed_json_trains(launched):
     """zero3_bf16.json end to end (every shipped JSON is checked against its run config in test_engine.py)."""
-    stage = 3
-    path = ROOT / "configs" / "deepspeed" / f"zero{stage}_bf16.json"
-    cfg = write_config(tmp_path / "ds.yaml", tiny_shards, tmp_path / "runs",
-                       train={"engine": "deepspeed", "zero_stage": stage, "precision": "bf16",
-                              "deepspeed_config": str(path), "epochs": 1})
-    _run(cfg, "run")
-    given = json.loads((tmp_path / "runs" / "run" / "deepspeed.json").read_text())
-    shipped = json.loads(path.read_text())
+    run = launched[0] / "runs" / "shipped"
+    given = json.loads((run / "deepspeed.json").read_text())
+    shipped = json.loads(_shipped_json().read_text())
     assert {k: given["zero_optimization"][k] for k in shipped["zero_optimization"]} == shipped["zero_optimization"]
     assert given["bf16"] == {"enabled": True}
     assert given["train_batch_size"] == 4 and given["train_micro_batch_size_per_gpu"] == 2
-    results = json.loads((tmp_path / "runs" / "run" / "results.json").read_text())
+    results = json.loads((run / "results.json").read_text())
     assert results["optimizer_updates"] == results["steps"] == 6
     plain = timm.create_model("test_vit", num_classes=4, img_size=32)
-    plain.load_state_dict(load_file(str(tmp_path / "runs" / "run" / "merged.safetensors")), strict=True)
+    plain.load_state_dict(load_file(str(run / "merged.safetensors")), strict=True)
 
 
 def test_two_torchrun_agents_with_a_c10d_rendezvous_train_what_one_agent_with_four_processes_trains(

@@ -23,6 +23,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+if os.environ.get("RLRR_CPU_LOG"):  # where the suite's CPU goes: tests/cpu_per_test.py
+    from cpu_per_test import pytest_runtest_protocol, pytest_terminal_summary  # noqa: F401  (hooks)
+
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> str:

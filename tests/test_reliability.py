@@ -22,6 +22,7 @@ from helpers import (
     entry_point,
     run_adapter,
     train_cmd,
+    train_many,
     write_config,
 )
 
@@ -338,15 +339,25 @@ def test_a_damaged_shard_fails_the_sha256_check_before_training(tiny_shards, tmp
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.fixture(scope="module")
+def mid_epoch_references(tiny_shards, tmp_path_factory) -> dict:
+    """in_memory -> (config, uninterrupted 2-process run of it): both runs in one launch."""
+    tmp = tmp_path_factory.mktemp("mid-epoch")
+    cfgs = {in_memory: write_config(tmp / f"k-{in_memory}.yaml", tiny_shards, tmp / "runs",
+                                    data={"in_memory": in_memory}, train={"epochs": 4, "save_every_steps": 3})
+            for in_memory in (False, True)}
+    outcome, _ = train_many({f"straight-{m}": ["--config", c, "--set", f"run_name=straight-{m}"]
+                             for m, c in cfgs.items()}, tmp)
+    assert all("results" in o for o in outcome.values()), outcome
+    return {m: (c, tmp / "runs" / f"straight-{m}") for m, c in cfgs.items()}
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("in_memory", [False, True])
-def test_a_rank_killed_mid_epoch_restarts_and_equals_an_uninterrupted_run(in_memory, tiny_shards, tmp_path):
+def test_a_rank_killed_mid_epoch_restarts_and_equals_an_uninterrupted_run(in_memory, mid_epoch_references):
     """SIGKILL from outside to one worker, mid-epoch, under torchrun --max-restarts=1."""
-    cfg = write_config(tmp_path / "k.yaml", tiny_shards, tmp_path / "runs",
-                       data={"in_memory": in_memory}, train={"epochs": 4, "save_every_steps": 3})
-    res = _torchrun(cfg, "straight")
-    assert res.returncode == 0, res.stderr[-3000:]
-    cmd = train_cmd("--config", cfg, "--set", "run_name=killed", nproc=2)
+    cfg, straight = mid_epoch_references[in_memory]
+    cmd = train_cmd("--config", cfg, "--set", f"run_name=killed-{in_memory}", nproc=2)
     cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
@@ -357,9 +368,9 @@ def test_a_rank_killed_mid_epoch_restarts_and_equals_an_uninterrupted_run(in_mem
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed" in out, out[-2000:]
-    runs = tmp_path / "runs"
-    assert_same_tensors(run_adapter(runs / "killed"), run_adapter(runs / "straight"))
-    a, b = (json.loads((runs / r / "results.json").read_text()) for r in ("killed", "straight"))
+    killed = straight.parent / f"killed-{in_memory}"
+    assert_same_tensors(run_adapter(killed), run_adapter(straight))
+    a, b = (json.loads((r / "results.json").read_text()) for r in (killed, straight))
     assert a["history"] == b["history"]
 
 

@@ -346,9 +346,7 @@ def mid_epoch_references(tiny_shards, tmp_path_factory) -> dict:
     cfgs = {in_memory: write_config(tmp / f"k-{in_memory}.yaml", tiny_shards, tmp / "runs",
                                     data={"in_memory": in_memory}, train={"epochs": 4, "save_every_steps": 3})
             for in_memory in (False, True)}
-    outcome, _ = train_many({f"straight-{m}": ["--config", c, "--set", f"run_name=straight-{m}"]
-                             for m, c in cfgs.items()}, tmp)
-    assert all("results" in o for o in outcome.values()), outcome
+    train_many({f"straight-{m}": ["--config", c, "--set", f"run_name=straight-{m}"] for m, c in cfgs.items()}, tmp)
     return {m: (c, tmp / "runs" / f"straight-{m}") for m, c in cfgs.items()}
 
 

@@ -110,8 +110,7 @@ def test_the_cache_fetches_a_shard_once_and_again_when_its_copy_is_damaged(serve
 def _train(tmp_path, **configs) -> dict:
     """Runs (name -> config) one after another in one launch of two processes; name -> adapter, results."""
     argvs = {name: ["--config", cfg, "--set", f"run_name={name}"] for name, cfg in configs.items()}
-    outcome, stderr = train_many(argvs, tmp_path)
-    assert all("results" in o for o in outcome.values()), outcome
+    _, stderr = train_many(argvs, tmp_path)
     return {name: {"stderr": stderr, "adapter": run_adapter(tmp_path / "runs" / name),
                    "results": json.loads((tmp_path / "runs" / name / "results.json").read_text())} for name in configs}
 

@@ -43,7 +43,6 @@ def launched(tiny_shards, tmp_path_factory):
     outcome = train_many({"halves": ["--config", cfg, "--set", "run_name=halves", "train.max_steps=7"],
                           "ddp": ["--config", cfg, "--set", "run_name=ddp", "train.engine=ddp"],
                           "shipped": ["--config", shipped, "--set", "run_name=shipped"]}, tmp)[0]
-    assert all("results" in o for o in outcome.values()), outcome
     assert outcome["halves"]["results"] == {"stopped_at_step": 7}
     return tmp, cfg
 

@@ -12,14 +12,13 @@ import argparse
 import os
 import sys
 
-import torch
-
 from rlrr.config import ConfigError, load_config
-from rlrr.data.manifest import DataError
-from rlrr.distributed import exit_process, world_from_env
+from rlrr.errors import DataError, RunStopped
+from rlrr.world import exit_process, world_from_env
 
-# rlrr.train and rlrr.run (timm and the rest: about 1.5 s) are imported where they are used: every loader
-# worker runs this file again as __mp_main__ (multiprocessing's forkserver does), and needs none of it.
+# Nothing above imports torch: rlrr.train (torch, timm and torch._dynamo: about 5 s of CPU) is imported where
+# it is used, so that --print-run-dir answers a batch script at once, and a loader worker, which runs this
+# file again as __mp_main__ (multiprocessing's forkserver does), loads none of it.
 
 
 def parse_args(argv):
@@ -53,7 +52,6 @@ def cli(argv=None) -> int:
     """``main`` for a command line: a bad input (config, file, name) is one line on stderr, printed by
     rank 0 only, and exit code 2; a run that stopped itself (RunStopped) likewise, exit code 3;
     anything else is a bug and keeps its traceback."""
-    from rlrr.run import RunStopped
     try:
         main(argv)
     except (ConfigError, DataError, RunStopped) as e:
@@ -72,6 +70,8 @@ def cli(argv=None) -> int:
 
 def lost_a_peer(e: BaseException) -> bool:
     """A collective that failed because another process went away (gloo, NCCL, the c10d store)."""
+    import torch.distributed  # loaded already: the error came from a collective
+
     if isinstance(e, torch.distributed.DistError):
         return True
     text = str(e)

@@ -12,17 +12,24 @@ _EXPORTS = {
     ".model": ["build_model", "create_model", "merge_model"],
     ".pretrained": ["CheckpointError", "load_pretrained"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __version__ = "0.1.0"
-__all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def lazy_exports(package: str, exports: dict[str, list[str]]):
+    """``__getattr__``, ``__dir__`` and ``__all__`` for a package whose names load on first use (PEP 562):
+    ``exports`` maps each submodule (".adapter") to the names it gives."""
+    where = {name: module for module, names in exports.items() for name in names}
+
+    def __getattr__(name: str):
+        if name in where:
+            return getattr(importlib.import_module(where[name], package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__():
+        return sorted([*vars(importlib.import_module(package)), *where])
+
+    return __getattr__, __dir__, sorted(where)
 
 
-def __dir__():
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

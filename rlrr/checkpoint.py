@@ -18,7 +18,8 @@ import torch
 
 from .atomic import fsync_path, write_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, flat_dict
-from .distributed import DistInfo, all_reduce_sum, broadcast_object, restart_attempt
+from .distributed import DistInfo, all_reduce_sum, broadcast_object
+from .world import restart_attempt
 
 log = logging.getLogger("rlrr")
 

@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from .config import ConfigError
-from .data.manifest import DataError, ManifestError
+from .errors import DataError, ManifestError
 
 
 class UsageError(Exception):

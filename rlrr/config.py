@@ -23,10 +23,11 @@ from .config_types import (
     PositiveInt,
     Range,
     Rate,
+    RecipeName,
+    Stats,
     check_dataclass,
     check_value,
 )
-from .data.transforms import RecipeName, Stats
 from .layers.variants import LINEAR_TARGETS, Form, Init, Kernel, Sides, variant_problem
 
 Method = Literal["rlrr", "linear", "full", "bitfit", "ssf", "lora"]  # rlrr.model.METHODS: one builder per name

@@ -37,6 +37,8 @@ Count = Annotated[int, Range(0)]  # 0 allowed (0 = off, where the comment says s
 PositiveFloat = Annotated[float, Range(0, low_open=True)]
 NonNegativeFloat = Annotated[float, Range(0)]
 Rate = Annotated[float, Range(0, 1)]
+RecipeName = Literal["vtab", "fgvc"]  # the input transforms (rlrr.data.transforms)
+Stats = Literal["half", "imagenet"]  # the normalisation: mean = std = 0.5 (the reference), or ImageNet's
 
 
 def choices(hint) -> Optional[tuple]:

@@ -11,11 +11,13 @@ import torch.nn as nn
 from .compile import CompilePlan
 from .config import ConfigError, RunConfig
 from .data.loader import SplitLoader
-from .data.manifest import Manifest, ManifestError, open_manifest
+from .data.manifest import Manifest, open_manifest
 from .data.transforms import Recipe
-from .distributed import DistInfo, world_from_env
+from .distributed import DistInfo
 from .engine import batch_per_rank, deepspeed_config
+from .errors import ManifestError
 from .model import set_kernel
+from .world import world_from_env
 
 log = logging.getLogger("rlrr")
 

@@ -29,7 +29,8 @@ from . import paper
 from .atomic import write_json_atomic, write_text_atomic
 from .cli import UsageError
 from .config import ConfigError, load_config
-from .data.manifest import ManifestError, open_manifest
+from .data.manifest import open_manifest
+from .errors import ManifestError
 from .sweep import Job, last_error, repo_root
 
 DEFAULT_GRIDS = {  # the values the reference recipe uses across each suite's tasks (docs/method.md, section 6)

@@ -61,10 +61,6 @@ class StopReason(enum.Enum):
     MAX_STEPS = "train.max_steps reached"
 
 
-class RunStopped(RuntimeError):
-    """The run stopped itself for a reason the user must see (one line), e.g. a non-finite loss."""
-
-
 class _CurrentStdout(logging.StreamHandler):
     """Writes each record to sys.stdout as it is at that moment. A handler that kept the stream of the
     moment it was made would write to a closed file once a redirect made there (a notebook cell, a

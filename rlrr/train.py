@@ -21,8 +21,9 @@ from .atomic import write_text_atomic
 from .compile import compile_plan, prepare_compile
 from .config import RunConfig
 from .data.transforms import normalize
-from .distributed import DistInfo, all_reduce_sum, init_distributed, peak_memory_mb, world_from_env
+from .distributed import DistInfo, all_reduce_sum, init_distributed, peak_memory_mb
 from .engine import ENGINES
+from .errors import RunStopped
 from .evaluate import evaluate
 from .inputs import check_inputs, check_kernels, per_rank_batch, split_loader
 from .model import build_model, store_frozen_weights_in
@@ -31,7 +32,6 @@ from .run import (
     Preemption,
     Run,
     RunState,
-    RunStopped,
     StopReason,
     close_run,
     log_to_stdout,
@@ -42,6 +42,7 @@ from .run import (
     watchdog,
     write_final,
 )
+from .world import world_from_env
 
 log = logging.getLogger("rlrr")
 

@@ -1,5 +1,6 @@
 """rlrr/distributed.py: rank and world from torchrun's variables, else SLURM's."""
-from rlrr.distributed import DistInfo, World, broadcast_object, world_from_env
+from rlrr.distributed import DistInfo, broadcast_object
+from rlrr.world import World, world_from_env
 
 
 def test_slurm_variables_are_the_fallback_for_rank_and_world(monkeypatch):

@@ -89,3 +89,17 @@ def test_the_entry_point_run_again_in_a_loader_worker_leaves_the_training_stack_
     res = subprocess.run([sys.executable, "-c", code, str(ROOT / "launch" / "train.py")], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_print_run_dir_answers_without_importing_torch(tmp_path):
+    """A batch script asks for the run directory at every start and requeue (launch/slurm/common.sh): that
+    reads the config only, so it must not pay for torch (about 5 s of CPU with timm and torch._dynamo)."""
+    code = ("import runpy, sys; main = runpy.run_path(sys.argv[1], run_name='entry')['main']; "
+            "main(sys.argv[2:]); print(sorted(m for m in ('torch', 'numpy', 'webdataset') if m in sys.modules))")
+    argv = ["--print-run-dir", "--config", str(ROOT / "configs" / "vtab" / "kitti.yaml"),
+            "--set", f"output_dir={tmp_path}", "run_name=kitti-a"]
+    res = subprocess.run([sys.executable, "-c", code, str(ROOT / "launch" / "train.py"), *argv],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.splitlines() == [str(tmp_path / "kitti-a"), "[]"]

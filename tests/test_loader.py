@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from rlrr.data.loader import SplitLoader
-from rlrr.data.manifest import Manifest, ManifestError
+from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe, normalize
+from rlrr.errors import ManifestError
 
 from helpers import ROOT, tiny_vtab_shards
 
@@ -133,7 +134,7 @@ def test_the_fast_decoder_gives_pil_pixels_and_pil_is_the_fallback(mode, fmt, mo
 def test_an_unreadable_eval_shard_is_a_one_line_data_error_here_or_from_a_loader_worker(shards, tmp_path, workers):
     import shutil
 
-    from rlrr.data.manifest import DataError
+    from rlrr.errors import DataError
     copy = tmp_path / "copy"
     shutil.copytree(shards, copy)
     shard = sorted((copy / "test").glob("*.tar"))[1]

@@ -13,8 +13,9 @@ from shard_server import ShardServer
 
 from rlrr.data.fetch import Fetcher
 from rlrr.data.loader import SplitLoader
-from rlrr.data.manifest import DataError, Manifest
+from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe
+from rlrr.errors import DataError
 
 from helpers import assert_same_tensors, entry_point, run_adapter, train_many, write_config
 

@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from rlrr.atomic import write_json_atomic
-from rlrr.distributed import exit_process, world_from_env
+from rlrr.world import exit_process, world_from_env
 
 from helpers import entry_point
 

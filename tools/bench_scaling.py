@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from rlrr.distributed import exit_process, status_mb
+from rlrr.distributed import status_mb
+from rlrr.world import exit_process
 
 # glibc's malloc otherwise keeps freed blocks up to 32 MB (a transformer layer's weight) for re-use, so
 # the resident set would count what ZeRO-3 gathered and released as held; with a fixed 64 KiB mmap

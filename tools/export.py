@@ -23,8 +23,9 @@ import torch
 from rlrr.atomic import write_atomic, write_json_atomic
 from rlrr.cli import add_run_arguments, tool_main
 from rlrr.config import load_config
-from rlrr.data.manifest import DataError, open_manifest
+from rlrr.data.manifest import open_manifest
 from rlrr.data.samples import read_split
+from rlrr.errors import DataError
 from rlrr.inference import Preprocess, load_model
 
 

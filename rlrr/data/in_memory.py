@@ -5,8 +5,9 @@ import math
 
 import torch
 
+from ..errors import DataError
 from .fetch import ShardReader
-from .manifest import DataError, Split
+from .manifest import Split
 from .samples import read_split, read_tolerant, seeded_generator, skip_broken_tar, tar_samples
 from .transforms import Recipe
 

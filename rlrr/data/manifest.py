@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import quote
 
+from ..errors import ManifestError
 from .fetch import Fetcher, ShardReader, ShardReadError, is_remote
 from .shards import MANIFEST_FORMAT, sha256_file
 
@@ -22,23 +23,6 @@ class Split:
     name: str
     shards: list[str]  # absolute paths, or URLs / pipe: commands for a remote folder
     num_samples: int
-
-
-class ManifestError(ValueError):
-    """A shard manifest that is missing, unreadable, or asks for something it does not hold."""
-
-
-class DataError(ValueError):
-    """A shard that cannot be read where every sample counts (evaluation), or a label out of range.
-
-    Raised in a loader worker, it reaches the trainer rebuilt by torch from the worker's traceback
-    text (``DataError("Caught DataError in DataLoader worker ...")``): its message is then that text's
-    last line, so ``str(e)`` is the same one line wherever it was raised."""
-
-    def __init__(self, message: str):
-        if message.startswith("Caught DataError"):
-            message = message.strip().splitlines()[-1].removeprefix(f"{__name__}.DataError: ")
-        super().__init__(message)
 
 
 class Manifest:

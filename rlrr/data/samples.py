@@ -17,8 +17,8 @@ try:  # libjpeg-turbo / libpng straight into a CHW tensor: PIL's pixels, about 3
 except ImportError:
     decode_image = None
 
+from ..errors import DataError
 from .fetch import ShardReader, ShardReadError
-from .manifest import DataError
 from .transforms import Recipe
 
 IMAGE_KEYS = ("jpg", "png")

@@ -9,13 +9,13 @@ random parts run vectorised over a batch:
 VTAB: resize to 224 x 224. FGVC: resize to 256 x 256, random crop 224 (eval: center crop 224).
 Both flip at random in training when asked (the reference's FGVC recipe does; data.flip in configs/).
 """
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-RecipeName = Literal["vtab", "fgvc"]
-Stats = Literal["half", "imagenet"]
+from ..config_types import RecipeName, Stats
+
 MEAN_STD: dict[Stats, tuple] = {
     "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # the reference's VTAB/FGVC normalisation
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

@@ -12,12 +12,13 @@ The ablations of the paper are options of the first two (docs/method.md, section
 "residual" W * (1 + S_out S_in) (the method), "plain" W * (S_out S_in) (no residual 1) and
 "additive" W + S_out S_in (without W).
 """
-from .conv import RLRRConv2d
-from .linear import RescaledLinearFn, RLRRLinear, fold_bias_into_preceding_norm, use_fused
-from .scales import apply_form, init_scales, rescale_dtype, rescaled_weight, scale_shapes, scale_views
-from .ssf import ScaleShift
-from .variants import LINEAR_TARGETS, Form, Init, Kernel, Sides, check_variant, variant_problem
+from .. import lazy_exports
 
-__all__ = ["RLRRLinear", "RescaledLinearFn", "RLRRConv2d", "ScaleShift", "fold_bias_into_preceding_norm",
-           "use_fused", "apply_form", "init_scales", "rescale_dtype", "rescaled_weight", "scale_shapes",
-           "scale_views", "LINEAR_TARGETS", "Form", "Init", "Kernel", "Sides", "check_variant", "variant_problem"]
+# loaded on first use, so that rlrr.config can read the options (variants.py) without importing torch
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    ".conv": ["RLRRConv2d"],
+    ".linear": ["RescaledLinearFn", "RLRRLinear", "fold_bias_into_preceding_norm", "use_fused"],
+    ".scales": ["apply_form", "init_scales", "rescale_dtype", "rescaled_weight", "scale_shapes", "scale_views"],
+    ".ssf": ["ScaleShift"],
+    ".variants": ["LINEAR_TARGETS", "Form", "Init", "Kernel", "Sides", "check_variant", "variant_problem"],
+})

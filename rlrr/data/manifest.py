@@ -5,6 +5,7 @@ serve the run (ManifestError) and data that cannot be read where every sample co
 The folder may be local, an ``http(s)://`` URL, or a ``pipe:`` command with ``{}`` where a file's path
 inside the folder goes (``pipe:aws s3 cp s3://bucket/kitti/{} -``); each shard's location is then
 written the same way (webdataset's URL forms)."""
+import hashlib
 import json
 import os
 import posixpath
@@ -15,7 +16,16 @@ from urllib.parse import quote
 
 from ..errors import ManifestError
 from .fetch import Fetcher, ShardReader, ShardReadError, is_remote
-from .shards import MANIFEST_FORMAT, sha256_file
+
+MANIFEST_FORMAT = "rlrr.shards/1"  # what tools/make_shards.py writes (rlrr.data.shards)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass

@@ -5,7 +5,6 @@ Layout: ``DST/<split>/<split>-%06d.tar`` (members ``<key>.jpg|png`` and ``<key>.
 images). Deterministic: the same input and options give the same bytes. Written into a temporary
 folder beside DST and renamed into place, so DST is never half-written.
 """
-import hashlib
 import io
 import json
 import math
@@ -21,9 +20,9 @@ import webdataset as wds
 from PIL import Image as PILImage
 from tqdm import tqdm
 
+from .manifest import MANIFEST_FORMAT, sha256_file
 from .sources import DatasetError, Source
 
-MANIFEST_FORMAT = "rlrr.shards/1"
 JPEG_QUALITY = 95
 
 
@@ -64,14 +63,6 @@ def _encode(job: tuple) -> tuple[Optional[bytes], str]:
         return buf.getvalue(), out_ext
     except Exception as e:  # any decode failure skips (or fails, under --strict) this one image
         return None, f"{type(e).__name__}: {e}"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def select_splits(source: Source, subset: dict[str, int], val_split: int, seed: int) -> None:

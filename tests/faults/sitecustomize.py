@@ -10,6 +10,8 @@ that it fired, so a restarted worker runs clean):
   RLRR_FAULT_RANK=R           only on this rank (default 0)
   RLRR_FAULT_ARGV=TEXT        only in a process whose command line contains TEXT (one run of a sweep)
 """
+import importlib.abc
+import importlib.util
 import os
 import sys
 
@@ -37,52 +39,74 @@ def _counter(var: str):
     return hit
 
 
-if "RLRR_FAULT_KILL_IN_SAVE" in os.environ:
-    import signal
+def _install(torch) -> None:
+    """The faults armed in this process's environment, patched into torch once it has loaded."""
+    if "RLRR_FAULT_KILL_IN_SAVE" in os.environ:
+        import signal
 
-    import torch
-    _save, _hit = torch.save, _counter("RLRR_FAULT_KILL_IN_SAVE")
+        _save, _hit = torch.save, _counter("RLRR_FAULT_KILL_IN_SAVE")
 
-    def _killing_save(obj, f, *args, **kwargs):
-        # only saves to files count (torch.distributed pickles objects through torch.save into buffers)
-        if not isinstance(f, (str, os.PathLike)) or not _hit():
-            return _save(obj, f, *args, **kwargs)
-        _save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as fh:  # leave half of it, as a crash mid-write would
-            fh.truncate(os.path.getsize(f) // 2)
-        _fired()
-        os.kill(os.getpid(), signal.SIGKILL)
-    torch.save = _killing_save
-
-for _var in ("RLRR_FAULT_NAN_AT", "RLRR_FAULT_RAISE_AT"):
-    if _var in os.environ:
-        import torch
-        import torch.nn.functional as F
-        _ce, _hit_loss, _kind = F.cross_entropy, _counter(_var), _var
-
-        def _faulty_cross_entropy(*args, **kwargs):
-            loss = _ce(*args, **kwargs)
-            if torch.is_grad_enabled() and _hit_loss():
-                _fired()
-                if _kind == "RLRR_FAULT_RAISE_AT":
-                    raise RuntimeError("injected failure (RLRR_FAULT_RAISE_AT)")
-                return loss * float("nan")
-            return loss
-        F.cross_entropy = _faulty_cross_entropy
-        torch.nn.functional.cross_entropy = _faulty_cross_entropy
-
-if "RLRR_FAULT_SLOW_EVAL" in os.environ and _armed():
-    import time
-
-    import torch
-    import torch.nn.functional as F
-    _eval_ce = F.cross_entropy
-
-    def _slow_eval_cross_entropy(*args, **kwargs):
-        if not torch.is_grad_enabled():
+        def _killing_save(obj, f, *args, **kwargs):
+            # only saves to files count (torch.distributed pickles objects through torch.save into buffers)
+            if not isinstance(f, (str, os.PathLike)) or not _hit():
+                return _save(obj, f, *args, **kwargs)
+            _save(obj, f, *args, **kwargs)
+            with open(f, "r+b") as fh:  # leave half of it, as a crash mid-write would
+                fh.truncate(os.path.getsize(f) // 2)
             _fired()
-            open(os.environ["RLRR_FAULT_SLOW_EVAL"], "a").close()
-            time.sleep(1.0)
-        return _eval_ce(*args, **kwargs)
-    F.cross_entropy = _slow_eval_cross_entropy
-    torch.nn.functional.cross_entropy = _slow_eval_cross_entropy
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = _killing_save
+
+    for _var in ("RLRR_FAULT_NAN_AT", "RLRR_FAULT_RAISE_AT"):
+        if _var in os.environ:
+            import torch.nn.functional as F
+            _ce, _hit_loss, _kind = F.cross_entropy, _counter(_var), _var
+
+            def _faulty_cross_entropy(*args, **kwargs):
+                loss = _ce(*args, **kwargs)
+                if torch.is_grad_enabled() and _hit_loss():
+                    _fired()
+                    if _kind == "RLRR_FAULT_RAISE_AT":
+                        raise RuntimeError("injected failure (RLRR_FAULT_RAISE_AT)")
+                    return loss * float("nan")
+                return loss
+            F.cross_entropy = _faulty_cross_entropy
+            torch.nn.functional.cross_entropy = _faulty_cross_entropy
+
+    if "RLRR_FAULT_SLOW_EVAL" in os.environ and _armed():
+        import time
+
+        import torch.nn.functional as F
+        _eval_ce = F.cross_entropy
+
+        def _slow_eval_cross_entropy(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                _fired()
+                open(os.environ["RLRR_FAULT_SLOW_EVAL"], "a").close()
+                time.sleep(1.0)
+            return _eval_ce(*args, **kwargs)
+        F.cross_entropy = _slow_eval_cross_entropy
+        torch.nn.functional.cross_entropy = _slow_eval_cross_entropy
+
+
+class _AfterTorch(importlib.abc.MetaPathFinder):
+    """Runs ``_install`` when torch has finished importing, in the processes that import it: a process
+    that never does (the resource tracker, a batch script's helpers) does not pay for torch (3 s of
+    CPU) because a fault is armed somewhere in its test."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_torch_init = spec.loader.exec_module
+
+        def exec_module(module):
+            run_torch_init(module)
+            _install(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if any(v.startswith("RLRR_FAULT_") and v != "RLRR_FAULT_ONCE" for v in os.environ):
+    sys.meta_path.insert(0, _AfterTorch())

@@ -14,11 +14,13 @@ import sys
 
 from rlrr.config import ConfigError, load_config
 from rlrr.errors import DataError, RunStopped
+from rlrr.startup import long_lived_imports
 from rlrr.world import exit_process, world_from_env
 
-# Nothing above imports torch: rlrr.train (torch, timm and torch._dynamo: about 5 s of CPU) is imported where
-# it is used, so that --print-run-dir answers a batch script at once, and a loader worker, which runs this
-# file again as __mp_main__ (multiprocessing's forkserver does), loads none of it.
+# Nothing above imports torch: rlrr.train (torch, timm and torch._dynamo: about 4 s of CPU) is imported
+# where it is used, with the garbage collector paused (rlrr.startup), so that --print-run-dir answers a
+# batch script at once, and a loader worker, which runs this file again as __mp_main__ (multiprocessing's
+# forkserver does), loads none of it.
 
 
 def parse_args(argv):
@@ -44,7 +46,10 @@ def main(argv=None) -> dict:
             raise ConfigError("run_name is not set, so the run directory is only decided at start; set run_name")
         print(os.path.join(cfg.output_dir, cfg.run_name))
         return {}
-    from rlrr.train import train
+    with long_lived_imports():
+        import torch._dynamo  # noqa: F401  (every optimizer imports it on first use: torch._disable_dynamo)
+
+        from rlrr.train import train
     return train(cfg, args.resume, args.allow_config_change)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from rlrr.atomic import write_text_atomic  # torch-free: Triton's setting below still comes first
+from rlrr.startup import long_lived_imports
 
 # Triton's interpreter runs rlrr/layers/fused.py's kernels on CPU tensors (tests/test_fused.py). Triton reads this
 # when it is imported, so it is set before anything imports it; CPU runs never launch a kernel otherwise
@@ -22,6 +23,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # starts use one thread for torch's operators: two workers of two threads each on two cores spend their time spinning.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# torch, torch._dynamo and timm (every test module needs them) load once per test process with the collector
+# paused and are then frozen out of its collections, as launch/train.py does (rlrr.startup)
+with long_lived_imports():
+    import timm  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
 if os.environ.get("RLRR_CPU_LOG"):  # where the suite's CPU goes: tests/cpu_per_test.py
     from cpu_per_test import pytest_runtest_protocol, pytest_terminal_summary  # noqa: F401  (hooks)

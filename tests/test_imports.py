@@ -103,3 +103,24 @@ def test_print_run_dir_answers_without_importing_torch(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.splitlines() == [str(tmp_path / "kitti-a"), "[]"]
+
+
+def test_long_lived_imports_pause_the_collector_then_freeze_what_was_made():
+    """rlrr.startup: no collection while the heavy imports load, then what they made is frozen out of
+    later collections; a collector the caller had turned off stays off, even when the block raises."""
+    import gc
+
+    from rlrr.startup import long_lived_imports
+
+    before = gc.get_freeze_count()
+    with long_lived_imports():
+        assert not gc.isenabled()
+        made = [[i] for i in range(1000)]  # lists: objects the collector tracks
+    assert gc.isenabled() and gc.get_freeze_count() >= before + len(made)
+    gc.disable()
+    try:
+        with pytest.raises(KeyError), long_lived_imports():
+            raise KeyError("inside")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

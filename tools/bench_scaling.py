@@ -53,12 +53,14 @@ def _peak_mb(device) -> float:
 
 
 def worker(args) -> int:
-    import deepspeed  # noqa: F401  (every cell pays for the same imports, so the baselines agree)
+    from rlrr.startup import long_lived_imports
+    with long_lived_imports():  # the collector paused while they load, then frozen
+        import deepspeed  # noqa: F401  (every cell pays for the same imports, so the baselines agree)
 
-    from rlrr.config import load_config
-    from rlrr.distributed import gather_object, init_distributed
-    from rlrr.engine import ENGINES
-    from rlrr.model import build_model
+        from rlrr.config import load_config
+        from rlrr.distributed import gather_object, init_distributed
+        from rlrr.engine import ENGINES
+        from rlrr.model import build_model
 
     engine_name, stage = ENGINE_CHOICES[args.engine]
     info = init_distributed(always=True)

@@ -37,6 +37,7 @@ import torch
 
 from rlrr.config import FrozenDtype, ModelConfig, Precision
 from rlrr.distributed import peak_memory_mb, status_mb
+from rlrr.startup import long_lived_imports
 
 METHODS = ("rlrr", "full", "linear", "lora")
 PATHS = ("eager", "fused", "torch", "compiled", "cudagraphs")
@@ -143,9 +144,16 @@ def peak_tflops(args) -> typing.Optional[float]:
     return None
 
 
+def _amp_dtypes() -> dict:
+    """rlrr.engine's AMP_DTYPES. The training stack (timm, torchvision, torch._dynamo) loads here, in the
+    measuring process only, before its RSS is read, with the collector paused (rlrr.startup)."""
+    with long_lived_imports():
+        from rlrr.engine import AMP_DTYPES
+    return AMP_DTYPES
+
+
 def measure_training(args, mode) -> dict:
-    # the training stack (timm, the model) here, in the measuring process only, and before its RSS is read
-    from rlrr.engine import AMP_DTYPES
+    amp_dtypes = _amp_dtypes()
     method, path = parse_mode(mode, args.compile)
     device = torch.device(args.device)
     base_mb = status_mb() if device.type == "cpu" else 0.0
@@ -160,7 +168,7 @@ def measure_training(args, mode) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    dtype = AMP_DTYPES.get(args.precision)
+    dtype = amp_dtypes.get(args.precision)
 
     net = _maybe_compiled(model, path)
 
@@ -184,11 +192,10 @@ def measure_training(args, mode) -> dict:
 
 @torch.no_grad()
 def measure_inference(args) -> dict:
+    dtype = _amp_dtypes().get(args.precision)
     from rlrr import merge_rlrr
-    from rlrr.engine import AMP_DTYPES
     device = torch.device(args.device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    dtype = AMP_DTYPES.get(args.precision)
     def step(model):
         net = _maybe_compiled(model, "compiled" if args.compile else "eager")
 

@@ -106,7 +106,7 @@ def worker_context():
     writer, tqdm's monitor, queue feeders) may hold a lock at the moment of a fork and leave the
     child deadlocked. Workers are persistent: each split's start once per run."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload(["rlrr.data.worker_start"])
     return ctx
 
 

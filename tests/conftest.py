@@ -21,8 +21,10 @@ from rlrr.startup import long_lived_imports
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Under pytest-xdist (make test and make test-fast: one worker per core) every worker and the processes it
 # starts use one thread for torch's operators: two workers of two threads each on two cores spend their time spinning.
+# Inductor's C++ builds likewise run in the compiling process instead of a pool of two more (each importing torch).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 # torch, torch._dynamo and timm (every test module needs them) load once per test process with the collector
 # paused and are then frozen out of its collections, as launch/train.py does (rlrr.startup)

@@ -7,16 +7,21 @@ children (loader workers) from writing to those pages (Python's ``gc.freeze`` do
 few thousand cycles the imports leave behind stay frozen, unreclaimed: a few MB at most."""
 import contextlib
 import gc
+import sys
 
 
 @contextlib.contextmanager
 def long_lived_imports():
-    """``with long_lived_imports(): import torch ...``: imports with the collector paused, then frozen."""
-    enabled = gc.isenabled()
+    """``with long_lived_imports(): import torch ...``: imports with the collector paused, then frozen.
+    Frozen only if the block loaded a module: a second call in the same process (another run through
+    ``launch/train.py``'s ``main`` in a test, say) finds everything loaded and must not freeze the
+    garbage of the runs before it."""
+    enabled, loaded = gc.isenabled(), len(sys.modules)
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        if len(sys.modules) > loaded:
+            gc.freeze()
         if enabled:
             gc.enable()

@@ -105,18 +105,30 @@ def test_print_run_dir_answers_without_importing_torch(tmp_path):
     assert res.stdout.splitlines() == [str(tmp_path / "kitti-a"), "[]"]
 
 
-def test_long_lived_imports_pause_the_collector_then_freeze_what_was_made():
+def test_long_lived_imports_pause_the_collector_then_freeze_what_was_made(tmp_path):
     """rlrr.startup: no collection while the heavy imports load, then what they made is frozen out of
-    later collections; a collector the caller had turned off stays off, even when the block raises."""
+    later collections; a block that loads nothing (a second run in one process) freezes nothing; a
+    collector the caller had turned off stays off, even when the block raises."""
     import gc
+    import importlib.util
 
     from rlrr.startup import long_lived_imports
 
+    (tmp_path / "rlrr_startup_probe.py").write_text("TABLE = [[i] for i in range(1000)]\n")
+    spec = importlib.util.spec_from_file_location("rlrr_startup_probe", tmp_path / "rlrr_startup_probe.py")
     before = gc.get_freeze_count()
+    try:
+        with long_lived_imports():
+            assert not gc.isenabled()
+            probe = sys.modules["rlrr_startup_probe"] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(probe)
+        assert gc.isenabled() and gc.get_freeze_count() >= before + len(probe.TABLE)
+    finally:
+        del sys.modules["rlrr_startup_probe"]
+    frozen = gc.get_freeze_count()
     with long_lived_imports():
-        assert not gc.isenabled()
-        made = [[i] for i in range(1000)]  # lists: objects the collector tracks
-    assert gc.isenabled() and gc.get_freeze_count() >= before + len(made)
+        garbage = [[i] for i in range(1000)]
+    assert gc.get_freeze_count() == frozen and len(garbage) == 1000
     gc.disable()
     try:
         with pytest.raises(KeyError), long_lived_imports():

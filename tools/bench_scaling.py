@@ -29,6 +29,7 @@ import time
 import torch
 
 from rlrr.distributed import status_mb
+from rlrr.startup import long_lived_imports
 from rlrr.world import exit_process
 
 # glibc's malloc otherwise keeps freed blocks up to 32 MB (a transformer layer's weight) for re-use, so
@@ -53,7 +54,6 @@ def _peak_mb(device) -> float:
 
 
 def worker(args) -> int:
-    from rlrr.startup import long_lived_imports
     with long_lived_imports():  # the collector paused while they load, then frozen
         import deepspeed  # noqa: F401  (every cell pays for the same imports, so the baselines agree)
 

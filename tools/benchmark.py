@@ -144,16 +144,8 @@ def peak_tflops(args) -> typing.Optional[float]:
     return None
 
 
-def _amp_dtypes() -> dict:
-    """rlrr.engine's AMP_DTYPES. The training stack (timm, torchvision, torch._dynamo) loads here, in the
-    measuring process only, before its RSS is read, with the collector paused (rlrr.startup)."""
-    with long_lived_imports():
-        from rlrr.engine import AMP_DTYPES
-    return AMP_DTYPES
-
-
 def measure_training(args, mode) -> dict:
-    amp_dtypes = _amp_dtypes()
+    from rlrr.engine import AMP_DTYPES
     method, path = parse_mode(mode, args.compile)
     device = torch.device(args.device)
     base_mb = status_mb() if device.type == "cpu" else 0.0
@@ -168,7 +160,7 @@ def measure_training(args, mode) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-    dtype = amp_dtypes.get(args.precision)
+    dtype = AMP_DTYPES.get(args.precision)
 
     net = _maybe_compiled(model, path)
 
@@ -192,10 +184,11 @@ def measure_training(args, mode) -> dict:
 
 @torch.no_grad()
 def measure_inference(args) -> dict:
-    dtype = _amp_dtypes().get(args.precision)
     from rlrr import merge_rlrr
+    from rlrr.engine import AMP_DTYPES
     device = torch.device(args.device)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    dtype = AMP_DTYPES.get(args.precision)
     def step(model):
         net = _maybe_compiled(model, "compiled" if args.compile else "eager")
 
@@ -280,6 +273,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(0)
     if args.worker:  # one measurement in this fresh process, printed as the last line
+        # the training stack (timm, torchvision, torch._dynamo) in the measuring process only, before its RSS
+        # is read, with the collector paused (rlrr.startup)
+        with long_lived_imports():
+            import rlrr.engine  # noqa: F401
         result = measure_inference(args) if args.worker == "inference" else measure_training(args, args.worker)
         print(json.dumps(result))
         return 0

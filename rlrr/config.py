@@ -18,6 +18,7 @@ from .atomic import write_text_atomic
 from .config_types import (
     ConfigError,
     Count,
+    DecodeOn,
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
@@ -109,6 +110,9 @@ class DataConfig:
     in_memory: Optional[bool] = None  # null: in memory when a split has at most in_memory_max samples
     in_memory_max: Count = 5000
     workers: Count = 2  # loader processes per rank (0: load in the training process)
+    # streamed splits: workers decode, resize and augment (CPU) | device: workers pass the files still encoded,
+    # the training process decodes each batch on its device (nvJPEG on a GPU; PNGs on the CPU) and augments there
+    decode: DecodeOn = "workers"
     verify: Optional[bool] = None  # check the shards' sha256 before training; null: when they are <= 2 GiB
     eval_batch_size_per_rank: PositiveInt = 64  # evaluation batch on each rank (train.batch_size is global)
     # remote shards (http(s):// or pipe:): attempts after a failed, stalled or sha256-mismatched read, with

@@ -38,6 +38,7 @@ PositiveFloat = Annotated[float, Range(0, low_open=True)]
 NonNegativeFloat = Annotated[float, Range(0)]
 Rate = Annotated[float, Range(0, 1)]
 RecipeName = Literal["vtab", "fgvc"]  # the input transforms (rlrr.data.transforms)
+DecodeOn = Literal["workers", "device"]  # where streamed images are decoded (rlrr.data.loader)
 Stats = Literal["half", "imagenet"]  # the normalisation: mean = std = 0.5 (the reference), or ImageNet's
 
 

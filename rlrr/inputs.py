@@ -70,7 +70,8 @@ def split_loader(cfg: RunConfig, manifest: Manifest, info: DistInfo, split: str,
                        recipe=Recipe(d.recipe, train, d.flip, cfg.model.img_size), rank=info.rank, world=info.world,
                        workers=d.workers, seed=cfg.train.seed, in_memory=in_memory,
                        # on a GPU the in-memory split lives there (VTAB-1k: 150 MB), off the step's critical path
-                       device=info.device if info.device.type == "cuda" else None)
+                       device=info.device if info.device.type == "cuda" else None,
+                       decode_device=info.device if d.decode == "device" else None)
 
 
 def check_kernels(model: nn.Module, cfg: RunConfig, info: DistInfo, compiled: CompilePlan) -> None:

@@ -62,10 +62,11 @@ def test_bench_scaling_reports_each_cell_per_rank_and_a_failed_cell_as_failed(tm
 def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     """The GPU script's steps, tiny and on CPU: every step runs (fp16 is skipped: it needs CUDA) and
     the JSON and the table are complete. Without a GPU and without --dry-run it refuses."""
-    # --skip leaves out what this suite runs anyway: DDP bf16 through torchrun (tests/test_train.py) and
-    # the fused kernels' tests (tests/test_fused.py)
+    # --skip leaves out what this suite runs anyway: DDP bf16 through torchrun (tests/test_train.py), the
+    # fused kernels' tests (tests/test_fused.py) and a loop streamed with the workers decoding (as train-zero2-bf16)
     res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--dry-run", "--jobs", "2", "--out-dir",
-                          str(tmp_path), "--skip", "train-ddp-bf16", "--skip", "fused-kernels"],
+                          str(tmp_path), "--skip", "train-ddp-bf16", "--skip", "fused-kernels", "--skip",
+                          "train-loop-stream"],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "acceptance.json").read_text())
@@ -73,7 +74,8 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     same_model = {"bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt", "bench-vit-h-64"}
     assert set(steps) == {"fused-kernels", "bench-vit-b-8", "bench-vit-b-64-ckpt", "bench-vit-h-frozen-bf16", "scaling",
                           "make-shards",
-                          "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop"} | same_model
+                          "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop", "train-loop-stream",
+                          "train-loop-stream-device-decode"} | same_model
     assert all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
     assert steps["train-ddp-bf16"]["skipped"] == steps["fused-kernels"]["skipped"] == "--skip"
@@ -98,14 +100,19 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert ratio["speed"] == round(speed[fastest] / speed["full"], 3)
     runs = data["training"]
     assert runs["train-zero2-bf16"]["steps"] == runs["train-zero2-bf16"]["optimizer_updates"] == 20
-    # the training loop beside the benchmark step of the path a CPU run takes by default (eager)
-    loop = runs["train-loop"]
-    assert loop["steps"] == 48 and loop["compile"]["compile"] is False and loop["warmup_s"] >= 0
-    assert data["loop_vs_benchmark"] == {"loop_img_s": loop["img_per_s"], "bench_mode": "rlrr", "bench_img_s":
-                                         speed["rlrr"], "ratio": round(loop["img_per_s"] / speed["rlrr"], 3)}
+    # the training loop (in memory; streamed, decoded where the batch lands) beside the benchmark step of the
+    # path a CPU run takes by default (eager)
+    assert set(data["loop_vs_benchmark"]) == {"train-loop", "train-loop-stream-device-decode"}
+    for name, ratio in data["loop_vs_benchmark"].items():
+        loop = runs[name]
+        assert loop["steps"] == 48 and loop["compile"]["compile"] is False and loop["warmup_s"] >= 0
+        assert ratio == {"loop_img_s": loop["img_per_s"], "bench_mode": "rlrr", "bench_img_s": speed["rlrr"],
+                         "ratio": round(loop["img_per_s"] / speed["rlrr"], 3)}
+    assert "train-loop-stream-device-decode: " in (tmp_path / "acceptance.md").read_text()
     md = (tmp_path / "acceptance.md").read_text()
     assert "| train-zero2-bf16 | 20 | 20 |" in md and "| bench-vit-b-64-ckpt | full |" in md and "zero3" in md
     assert "| bench-vit-b-8 | rlrr+fused |" in md and "| train-ddp-fp16 | skipped: fp16 needs CUDA" in md
+    assert "| train-loop-stream | skipped: --skip |" in md
     if not torch.cuda.is_available():
         res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--out-dir", str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})

@@ -144,3 +144,68 @@ def test_an_unreadable_eval_shard_is_a_one_line_data_error_here_or_from_a_loader
     with pytest.raises(DataError) as e:  # from a worker, torch rebuilds it from the worker's traceback text
         list(loader.epoch(0))
     assert str(e.value).startswith("unreadable shard: ") and str(shard) in str(e.value) and "\n" not in str(e.value)
+
+
+def _sample(key, fmt, mode, size, seed):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return {"jpg" if fmt == "JPEG" else "png": buf.getvalue(), "cls": str(seed % 4), "__key__": key,
+            "__url__": f"shard-{seed // 4}.tar"}
+
+
+# JPEG (RGB, grey) and PNG (RGBA, palette), at the recipe's size and not (resized where they are decoded)
+SAMPLES = [("JPEG", "RGB", (32, 32)), ("PNG", "RGBA", (32, 32)), ("JPEG", "L", (40, 24)), ("PNG", "P", (20, 36)),
+           ("JPEG", "RGB", (48, 48)), ("JPEG", "RGB", (32, 32))]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_batch_decoded_on_the_device_is_the_batch_a_worker_makes(train):
+    """data.decode: device. Workers pack the files and draw the augmentation; the training process decodes,
+    resizes and augments (the CPU stands in for the GPU: the same decoder, so the same pixels)."""
+    from rlrr.data.samples import batches, decode, decode_packed, keep_encoded
+    raw = [_sample(f"k{i}", *spec, seed=i) for i, spec in enumerate(SAMPLES)]
+    recipe = Recipe("fgvc", train, flip=True, image_size=28)  # resize to 32, crop 28, flip
+    made = list(batches(map(decode, raw), 4, recipe, torch.Generator().manual_seed(5)))
+    packed = list(batches(map(keep_encoded, raw), 4, recipe, torch.Generator().manual_seed(5), packed=True))
+    assert [len(k) for _, _, k in made] == [len(k) for _, _, k in packed] == [4, 2]
+    for (x0, y0, k0), batch in zip(made, packed):
+        x1, y1, k1 = decode_packed(batch, recipe, torch.device("cpu"))
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and k0 == k1 and x1.shape[1:] == (3, 28, 28)
+
+
+def test_an_image_the_device_cannot_decode_is_skipped_in_training_and_named_in_evaluation():
+    import multiprocessing
+
+    from rlrr.data.samples import batches, decode, decode_packed, keep_encoded
+    from rlrr.errors import DataError
+    raw = [_sample(f"k{i}", *spec, seed=i) for i, spec in enumerate(SAMPLES[:4])]
+    raw[2]["jpg"] = b"not an image" + raw[2]["jpg"][:20]
+    recipe = Recipe("vtab", True, flip=True, image_size=32)
+    skipped = multiprocessing.get_context("fork").Value("i", 0)
+    (batch,) = batches(map(keep_encoded, raw), 4, recipe, torch.Generator().manual_seed(0), packed=True)
+    images, labels, keys = decode_packed(batch, recipe, torch.device("cpu"), skipped)
+    good = [decode(s)[0] for s in raw[:2] + raw[3:]]
+    kept = torch.tensor([True, True, False, True])
+    assert skipped.value == 1 and keys == ["k0", "k1", "k3"] and labels.tolist() == [0, 1, 3]
+    expected = recipe.apply(torch.stack([recipe.resize(x) for x in good]), batch[0].draw.keep(kept))
+    assert torch.equal(images, expected)  # each kept image with its own draw
+    with pytest.raises(DataError, match=r"^shard-0\.tar: sample k2: cannot decode \(RuntimeError: "):
+        decode_packed(batch, Recipe("vtab", False, image_size=32), torch.device("cpu"))
+
+
+def test_a_streamed_split_decoded_on_the_device_gives_the_workers_batches(shards):
+    """Through the loader: the same training batches (seeded crops and flips) and evaluation batches."""
+    recipe = Recipe("fgvc", True, flip=True, image_size=28)
+    train = [list(SplitLoader(Manifest(shards), "train800", train=True, batch_size=4, workers=1, seed=3, recipe=recipe,
+                              decode_device=device).epoch(1)) for device in (None, torch.device("cpu"))]
+    test = [list(SplitLoader(Manifest(shards), "test", train=False, batch_size=4, workers=1, recipe=recipe,
+                             decode_device=device).epoch(0)) for device in (None, torch.device("cpu"))]
+    for workers, device in (train, test):
+        assert len(workers) == len(device) > 1
+        for (x0, y0, k0), (x1, y1, k1) in zip(workers, device):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1) and k0 == k1

@@ -121,7 +121,9 @@ def test_training_under_torchrun_from_a_failing_server_equals_training_from_disk
                                                                                   in_memory):
     """Two ranks, one loader worker each. Streaming reads every training shard each epoch; in memory
     each rank reads them all once. A reset, a 503 and a stall on three training shards and a 503 on
-    a test shard are each retried. With the cache on, a second run makes no shard request at all."""
+    a test shard are each retried. With the cache on, a second run makes no shard request at all.
+    Streaming from disk with data.decode: device (the files decoded in the training process, on the CPU
+    here) trains the same adapter as decoding in the workers."""
     fetch = {"retries": 2, "read_timeout_s": 2.0, "retry_backoff_s": 0.01}
     common = {"in_memory": in_memory, "val_split": None}
     disk = write_config(tmp_path / "disk.yaml", tiny_shards, tmp_path / "runs", data=common, train={"epochs": 2})
@@ -130,8 +132,14 @@ def test_training_under_torchrun_from_a_failing_server_equals_training_from_disk
     for shard, fault in (("train800-000001", "reset"), ("train800-000003", "503"), ("train800-000004", "stall")):
         served.fail(f"train800/{shard}.tar", fault)
     served.fail("test/test-000002.tar", "503")
-    trained = _train(tmp_path, disk=disk, http=http)  # one launch: the server's faults are in the http run's stderr
+    on_device = {} if in_memory else {"device": write_config(tmp_path / "device.yaml", tiny_shards, tmp_path / "runs",
+                                                             data={**common, "decode": "device"}, train={"epochs": 2})}
+    # one launch: the server's faults are in the http run's stderr
+    trained = _train(tmp_path, disk=disk, http=http, **on_device)
     from_disk, from_server = trained["disk"], trained["http"]
+    if not in_memory:
+        assert_same_tensors(trained["device"]["adapter"], from_disk["adapter"])
+        assert trained["device"]["results"]["history"] == from_disk["results"]["history"]
     assert_same_tensors(from_server["adapter"], from_disk["adapter"])
     assert from_server["results"]["history"] == from_disk["results"]["history"]
     assert from_server["results"]["train_samples_skipped"] == 0

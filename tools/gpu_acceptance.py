@@ -14,8 +14,9 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
 - scaling: tools/bench_scaling.py, DDP (NCCL, world 1), DeepSpeed ZeRO-2 and ZeRO-3, bf16;
 - train-*: launch/train.py under torchrun (NCCL) with the defaults (compiled, CUDA graphs in one process),
   20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2;
-- train-loop: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, its img/s set beside
-  bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark").
+- train-loop*: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, streamed shards decoded by
+  the loader workers, and streamed shards decoded on the GPU (data.decode: device), each run's img/s set
+  beside bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark").
 Every step shares one compile cache (<out-dir>/compile_cache). Writes acceptance.json and acceptance.md
 to --out-dir (the step logs too). The whole command is not yet timed on a GPU.
 """
@@ -27,7 +28,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 import numpy as np
 import torch
@@ -107,12 +107,20 @@ def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, l
     runs = [("train-ddp-bf16", ["train.precision=bf16"]),
             ("train-ddp-fp16", ["train.precision=fp16"]),
             ("train-zero2-bf16", ["train.precision=bf16", "train.engine=deepspeed", "train.zero_stage=2"]),
-            # the loop at the step's speed: in-memory data, evaluated once at the end (bench-vit-b-64's model)
-            ("train-loop", ["train.precision=bf16", f"train.batch_size={LOOP_REFERENCE[dry][1]}",
-                            "data.train_split=big",
-                            "data.in_memory=true", "train.epochs=3", "train.eval_every=3",
-                            "train.save_every_epochs=3", "train.log_every=4"])]
+            # the loop at the step's speed, evaluated once at the end (bench-vit-b-64's model), from each loader
+            *[(name, ["train.precision=bf16", f"train.batch_size={LOOP_REFERENCE[dry][1]}", "data.train_split=big",
+                      "train.epochs=3", "train.eval_every=3", "train.save_every_epochs=3", "train.log_every=4",
+                      *loader]) for name, loader in loop_loaders(dry).items()]]
     return make, runs
+
+
+def loop_loaders(dry: bool) -> dict[str, list[str]]:
+    """The train-loop runs, one per loader: in memory, streamed with the workers decoding, streamed with
+    the training process decoding on its device (nvJPEG on a GPU)."""
+    workers = f"data.workers={1 if dry else 8}"
+    return {"train-loop": ["data.in_memory=true"],
+            "train-loop-stream": ["data.in_memory=false", workers],
+            "train-loop-stream-device-decode": ["data.in_memory=false", workers, "data.decode=device"]}
 
 
 # dry run? -> (the bench step train-loop is set beside, its batch, the mode a one-process run takes by default
@@ -120,14 +128,15 @@ def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, l
 LOOP_REFERENCE = {False: ("bench-vit-b-64", 64, "rlrr+cudagraphs"), True: ("bench-vit-b-8", DRY_BATCH, "rlrr")}
 
 
-def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> Optional[dict]:
-    """train-loop's img/s over the step of the path it takes (LOOP_REFERENCE)."""
+def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> dict:
+    """Each train-loop run's img/s over the step of the path it takes (LOOP_REFERENCE)."""
     name, _, mode = LOOP_REFERENCE[dry]
     bench = benches.get(name, {}).get("training", {})
-    if "train-loop" not in training or mode not in bench:
-        return None
-    loop, step = training["train-loop"]["img_per_s"], bench[mode]["train_img_s"]
-    return {"loop_img_s": loop, "bench_img_s": step, "bench_mode": mode, "ratio": round(loop / step, 3)}
+    if mode not in bench:
+        return {}
+    step = bench[mode]["train_img_s"]
+    return {run: {"loop_img_s": training[run]["img_per_s"], "bench_img_s": step, "bench_mode": mode,
+                  "ratio": round(training[run]["img_per_s"] / step, 3)} for run in loop_loaders(dry) if run in training}
 
 
 def run_step(name: str, cmd: list[str], out_dir: str, timeout: int, env=None) -> dict:
@@ -181,9 +190,8 @@ def report(result: dict) -> str:
     for name, r in result["training"].items():
         lines.append(f"| {name} | {r['steps']} | {r['optimizer_updates']} | {r['img_per_s']} | {r['warmup_s']} | "
                      f"{r['compile']['compile']} | {r['compile']['cuda_graphs']} | {r['test_acc1_final']} |")
-    loop = result.get("loop_vs_benchmark")
-    if loop:
-        lines += ["", f"train-loop: {loop['loop_img_s']} img/s, {loop['ratio']}x the benchmark step "
+    for run, loop in result["loop_vs_benchmark"].items():
+        lines += ["", f"{run}: {loop['loop_img_s']} img/s, {loop['ratio']}x the benchmark step "
                       f"({loop['bench_mode']}, {loop['bench_img_s']} img/s)"]
     if result.get("scaling_md"):
         lines += ["", "## Engines (bf16, one process)", "", result["scaling_md"]]
@@ -256,7 +264,7 @@ def main(argv=None) -> int:
             training[step["step"]] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final",
                                                         "warmup_s", "compile")}
             # fp16: the gradient scaler skips the steps whose scaled gradients overflow while it calibrates
-            if step["step"] != "train-loop" and (r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20):
+            if not step["step"].startswith("train-loop") and (r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20):
                 step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
     steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
     scaling_md = os.path.join(out, "scaling", "scaling.md")

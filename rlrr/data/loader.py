@@ -2,7 +2,9 @@
 through loader processes (rlrr.data.streaming) or decoded once and held in memory
 (rlrr.data.in_memory, for small splits such as VTAB-1k's).
 
-Batches are ``(uint8 images NCHW, labels, keys)``; call ``transforms.normalize`` where they land.
+Batches are ``(uint8 images NCHW, labels, keys)``; call ``transforms.normalize`` where they land. With
+``decode_device`` the streaming workers pass the image files still encoded and this process decodes,
+resizes and augments each batch on that device (nvJPEG on a GPU): the same batches as the workers make.
 Training: the same number of batches on every rank, deterministic given the seed and the epoch.
 Evaluation: every sample exactly once over all ranks, no padding and no duplicates.
 """
@@ -13,7 +15,7 @@ import torch
 
 from .in_memory import MemoryEpoch, load_split, train_indices
 from .manifest import Manifest
-from .samples import seeded_generator
+from .samples import decode_image, decode_packed, seeded_generator
 from .streaming import stream_loader, worker_context
 from .transforms import Recipe
 
@@ -24,11 +26,15 @@ class SplitLoader:
 
     def __init__(self, manifest: Manifest, split: str, *, train: bool, batch_size: int, recipe: Recipe,
                  rank: int = 0, world: int = 1, workers: int = 2, seed: int = 0, in_memory: bool = False,
-                 shuffle_buffer: int = 1000, device: Optional[torch.device] = None):
+                 shuffle_buffer: int = 1000, device: Optional[torch.device] = None,
+                 decode_device: Optional[torch.device] = None):
         self.split, self.reader = manifest.split(split), manifest.reader()
         self.num_classes = manifest.num_classes
         self.train, self.batch_size, self.recipe, self.in_memory = train, batch_size, recipe, in_memory
         self.rank, self.world, self.workers, self.seed, self.shuffle_buffer = rank, world, workers, seed, shuffle_buffer
+        self.decode_device = None if in_memory else decode_device  # an in-memory split is decoded once, here
+        if self.decode_device is not None and decode_image is None:
+            raise ValueError("data.decode = device needs torchvision's image decoders (torchvision.io)")
         # training samples skipped as unreadable, counted across this rank's loader processes
         self.skipped = worker_context().Value("i", 0) if train else None
         self._stream, self.per_worker = None, 0
@@ -77,7 +83,10 @@ class SplitLoader:
                                          recipe=self.recipe, rank=self.rank, world=self.world, workers=self.workers,
                                          seed=self.seed,
                                          num_classes=self.num_classes, per_worker=self.per_worker,
-                                         shuffle_buffer=self.shuffle_buffer, skipped=self.skipped)
+                                         shuffle_buffer=self.shuffle_buffer, skipped=self.skipped,
+                                         packed=self.decode_device is not None)
         if self.train:
             self._stream.dataset.epoch_box.value = epoch  # read by the workers when the epoch starts
-        return self._stream
+        if self.decode_device is None:
+            return self._stream
+        return (decode_packed(batch, self.recipe, self.decode_device, self.skipped) for batch in self._stream)

@@ -7,6 +7,9 @@ seed and epoch.
 
 Eval: shard i goes to exactly one (rank, worker) pair, and every sample is seen exactly once: no
 padding, no duplicates (a short last batch instead).
+
+``packed``: workers pass each batch's image files still encoded, with its augmentation drawn
+(samples.Packed), for the training process to decode on its device (data.decode: device).
 """
 import functools
 import multiprocessing
@@ -19,7 +22,17 @@ from typing import Iterator
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .samples import batches, read_split, read_tolerant, seed_of, seeded_generator, skip_broken_tar, tar_samples
+from .samples import (
+    batches,
+    decode,
+    keep_encoded,
+    read_split,
+    read_tolerant,
+    seed_of,
+    seeded_generator,
+    skip_broken_tar,
+    tar_samples,
+)
 
 
 def _worker() -> tuple[int, int]:
@@ -31,8 +44,8 @@ class TrainStream(IterableDataset):
     """Fixed-length, resampled-on-exhaustion, shuffled stream of training batches for one rank."""
 
     def __init__(self, shards, reader, batches_per_worker, batch_size, recipe, rank, world, seed, epoch, buffer=1000,
-                 num_classes=None, skipped=None):
-        self.shards, self.reader, self.batches_per_worker = shards, reader, batches_per_worker
+                 num_classes=None, skipped=None, packed=False):
+        self.shards, self.reader, self.batches_per_worker, self.packed = shards, reader, batches_per_worker, packed
         self.batch_size, self.recipe = batch_size, recipe
         self.rank, self.world, self.seed, self.buffer = rank, world, seed, buffer
         self.epoch_box = epoch  # a shared Value: persistent workers read the current epoch at each __iter__
@@ -56,22 +69,23 @@ class TrainStream(IterableDataset):
         samples = wds.shuffle(self.buffer, self.buffer // 4, rng=rng)(
             tar_samples(self._urls(worker, num_workers), self.reader, skip_broken_tar(self.skipped)))
         augment = seeded_generator(self.seed, self.epoch, self.rank, worker, "augment")
-        yield from batches(read_tolerant(samples, self.num_classes, self.skipped), self.batch_size, self.recipe,
-                           augment, self.batches_per_worker)
+        items = read_tolerant(samples, self.num_classes, self.skipped, keep_encoded if self.packed else decode)
+        yield from batches(items, self.batch_size, self.recipe, augment, self.batches_per_worker, self.packed)
 
 
 class EvalStream(IterableDataset):
     """Each shard read by exactly one (rank, worker); every sample exactly once."""
 
-    def __init__(self, shards, reader, batch_size, recipe, rank, world, num_classes=None):
+    def __init__(self, shards, reader, batch_size, recipe, rank, world, num_classes=None, packed=False):
         self.shards, self.reader, self.batch_size, self.recipe = shards, reader, batch_size, recipe
         self.rank, self.world = rank, world
-        self.num_classes = num_classes
+        self.num_classes, self.packed = num_classes, packed
 
     def __iter__(self):
         worker, num_workers = _worker()
         mine = self.shards[self.rank::self.world][worker::num_workers]
-        yield from batches(read_split(mine, self.reader, self.num_classes), self.batch_size, self.recipe, None)
+        items = read_split(mine, self.reader, self.num_classes, keep_encoded if self.packed else decode)
+        yield from batches(items, self.batch_size, self.recipe, None, packed=self.packed)
 
 
 def _alive(pid: int) -> bool:
@@ -112,14 +126,14 @@ def worker_context():
 
 def stream_loader(split, reader, *, train: bool, batch_size: int, recipe, rank: int, world: int, workers: int,
                   seed: int, num_classes: int, per_worker: int = 0, shuffle_buffer: int = 1000,
-                  skipped=None) -> DataLoader:
+                  skipped=None, packed: bool = False) -> DataLoader:
     """The split's DataLoader, made once per run: its worker processes start once, not per epoch. For
     training, set ``loader.dataset.epoch_box.value`` to the epoch before iterating it."""
     if train:
         stream = TrainStream(split.shards, reader, per_worker, batch_size, recipe, rank, world, seed,
-                             worker_context().Value("q", 0), shuffle_buffer, num_classes, skipped)
+                             worker_context().Value("q", 0), shuffle_buffer, num_classes, skipped, packed)
     else:
-        stream = EvalStream(split.shards, reader, batch_size, recipe, rank, world, num_classes)
+        stream = EvalStream(split.shards, reader, batch_size, recipe, rank, world, num_classes, packed)
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                       worker_init_fn=functools.partial(_exit_with, os.getpid()),
                       # its own seed stream: drawing from the global one would shift the model's dropout on

@@ -9,7 +9,7 @@ random parts run vectorised over a batch:
 VTAB: resize to 224 x 224. FGVC: resize to 256 x 256, random crop 224 (eval: center crop 224).
 Both flip at random in training when asked (the reference's FGVC recipe does; data.flip in configs/).
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +35,46 @@ class Recipe:
         out = F.interpolate(image[None].float(), size=self.size, mode="bicubic", antialias=True, align_corners=False)
         return out[0].round_().clamp_(0, 255).to(torch.uint8)
 
-    def augment(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        n, s = images.shape[0], self.image_size
+    def draw(self, n: int, generator: Optional[torch.Generator] = None) -> "Draw":
+        """The random parts of ``augment`` for ``n`` resized images: drawn where the samples are read
+        (a loader worker), applied where the images are (the GPU, when it decodes them)."""
+        (h, w), s = self.size, self.image_size
+        top = left = flip = None
+        if self.train and (h, w) != (s, s):  # a random crop per image
+            top = torch.randint(0, h - s + 1, (n,), generator=generator)
+            left = torch.randint(0, w - s + 1, (n,), generator=generator)
+        if self.flip:
+            flip = torch.rand(n, generator=generator) < 0.5
+        return Draw(top, left, flip)
+
+    def apply(self, images: torch.Tensor, draw: "Draw") -> torch.Tensor:
+        """Crop (random where drawn, else center) and flip resized uint8 NCHW images."""
+        s = self.image_size
         h, w = images.shape[-2:]
-        if (h, w) != (s, s):
-            if self.train:  # a random crop per image
-                top = torch.randint(0, h - s + 1, (n,), generator=generator).tolist()
-                left = torch.randint(0, w - s + 1, (n,), generator=generator).tolist()
-                images = torch.stack([img[:, y:y + s, x:x + s] for img, y, x in zip(images, top, left)])
-            else:
-                y, x = (h - s) // 2, (w - s) // 2
-                images = images[:, :, y:y + s, x:x + s]
-        if self.flip:  # flip the chosen images only (torch.where over a flipped copy of all cost 3x more)
-            flipped = (torch.rand(n, generator=generator) < 0.5).nonzero().squeeze(1).to(images.device)
+        if draw.top is not None:
+            images = torch.stack([img[:, y:y + s, x:x + s]
+                                  for img, y, x in zip(images, draw.top.tolist(), draw.left.tolist())])
+        elif (h, w) != (s, s):
+            y, x = (h - s) // 2, (w - s) // 2
+            images = images[:, :, y:y + s, x:x + s]
+        if draw.flip is not None:  # flip the chosen images only (torch.where over a flipped copy of all cost 3x more)
+            flipped = draw.flip.nonzero().squeeze(1).to(images.device)
             images = images.index_copy(0, flipped, images[flipped].flip(-1))
         return images.contiguous()
+
+    def augment(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.apply(images, self.draw(images.shape[0], generator))
+
+
+class Draw(NamedTuple):
+    """One batch's random augmentation: crop corners (None: center crop) and which images flip (None: none)."""
+    top: Optional[torch.Tensor]
+    left: Optional[torch.Tensor]
+    flip: Optional[torch.Tensor]
+
+    def keep(self, rows: torch.Tensor) -> "Draw":
+        """The draws of the kept images only (``rows``: a bool mask over the batch)."""
+        return Draw(*(None if t is None else t[rows] for t in self))
 
 
 def normalize(images: torch.Tensor, stats: Stats = "half") -> torch.Tensor:

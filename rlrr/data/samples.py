@@ -14,7 +14,7 @@ from PIL import Image
 
 try:  # libjpeg-turbo / libpng straight into a CHW tensor: PIL's pixels, about 3x faster (no RGB copy, no
     # HWC array, no transpose). torchvision has deprecated it in favour of torchcodec: PIL if it goes.
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 except ImportError:
     decode_image = None
 
@@ -170,7 +170,6 @@ def _pack(chunk, recipe, generator):
 
 
 def _decode_file(data: torch.Tensor, jpeg: bool, device: torch.device) -> torch.Tensor:
-    from torchvision.io import decode_jpeg
     if jpeg:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     return decode_image(data, mode=ImageReadMode.RGB).to(device)
@@ -181,13 +180,16 @@ def decode_packed(batch, recipe: Recipe, device: torch.device, skipped=None):
     the JPEGs decoded there in one call (nvJPEG on a GPU), resized and augmented there. Training
     (``skipped`` given) drops and counts an image that cannot be decoded (the batch is one shorter);
     evaluation raises a DataError naming it."""
-    from torchvision.io import decode_jpeg
     packed, labels, keys = batch
     files, jpeg = packed.files(), packed.jpeg.tolist()
     images = [None] * len(files)
     at = [i for i, j in enumerate(jpeg) if j]
+    if device.type == "cuda":  # nvJPEG writes its outputs without waiting for this stream, and the caching
+        # allocator may hand it a block that queued kernels still read (pytorch/vision#9606): let them finish
+        torch.cuda.current_stream(device).synchronize()
     try:
-        for i, image in zip(at, decode_jpeg([files[i] for i in at], mode=ImageReadMode.RGB, device=device)):
+        decoded = decode_jpeg([files[i] for i in at], mode=ImageReadMode.RGB, device=device) if at else []
+        for i, image in zip(at, decoded):
             images[i] = image
     except RuntimeError:
         pass  # one bad file fails the whole call: decoded one by one below, which names it

@@ -63,22 +63,23 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     """The GPU script's steps, tiny and on CPU: every step runs (fp16 is skipped: it needs CUDA) and
     the JSON and the table are complete. Without a GPU and without --dry-run it refuses."""
     # --skip leaves out what this suite runs anyway: DDP bf16 through torchrun (tests/test_train.py), the
-    # fused kernels' tests (tests/test_fused.py) and a loop streamed with the workers decoding (as train-zero2-bf16)
+    # fused kernels' and the device decoder's tests (tests/test_fused.py, test_loader.py) and a loop streamed
+    # with the workers decoding (as train-zero2-bf16 is)
+    skip = ["train-ddp-bf16", "fused-kernels", "device-decode", "train-loop-stream"]
     res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--dry-run", "--jobs", "2", "--out-dir",
-                          str(tmp_path), "--skip", "train-ddp-bf16", "--skip", "fused-kernels", "--skip",
-                          "train-loop-stream"],
+                          str(tmp_path), *[arg for step in skip for arg in ("--skip", step)]],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "acceptance.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
     same_model = {"bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt", "bench-vit-h-64"}
-    assert set(steps) == {"fused-kernels", "bench-vit-b-8", "bench-vit-b-64-ckpt", "bench-vit-h-frozen-bf16", "scaling",
-                          "make-shards",
-                          "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop", "train-loop-stream",
+    assert set(steps) == {"fused-kernels", "device-decode", "bench-vit-b-8", "bench-vit-b-64-ckpt",
+                          "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
+                          "train-zero2-bf16", "train-loop", "train-loop-stream",
                           "train-loop-stream-device-decode"} | same_model
     assert all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
-    assert steps["train-ddp-bf16"]["skipped"] == steps["fused-kernels"]["skipped"] == "--skip"
+    assert all(steps[name]["skipped"] == "--skip" for name in skip)
     assert "train-ddp-bf16" not in data["training"]
     benches = data["benchmarks"]
     vit_b = benches["bench-vit-b-8"]

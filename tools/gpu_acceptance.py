@@ -11,6 +11,7 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
   ViT-B/16 at 8 and 64, ViT-L/16 at 32, ViT-H/14 at 16 (and RLRR alone at 64), activation checkpointing,
   frozen bf16 weights: img/s, max_memory_allocated, counted FLOPs and MFU;
 - fused-kernels: tests/test_fused.py on the GPU (rlrr/layers/fused.py's Triton kernels against the formula);
+- device-decode: tests/test_loader.py's data.decode: device tests on the GPU (nvJPEG against the workers' decoder);
 - scaling: tools/bench_scaling.py, DDP (NCCL, world 1), DeepSpeed ZeRO-2 and ZeRO-3, bf16;
 - train-*: launch/train.py under torchrun (NCCL) with the defaults (compiled, CUDA graphs in one process),
   20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2;
@@ -239,9 +240,12 @@ def main(argv=None) -> int:
     # Triton kernels: compiled for the GPU, or run by the interpreter on CPU in a dry run (read at import)
     os.environ["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(out, "compile_cache"))  # shared by every step
-    kernels = ("fused-kernels", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_fused.py"],
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    kernels = ("fused-kernels", [*pytest, "tests/test_fused.py"],
                args.timeout)  # rlrr/layers/fused.py against the formula on the device itself
-    steps = run_all([j for j in [kernels, *bench_jobs, ("scaling", [py, "tools/bench_scaling.py", *scaling],
+    decoder = ("device-decode", [*pytest, "tests/test_loader.py", "-k", "decoded_on_the_device"],
+               args.timeout)  # data.decode: device, nvJPEG against the workers' decoder
+    steps = run_all([j for j in [kernels, decoder, *bench_jobs, ("scaling", [py, "tools/bench_scaling.py", *scaling],
                                                         2 * args.timeout)] if j[0] not in skip], out, args.jobs)
     benches = {}
     for step in steps:

@@ -170,8 +170,12 @@ def _pack(chunk, recipe, generator):
 
 
 def _decode_file(data: torch.Tensor, jpeg: bool, device: torch.device) -> torch.Tensor:
-    if jpeg:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    """One file: nvJPEG where it takes it, else the workers' decoder (PNG, or a JPEG nvJPEG refuses)."""
+    if jpeg and device.type == "cuda":
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
     return decode_image(data, mode=ImageReadMode.RGB).to(device)
 
 

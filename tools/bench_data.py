@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Input-pipeline throughput: rlrr's shard loader vs a per-file PIL loader (what the reference does:
-open, decode and resize every JPEG in every epoch), on the same images with the same workers; and the
-same shards streamed from an HTTP server (Python's http.server in its own process, on this machine:
-the cost of curl, the sha256 check and the retry machinery, not of a network), without and with
-data.cache_dir.
+open, decode and resize every JPEG in every epoch), on the same images with the same workers; the
+shards streamed with the workers decoding and with this process decoding on --device
+(data.decode: device: nvJPEG on a GPU); and the same shards streamed from an HTTP server (Python's
+http.server in its own process, on this machine: the cost of curl, the sha256 check and the retry
+machinery, not of a network), without and with data.cache_dir. Our batches end normalised on --device.
 
     python tools/bench_data.py --images 1000 --workers 2 --epochs 3
+    python tools/bench_data.py --images 4000 --workers 8 --batch-size 64 --device cuda   # on a GPU
 
 The images are real Fashion-MNIST photos (Debian dataset-fashion-mnist) enlarged to --source-size
 JPEGs in a VTAB-1k folder (train800val200.txt), i.e. the layout and typical file sizes of VTAB tasks.
@@ -69,7 +71,10 @@ def throughput(epochs, batches_of_epoch, finish=lambda x: x):
     for epoch in range(epochs):
         n, t0 = 0, time.perf_counter()
         for batch in batches_of_epoch(epoch):
-            n += finish(batch[0]).shape[0]
+            last = finish(batch[0])
+            n += last.shape[0]
+        if last.is_cuda:
+            torch.cuda.synchronize(last.device)
         rates.append(n / (time.perf_counter() - t0))
     return statistics.median(rates)
 
@@ -98,8 +103,11 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="where our batches are normalised (and decoded, with "
+                    "data.decode: device; an in-memory split lives there)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     size = tuple(int(v) for v in args.source_size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,32 +121,40 @@ def main(argv=None):
         write_shards(read_vtab(src), out, image_size=224, shard_size=64, workers=args.workers, progress=False)
         shard_time = time.perf_counter() - t0
         manifest, tf = Manifest(out), Recipe("vtab", train=True, flip=True)
+
+        def on_device(images):  # our batches arrive as uint8, normalised where training runs
+            return normalize(images.to(device, non_blocking=True))
         stream = SplitLoader(manifest, "train800val200", train=True, batch_size=args.batch_size, recipe=tf,
                              workers=args.workers)
-        streaming = throughput(args.epochs, stream.epoch, normalize)  # our batches arrive as uint8
+        streaming = throughput(args.epochs, stream.epoch, on_device)
+        decoding_here = SplitLoader(manifest, "train800val200", train=True, batch_size=args.batch_size, recipe=tf,
+                                    workers=args.workers, decode_device=device)
+        device_decode = throughput(args.epochs, decoding_here.epoch, on_device)
         t0 = time.perf_counter()
         memory = SplitLoader(manifest, "train800val200", train=True, batch_size=args.batch_size, recipe=tf,
-                             workers=args.workers, in_memory=True)
+                             workers=args.workers, in_memory=True, device=device)
         cache_time = time.perf_counter() - t0
-        in_memory = throughput(args.epochs, memory.epoch, normalize)
+        in_memory = throughput(args.epochs, memory.epoch, on_device)
         server, url = http_server(out)
         try:
             remote = {}
             for name, cache in (("http", None), ("http_cached", os.path.join(tmp, "cache"))):
                 loader = SplitLoader(Manifest(url, Fetcher(cache_dir=cache)), "train800val200", train=True,
                                      batch_size=args.batch_size, recipe=tf, workers=args.workers)
-                remote[name] = throughput(args.epochs, loader.epoch, normalize)
+                remote[name] = throughput(args.epochs, loader.epoch, on_device)
         finally:
             server.kill()
     result = {"images": args.images, "source_size": args.source_size, "workers": args.workers,
-              "batch_size": args.batch_size, "epochs": args.epochs,
+              "batch_size": args.batch_size, "epochs": args.epochs, "device": str(device),
               "per_file_pil_img_s": round(per_file, 1), "shards_streaming_img_s": round(streaming, 1),
+              "shards_streaming_device_decode_img_s": round(device_decode, 1),
               "shards_in_memory_img_s": round(in_memory, 1), "shards_http_streaming_img_s": round(remote["http"], 1),
               "shards_http_cached_streaming_img_s": round(remote["http_cached"], 1),
               "ratio_streaming": round(streaming / per_file, 2), "ratio_in_memory": round(in_memory / per_file, 2),
               "one_time_make_shards_s": round(shard_time, 1), "one_time_in_memory_decode_s": round(cache_time, 1)}
     print(f"per-file PIL loader (reference)   {per_file:9.1f} img/s")
     print(f"rlrr shards, streaming            {streaming:9.1f} img/s   {streaming / per_file:5.2f}x")
+    print(f"rlrr shards, decoded on {str(device):<10}{device_decode:9.1f} img/s   {device_decode / per_file:5.2f}x")
     print(f"rlrr shards, in memory            {in_memory:9.1f} img/s   {in_memory / per_file:5.2f}x")
     for name, label in (("http", "streaming over HTTP"), ("http_cached", "HTTP + data.cache_dir")):
         print(f"rlrr shards, {label:<21}{remote[name]:9.1f} img/s   {remote[name] / per_file:5.2f}x")

@@ -75,7 +75,7 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     same_model = {"bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt", "bench-vit-h-64"}
     assert set(steps) == {"fused-kernels", "device-decode", "bench-vit-b-8", "bench-vit-b-64-ckpt",
                           "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
-                          "train-zero2-bf16", "train-loop", "train-loop-stream",
+                          "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
                           "train-loop-stream-device-decode"} | same_model
     assert all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
@@ -114,6 +114,9 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert "| train-zero2-bf16 | 20 | 20 |" in md and "| bench-vit-b-64-ckpt | full |" in md and "zero3" in md
     assert "| bench-vit-b-8 | rlrr+fused |" in md and "| train-ddp-fp16 | skipped: fp16 needs CUDA" in md
     assert "| train-loop-stream | skipped: --skip |" in md
+    pipeline = data["input_pipeline"]  # tools/bench_data.py: the loaders, decoding in workers and on the device
+    assert pipeline["device"] == "cpu" and pipeline["shards_streaming_device_decode_img_s"] > 0
+    assert f"| shards_streaming_device_decode | {pipeline['shards_streaming_device_decode_img_s']:,} |" in md
     if not torch.cuda.is_available():
         res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--out-dir", str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})

@@ -13,6 +13,8 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
 - fused-kernels: tests/test_fused.py on the GPU (rlrr/layers/fused.py's Triton kernels against the formula);
 - device-decode: tests/test_loader.py's data.decode: device tests on the GPU (nvJPEG against the workers' decoder);
 - scaling: tools/bench_scaling.py, DDP (NCCL, world 1), DeepSpeed ZeRO-2 and ZeRO-3, bf16;
+- loaders: tools/bench_data.py --device cuda: the loaders' img/s, streamed shards decoded by the workers
+  and by nvJPEG (data.decode: device), in memory on the GPU;
 - train-*: launch/train.py under torchrun (NCCL) with the defaults (compiled, CUDA graphs in one process),
   20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2;
 - train-loop*: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, streamed shards decoded by
@@ -194,6 +196,11 @@ def report(result: dict) -> str:
     for run, loop in result["loop_vs_benchmark"].items():
         lines += ["", f"{run}: {loop['loop_img_s']} img/s, {loop['ratio']}x the benchmark step "
                       f"({loop['bench_mode']}, {loop['bench_img_s']} img/s)"]
+    if result.get("input_pipeline"):
+        data = result["input_pipeline"]
+        lines += ["", f"## Input pipeline ({data['images']} images, {data['workers']} workers, batch "
+                      f"{data['batch_size']}, on {data['device']})", "", "| loader | img/s |", "|---|---|"]
+        lines += [f"| {k.removesuffix('_img_s')} | {v:,} |" for k, v in data.items() if k.endswith("_img_s")]
     if result.get("scaling_md"):
         lines += ["", "## Engines (bf16, one process)", "", result["scaling_md"]]
     return "\n".join(lines) + "\n"
@@ -245,8 +252,13 @@ def main(argv=None) -> int:
                args.timeout)  # rlrr/layers/fused.py against the formula on the device itself
     decoder = ("device-decode", [*pytest, "tests/test_loader.py", "-k", "decoded_on_the_device"],
                args.timeout)  # data.decode: device, nvJPEG against the workers' decoder
+    size = ["64", "--workers", "1", "--epochs", "1", "--batch-size", "16", "--device", "cpu"] if args.dry_run else \
+        ["2000", "--workers", "8", "--batch-size", "64", "--device", "cuda"]
+    data = ("loaders", [py, "tools/bench_data.py", "--json", os.path.join(out, "loaders.json"), "--images", *size],
+            args.timeout)
     steps = run_all([j for j in [kernels, decoder, *bench_jobs, ("scaling", [py, "tools/bench_scaling.py", *scaling],
-                                                        2 * args.timeout)] if j[0] not in skip], out, args.jobs)
+                                                                 2 * args.timeout), data] if j[0] not in skip],
+                    out, args.jobs)
     benches = {}
     for step in steps:
         if step["ok"] and step["step"].startswith("bench-") and "skipped" not in step:
@@ -271,11 +283,12 @@ def main(argv=None) -> int:
             if not step["step"].startswith("train-loop") and (r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20):
                 step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
     steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
-    scaling_md = os.path.join(out, "scaling", "scaling.md")
+    scaling_md, data_json = os.path.join(out, "scaling", "scaling.md"), os.path.join(out, "loaders.json")
     result = {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "environment": environment(),
               "steps": steps, "benchmarks": benches, "training": training,
               "loop_vs_benchmark": loop_vs_benchmark(training, benches, args.dry_run),
-              "scaling_md": open(scaling_md).read() if os.path.exists(scaling_md) else None}
+              "scaling_md": open(scaling_md).read() if os.path.exists(scaling_md) else None,
+              "input_pipeline": json.load(open(data_json)) if os.path.exists(data_json) else None}
     from rlrr.atomic import write_json_atomic, write_text_atomic
     write_json_atomic(os.path.join(out, "acceptance.json"), result)
     write_text_atomic(os.path.join(out, "acceptance.md"), report(result))

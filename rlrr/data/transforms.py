@@ -4,7 +4,9 @@ Three stages, so that loader workers pass uint8 (4x less than float32 between pr
 random parts run vectorised over a batch:
   ``Recipe.resize``  per sample: bicubic resize to the recipe's size (skipped when the shards already
                      hold that size, as ``make_shards --image-size`` writes them);
-  ``Recipe.augment`` per batch: random crop + flip (train) or center crop (eval), uint8 NCHW;
+  ``Recipe.augment`` per batch: random crop + flip (train) or center crop (eval), uint8 NCHW; it is
+                     ``draw`` (the random parts) then ``apply``, so that a loader worker can draw
+                     and the device apply (data.decode: device);
   ``normalize``      per batch, where the batch lands (the GPU in training): float, mean/std.
 VTAB: resize to 224 x 224. FGVC: resize to 256 x 256, random crop 224 (eval: center crop 224).
 Both flip at random in training when asked (the reference's FGVC recipe does; data.flip in configs/).

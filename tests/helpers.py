@@ -24,10 +24,12 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-
 FAULTS_PATH = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")]))
 
 
+TORCHRUN = [sys.executable, str(ROOT / "tests" / "torchrun.py")]  # torchrun, with torch loaded as training loads it
+
+
 def launcher(nproc=None) -> list[str]:
     """A fresh interpreter, under torchrun with ``nproc`` processes if given."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
+    return [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
 
 
 def run_tool(name: str, *args, timeout: float = 600, nproc=None) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 (rlrr/data/transforms.py)."""
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe, normalize
 from rlrr.errors import ManifestError
 
-from helpers import ROOT, tiny_vtab_shards
+from helpers import ROOT, launcher, tiny_vtab_shards
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +89,7 @@ def test_recipes_and_normalize():
 @pytest.mark.integration
 def test_two_ranks_two_workers_exactly_once_eval_and_equal_train_batches(shards, tmp_path):
     out = tmp_path / "result.json"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "tests" / "dist_data_check.py"), shards, str(out)],
+    res = subprocess.run([*launcher(2), str(ROOT / "tests" / "dist_data_check.py"), shards, str(out)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = json.loads(out.read_text())

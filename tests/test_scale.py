@@ -3,13 +3,21 @@ and multi-node (two torchrun agents on this machine)."""
 import json
 import socket
 import subprocess
-import sys
 
 import pytest
 import timm
 from safetensors.torch import load_file
 
-from helpers import ROOT, assert_same_tensors, comparable_adapter, run_adapter, train_cmd, train_many, write_config
+from helpers import (
+    ROOT,
+    TORCHRUN,
+    assert_same_tensors,
+    comparable_adapter,
+    run_adapter,
+    train_cmd,
+    train_many,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +107,7 @@ def test_two_torchrun_agents_with_a_c10d_rendezvous_train_what_one_agent_with_fo
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+    agent = [*TORCHRUN, "--nnodes=2", "--nproc_per_node=2",
              "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=test-{port}",
              str(ROOT / "launch" / "train.py"), "--config", cfg, "--set", "run_name=two-nodes"]
     agents = [subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]

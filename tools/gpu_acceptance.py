@@ -254,8 +254,8 @@ def main(argv=None) -> int:
                args.timeout)  # data.decode: device, nvJPEG against the workers' decoder
     size = ["64", "--workers", "1", "--epochs", "1", "--batch-size", "16", "--device", "cpu"] if args.dry_run else \
         ["2000", "--workers", "8", "--batch-size", "64", "--device", "cuda"]
-    data = ("loaders", [py, "tools/bench_data.py", "--json", os.path.join(out, "loaders.json"), "--images", *size],
-            args.timeout)
+    data_json = os.path.join(out, "loaders.json")
+    data = ("loaders", [py, "tools/bench_data.py", "--json", data_json, "--images", *size], args.timeout)
     steps = run_all([j for j in [kernels, decoder, *bench_jobs, ("scaling", [py, "tools/bench_scaling.py", *scaling],
                                                                  2 * args.timeout), data] if j[0] not in skip],
                     out, args.jobs)
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
             if not step["step"].startswith("train-loop") and (r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20):
                 step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
     steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
-    scaling_md, data_json = os.path.join(out, "scaling", "scaling.md"), os.path.join(out, "loaders.json")
+    scaling_md = os.path.join(out, "scaling", "scaling.md")
     result = {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "environment": environment(),
               "steps": steps, "benchmarks": benches, "training": training,
               "loop_vs_benchmark": loop_vs_benchmark(training, benches, args.dry_run),

@@ -25,18 +25,19 @@ from .transforms import Draw, Recipe
 IMAGE_KEYS = ("jpg", "png")
 
 
-def _image_key(sample: dict) -> str:
+def _image_file(sample: dict) -> tuple[str, torch.Tensor]:
+    """(extension, the image file's bytes as uint8) of a raw WebDataset sample."""
     ext = next((k for k in IMAGE_KEYS if k in sample), None)
     if ext is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no jpg/png image")
-    return ext
+    return ext, torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
 
 
 def decode(sample: dict) -> tuple[torch.Tensor, int, str]:
     """A raw WebDataset sample -> (uint8 CHW RGB image, label, key)."""
-    ext = _image_key(sample)
+    ext, data = _image_file(sample)
     if decode_image is not None:
-        image = decode_image(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(data, mode=ImageReadMode.RGB)
     else:
         with Image.open(io.BytesIO(sample[ext])) as pil:
             image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
@@ -51,8 +52,7 @@ class ImageFile(NamedTuple):
 
 def keep_encoded(sample: dict) -> tuple[ImageFile, int, str]:
     """A raw WebDataset sample -> (its image file, label, key), for decoding where the batch lands."""
-    ext = _image_key(sample)
-    data = torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8)
+    ext, data = _image_file(sample)
     return ImageFile(data, ext == "jpg", sample.get("__url__")), int(sample["cls"]), sample["__key__"]
 
 
@@ -154,7 +154,7 @@ class Packed(NamedTuple):
     """A batch's image files end to end (one tensor to pass between processes, not one per image)."""
     data: torch.Tensor
     ends: torch.Tensor  # where each file ends in data
-    jpeg: torch.Tensor  # per file: JPEG (decoded on the device) or not (PNG: decoded on the CPU, then moved)
+    jpeg: list  # per file: JPEG (decoded on the device) or not (PNG: decoded on the CPU, then moved)
     urls: list  # each file's shard
     draw: Draw  # the batch's augmentation, drawn as _stack draws it
 
@@ -165,7 +165,7 @@ class Packed(NamedTuple):
 def _pack(chunk, recipe, generator):
     files, labels, keys = zip(*chunk)
     packed = Packed(torch.cat([f.data for f in files]), torch.tensor([len(f.data) for f in files]).cumsum(0),
-                    torch.tensor([f.jpeg for f in files]), [f.url for f in files], recipe.draw(len(files), generator))
+                    [f.jpeg for f in files], [f.url for f in files], recipe.draw(len(files), generator))
     return packed, torch.tensor(labels), list(keys)
 
 
@@ -185,7 +185,7 @@ def decode_packed(batch, recipe: Recipe, device: torch.device, skipped=None):
     (``skipped`` given) drops and counts an image that cannot be decoded (the batch is one shorter);
     evaluation raises a DataError naming it."""
     packed, labels, keys = batch
-    files, jpeg = packed.files(), packed.jpeg.tolist()
+    files, jpeg = packed.files(), packed.jpeg
     images = [None] * len(files)
     at = [i for i, j in enumerate(jpeg) if j]
     if device.type == "cuda":  # nvJPEG writes its outputs without waiting for this stream, and the caching

@@ -209,11 +209,13 @@ def test_an_image_the_device_cannot_decode_is_skipped_in_training_and_named_in_e
 
 
 def test_a_streamed_split_decoded_on_the_device_gives_the_workers_batches(shards):
-    """Through the loader: the same training batches (seeded crops and flips) and evaluation batches."""
+    """Through the loader: the same training batches (seeded crops and flips) and evaluation batches, read
+    in this process (workers=0). Packed batches through loader processes: tests/test_remote.py's 2-rank
+    run trains the same adapter with data.decode: device as with the workers decoding."""
     recipe = Recipe("fgvc", True, flip=True, image_size=28)
-    train = [list(SplitLoader(Manifest(shards), "train800", train=True, batch_size=4, workers=1, seed=3, recipe=recipe,
+    train = [list(SplitLoader(Manifest(shards), "train800", train=True, batch_size=4, workers=0, seed=3, recipe=recipe,
                               decode_device=device).epoch(1)) for device in (None, torch.device("cpu"))]
-    test = [list(SplitLoader(Manifest(shards), "test", train=False, batch_size=4, workers=1, recipe=recipe,
+    test = [list(SplitLoader(Manifest(shards), "test", train=False, batch_size=4, workers=0, recipe=recipe,
                              decode_device=device).epoch(0)) for device in (None, torch.device("cpu"))]
     for workers, device in (train, test):
         assert len(workers) == len(device) > 1

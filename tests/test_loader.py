@@ -215,8 +215,9 @@ def test_a_streamed_split_decoded_on_the_device_gives_the_workers_batches(shards
     recipe = Recipe("fgvc", True, flip=True, image_size=28)
     train = [list(SplitLoader(Manifest(shards), "train800", train=True, batch_size=4, workers=0, seed=3, recipe=recipe,
                               decode_device=device).epoch(1)) for device in (None, torch.device("cpu"))]
-    test = [list(SplitLoader(Manifest(shards), "test", train=False, batch_size=4, workers=0, recipe=recipe,
-                             decode_device=device).epoch(0)) for device in (None, torch.device("cpu"))]
+    test = [list(SplitLoader(Manifest(shards), "test", train=False, batch_size=4, workers=0,
+                             recipe=Recipe("fgvc", False, image_size=28), decode_device=device).epoch(0))
+            for device in (None, torch.device("cpu"))]
     for workers, device in (train, test):
         assert len(workers) == len(device) > 1
         for (x0, y0, k0), (x1, y1, k1) in zip(workers, device):

@@ -17,8 +17,9 @@ them) and each worker is this process forked, turned into what ``python -u SCRIP
   interpreter would (SystemExit's code, a traceback and 1, threads joined, exit handlers run), or
   through its own ``os._exit``.
 
-Faults armed through the environment (tests/faults/sitecustomize.py) decide at import time which
-process they belong to, so with any RLRR_FAULT_ variable set the workers start as torchrun starts them.
+Faults armed through the environment (tests/faults/sitecustomize.py) patch torch in the launcher when it
+loads torch, and each worker inherits them unfired: they count and decide per process, from the worker's
+RANK and command line, when they are first reached.
 
     python tests/torchrun.py --standalone --nproc_per_node=2 launch/train.py --config ...
 """
@@ -149,17 +150,14 @@ def _run_script(argv: list[str]) -> int:
 
 
 def main() -> int:
-    fork = not any(k.startswith("RLRR_FAULT_") for k in os.environ)
     with long_lived_imports():
-        if fork:
-            import torch._dynamo  # noqa: F401  (what launch/train.py's main loads)
-
-            import rlrr.train  # noqa: F401
+        import torch._dynamo  # noqa: F401  (what launch/train.py's main loads)
         from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler
         from torch.distributed.run import main as torchrun
-    if fork:
-        subprocess_handler.Popen = ForkedWorker
-        atexit.register = _recording(atexit.register)
+
+        import rlrr.train  # noqa: F401
+    subprocess_handler.Popen = ForkedWorker
+    atexit.register = _recording(atexit.register)
     return torchrun()
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Fault injection for the reliability tests, from outside the library: put this folder on PYTHONPATH
-and Python imports it at start-up in every process (torchrun's workers included). Each fault is
-armed by an environment variable and fires once per test (a marker file, RLRR_FAULT_ONCE, remembers
-that it fired, so a restarted worker runs clean):
+and Python imports it at start-up in every process (torchrun's workers included; the tests' torchrun
+forks its workers with it loaded, tests/torchrun.py). Each fault is armed by an environment variable
+and fires once per test (a marker file, RLRR_FAULT_ONCE, remembers that it fired, so a restarted worker
+runs clean):
 
   RLRR_FAULT_KILL_IN_SAVE=N   SIGKILL this process in the middle of its N-th torch.save to a file (half written)
   RLRR_FAULT_NAN_AT=N         the N-th training loss (a cross-entropy under autograd) is NaN
@@ -73,14 +74,16 @@ def _install(torch) -> None:
             F.cross_entropy = _faulty_cross_entropy
             torch.nn.functional.cross_entropy = _faulty_cross_entropy
 
-    if "RLRR_FAULT_SLOW_EVAL" in os.environ and _armed():
+    if "RLRR_FAULT_SLOW_EVAL" in os.environ:
         import time
 
         import torch.nn.functional as F
-        _eval_ce = F.cross_entropy
+        _eval_ce, _slow = F.cross_entropy, []
 
         def _slow_eval_cross_entropy(*args, **kwargs):
-            if not torch.is_grad_enabled():
+            if not _slow:  # decided once per process, at its first loss, from its rank and command line
+                _slow.append(_armed())
+            if _slow[0] and not torch.is_grad_enabled():
                 _fired()
                 open(os.environ["RLRR_FAULT_SLOW_EVAL"], "a").close()
                 time.sleep(1.0)

@@ -61,7 +61,8 @@ class ForkedWorker(subprocess.Popen):
         a = dict(zip(self._PARAMS, args))
         argv = list(a["args"])
         pipes = (a["p2cwrite"], a["c2pread"], a["errread"])
-        if argv[:2] != [sys.executable, "-u"] or len(argv) < 3 or any(fd != -1 for fd in pipes) or a["preexec_fn"]:
+        script = len(argv) > 2 and not argv[2].startswith("-")  # not -m MODULE, -c CODE
+        if argv[:2] != [sys.executable, "-u"] or not script or any(fd != -1 for fd in pipes) or a["preexec_fn"]:
             return super()._execute_child(*args)
         with warnings.catch_warnings():  # the agent's threads stay behind; the worker needs none of them
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -99,8 +100,9 @@ def _fresh_process(a: dict) -> None:
                     pass
     if a["cwd"]:
         os.chdir(a["cwd"])
-    os.environ.clear()
-    os.environ.update(a["env"])
+    if a["env"] is not None:
+        os.environ.clear()
+        os.environ.update(a["env"])
     for sig, handler in FRESH_SIGNALS.items():
         if signal.getsignal(sig) != handler:
             signal.signal(sig, handler)

@@ -24,11 +24,11 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-
 FAULTS_PATH = os.pathsep.join(filter(None, [str(ROOT / "tests" / "faults"), os.environ.get("PYTHONPATH")]))
 
 
-TORCHRUN = [sys.executable, str(ROOT / "tests" / "torchrun.py")]  # torchrun, with torch loaded as training loads it
+TORCHRUN = [sys.executable, str(ROOT / "tests" / "torchrun.py")]  # torch's torchrun, its workers forked (see there)
 
 
 def launcher(nproc=None) -> list[str]:
-    """A fresh interpreter, under torchrun with ``nproc`` processes if given."""
+    """A fresh interpreter, or torchrun (tests/torchrun.py) with ``nproc`` workers if given."""
     return [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
 
 

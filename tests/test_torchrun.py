@@ -10,7 +10,7 @@ import pytest
 from helpers import TORCHRUN
 
 PROBE = r'''
-import faulthandler, json, os, signal, sys
+import faulthandler, json, multiprocessing, os, signal, sys
 import torch
 out = sys.argv[1]
 facts = {
@@ -23,7 +23,7 @@ facts = {
     "faulthandler": faulthandler.is_enabled(),
     "unbuffered": [type(s.buffer).__name__ for s in (sys.stdout, sys.stderr)],
     "descriptors": sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2)[:-1],  # less the listing's
-    "mp_tempdir": __import__("multiprocessing").current_process()._config.get("tempdir"),
+    "mp_tempdir": multiprocessing.current_process()._config.get("tempdir"),
 }
 with open(f"{out}.{os.environ['RANK']}", "w") as f:
     json.dump(facts, f)

@@ -109,7 +109,7 @@ def _fresh_process(a: dict) -> None:
     faulthandler.disable()
     for func in AGENT_EXIT_HANDLERS:
         atexit.unregister(func)
-    logging.root.handlers[:], logging.root.level = FRESH_ROOT_LOGGER[0], FRESH_ROOT_LOGGER[1]
+    logging.root.handlers[:], logging.root.level = FRESH_ROOT_LOGGER
     me = multiprocessing.current_process()
     me.authkey = os.urandom(32)
     me._config.pop("tempdir", None)
@@ -132,10 +132,12 @@ def _run_script(argv: list[str]) -> int:
     try:
         runpy.run_path(argv[0], run_name="__main__")
         code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
+    except SystemExit as e:  # sys.exit(): None is 0, a number is the code, anything else is printed and 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
             print(e.code, file=sys.stderr)
+            code = 1
     except KeyboardInterrupt:
         interrupted, code = True, 130
     except BaseException:  # the interpreter prints it and exits 1
@@ -161,6 +163,7 @@ def main() -> int:
     subprocess_handler.Popen = ForkedWorker
     atexit.register = _recording(atexit.register)
     return torchrun()
+
 
 if __name__ == "__main__":
     sys.exit(main())

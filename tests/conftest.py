@@ -26,11 +26,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-# torch, torch._dynamo and timm (every test module needs them) load once per test process with the collector
-# paused and are then frozen out of its collections, as launch/train.py does (rlrr.startup)
-with long_lived_imports():
-    import timm  # noqa: F401
-    import torch._dynamo  # noqa: F401
+
+def pytest_configure(config):
+    """torch, torch._dynamo and timm (every test module needs them) load once per test process with the
+    collector paused and are then frozen out of its collections, as launch/train.py does (rlrr.startup).
+    Not in pytest-xdist's controller: it only hands tests to its workers, which would wait the 4 s."""
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with long_lived_imports():
+        import timm  # noqa: F401
+        import torch._dynamo  # noqa: F401
+
 
 if os.environ.get("RLRR_CPU_LOG"):  # where the suite's CPU goes: tests/cpu_per_test.py
     from cpu_per_test import pytest_runtest_protocol, pytest_terminal_summary  # noqa: F401  (hooks)

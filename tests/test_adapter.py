@@ -70,17 +70,21 @@ def test_identity_init_reproduces_pretrained_features(name, kwargs):
         assert (official(x) - plain(x)).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["vit_base_patch16_224", "swin_base_patch4_window7_224"])
-def test_merge_is_exact_and_loads_strictly_into_plain_timm(name):
-    model = create_model(name, num_classes=10).eval()
+# ViT-B's and Swin-B's widths and modules, fewer blocks and a smaller image: the merge is per layer, so the
+# full depth (4 s each, 10x the work) would check nothing more. Swin keeps a shifted pair in every stage.
+@pytest.mark.parametrize("name,kwargs", [("vit_base_patch16_224", {"depth": 2, "img_size": 64}),
+                                         ("swin_base_patch4_window7_224", {"depths": (2, 2, 2, 2), "img_size": 112})],
+                         ids=["vit_base_patch16_224", "swin_base_patch4_window7_224"])
+def test_merge_is_exact_and_loads_strictly_into_plain_timm(name, kwargs):
+    model = create_model(name, num_classes=10, **kwargs).eval()
     randomize_trainable(model, seed=1)
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
     with torch.no_grad():
         adapted_logits = model(x)
     merged = merge_rlrr(model)
     assert type(merged) is type(timm.create_model(name, num_classes=0, pretrained=False))
     assert not any(isinstance(m, (RLRRLinear, ScaleShift)) for m in merged.modules())
-    plain = timm.create_model(name, num_classes=10).eval()
+    plain = timm.create_model(name, num_classes=10, **kwargs).eval()
     plain.load_state_dict(merged.state_dict(), strict=True)
     with torch.no_grad():
         diff = (plain(x) - adapted_logits).abs().max().item()

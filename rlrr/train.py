@@ -66,13 +66,13 @@ def train(cfg: RunConfig, resume: Optional[str] = None, allow_config_change: boo
             end_epoch(run, record)
     finally:  # the final merge may take long on a large model, and nothing else waits on it
         watchdog(run, off=True)
+        for loader in (run.train_data, *run.evals.values()):  # also after an error (SplitLoader.close)
+            loader.close()
     tick(run)
     results = summarize(run)
     write_final(run, results)
     close_run(run)
     return results
-
-
 
 
 # ---- setup ---------------------------------------------------------------------------------------

@@ -130,6 +130,9 @@ def test_the_fast_decoder_gives_pil_pixels_and_pil_is_the_fallback(mode, fmt, mo
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_unreadable_eval_shard_is_a_one_line_data_error_here_or_from_a_loader_worker(shards, tmp_path, workers):
+    """And close() then stops the loader's processes at once (the garbage collector would find that
+    iterator in the traceback's reference cycle, its queues closed first, and wait 5 s per worker)."""
+    import multiprocessing
     import shutil
 
     from rlrr.errors import DataError
@@ -139,9 +142,14 @@ def test_an_unreadable_eval_shard_is_a_one_line_data_error_here_or_from_a_loader
     shard.write_bytes(shard.read_bytes()[:700])
     loader = SplitLoader(Manifest(str(copy)), "test", train=False, batch_size=4, workers=workers,
                          recipe=Recipe("vtab", False, image_size=32))
+    before = set(multiprocessing.active_children())  # other tests' loaders may still be alive
     with pytest.raises(DataError) as e:  # from a worker, torch rebuilds it from the worker's traceback text
         list(loader.epoch(0))
     assert str(e.value).startswith("unreadable shard: ") and str(shard) in str(e.value) and "\n" not in str(e.value)
+    started = set(multiprocessing.active_children()) - before
+    assert len(started) == workers
+    loader.close()
+    assert not any(p.is_alive() for p in started)
 
 
 def _sample(key, fmt, mode, size, seed):

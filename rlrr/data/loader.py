@@ -58,6 +58,16 @@ class SplitLoader:
             return math.ceil(len(range(self.rank, self.split.num_samples, self.world)) / self.batch_size)
         raise TypeError("a streaming eval loader has no fixed length per rank")
 
+    def close(self) -> None:
+        """Stop this split's loader processes now; the loader starts new ones if iterated again. Left to
+        the garbage collector, a loader whose worker raised (its iterator then held by a traceback's
+        reference cycle) is collected after multiprocessing's queues were closed, and waits 5 s for each
+        worker before killing it."""
+        stream, self._stream = self._stream, None
+        iterator = getattr(stream, "_iterator", None)  # torch's DataLoader keeps its persistent workers' iterator
+        if iterator is not None:
+            iterator._shutdown_workers()
+
     def take_skipped(self) -> int:
         """Training samples skipped as unreadable since the last call."""
         with self.skipped.get_lock():

@@ -18,8 +18,7 @@ facts = {
     "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS", "PROBE")},
     "threads": torch.get_num_threads(),
     "own_session": os.getsid(0) == os.getpid(),
-    "signals": {s.name: str(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                                           signal.SIGUSR1, signal.SIGPIPE)},
+    "signals": {getattr(s, "name", str(s)): str(signal.getsignal(s)) for s in signal.valid_signals()},
     "faulthandler": faulthandler.is_enabled(),
     "unbuffered": [type(s.buffer).__name__ for s in (sys.stdout, sys.stderr)],
     "descriptors": sorted(int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2)[:-1],  # less the listing's

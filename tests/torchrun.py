@@ -11,8 +11,9 @@ them) and each worker is this process forked, turned into what ``python -u SCRIP
 - the worker's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), its working directory, and the
   intra-op thread count OMP_NUM_THREADS asks for (the OpenMP runtime read that variable when the
   launcher loaded torch, before torchrun set it);
-- a fresh interpreter's signal handlers, no faulthandler, multiprocessing's own key and temp folder,
-  and none of the exit handlers the agent registered;
+- the signal handlers the new interpreter would have (exec's rules, then Python's start), no
+  faulthandler, multiprocessing's own key and temp folder, and none of the exit handlers the agent
+  registered;
 - ``sys.argv`` and ``sys.path[0]`` of the script, which runs as ``__main__``; it ends as the
   interpreter would (SystemExit's code, a traceback and 1, threads joined, exit handlers run), or
   through its own ``os._exit``.
@@ -39,10 +40,30 @@ import warnings
 
 from rlrr.startup import long_lived_imports
 
-# what a fresh interpreter has, taken before torch or the agent change anything
-FRESH_SIGNALS = {s: h for s in signal.valid_signals() if (h := signal.getsignal(s)) is not None}
 FRESH_ROOT_LOGGER = (list(logging.root.handlers), logging.root.level)
 AGENT_EXIT_HANDLERS = []
+
+
+# exec resets a caught signal to the default and keeps an ignored one ignored; Popen's restore_signals
+# resets these to the default too, and a new interpreter then ignores them again
+_PYTHON_IGNORES = {signal.SIGPIPE, signal.SIGXFSZ}
+
+
+def _signals_after_exec() -> None:
+    """Each signal's handler as ``python -u SCRIPT`` started by the agent would have it: what exec leaves
+    of the agent's handlers (so a signal ignored where the tests run, as under nohup, stays ignored
+    unless the agent catches it), then the interpreter's own start (SIGPIPE and SIGXFSZ ignored, a
+    default SIGINT raising KeyboardInterrupt)."""
+    for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
+        current = signal.getsignal(sig)  # the agent's (inherited through the fork); None: set outside Python
+        if sig in _PYTHON_IGNORES:
+            wanted = signal.SIG_IGN
+        elif current == signal.SIG_IGN:
+            wanted = signal.SIG_IGN
+        else:
+            wanted = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        if current != wanted:
+            signal.signal(sig, wanted)
 
 
 def _recording(register):
@@ -103,10 +124,8 @@ def _fresh_process(a: dict) -> None:
     if a["env"] is not None:
         os.environ.clear()
         os.environ.update(a["env"])
-    for sig, handler in FRESH_SIGNALS.items():
-        if signal.getsignal(sig) != handler:
-            signal.signal(sig, handler)
-    faulthandler.disable()
+    faulthandler.disable()  # first: it restores the handlers it replaced, which the loop below then resets
+    _signals_after_exec()
     for func in AGENT_EXIT_HANDLERS:
         atexit.unregister(func)
     logging.root.handlers[:], logging.root.level = FRESH_ROOT_LOGGER

@@ -77,7 +77,7 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
                           "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
                           "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
                           "train-loop-stream-device-decode"} | same_model
-    assert all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
+    assert data["complete"] and all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
     assert all(steps[name]["skipped"] == "--skip" for name in skip)
     assert "train-ddp-bf16" not in data["training"]
@@ -121,3 +121,27 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
         res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--out-dir", str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
         assert res.returncode == 2 and "no CUDA device; use --dry-run" in res.stderr
+
+
+def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path):
+    """--budget 0: no step starts (none of them is a process here); each is reported as not run, and the
+    command fails. A step's outcome is written when it ends, before the command does."""
+    out = tmp_path / "acc"
+    assert tool_main("gpu_acceptance.py")(["--dry-run", "--budget", "0", "--out-dir", str(out)]) == 1
+    data = json.loads((out / "acceptance.json").read_text())
+    steps = {s["step"]: s for s in data["steps"]}
+    assert data["complete"] and not data["benchmarks"] and not data["training"]
+    assert steps["fused-kernels"] == {"step": "fused-kernels", "ok": False, "seconds": 0.0,
+                                      "not_run": "the time budget ran out"}
+    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 19
+    order = [s["step"] for s in data["steps"]]  # the most telling first
+    assert order[:3] == ["fused-kernels", "device-decode", "bench-vit-b-8"] and order.index("make-shards") == 3
+    md = (out / "acceptance.md").read_text()
+    assert "| bench-vit-b-8 | not run: the time budget ran out | 0.0 |" in md and "Incomplete" not in md
+
+    acceptance = tool_main("gpu_acceptance.py").__globals__["Acceptance"](str(out), True)
+    acceptance.add({"step": "fused-kernels", "ok": True, "seconds": 1.5, "log": "x.log"})
+    data = json.loads((out / "acceptance.json").read_text())
+    assert not data["complete"] and data["steps"] == [{"step": "fused-kernels", "ok": True, "seconds": 1.5,
+                                                       "log": "x.log"}]
+    assert "Incomplete: written after each step" in (out / "acceptance.md").read_text()

@@ -151,7 +151,8 @@ def measure_training(args, mode) -> dict:
     base_mb = status_mb() if device.type == "cpu" else 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = _model(args, method, path)
+    with device:  # built and initialised where it runs: ViT-H's random init takes seconds on a CPU
+        model = _model(args, method, path)
     if args.frozen_dtype == "bf16":  # train.frozen_dtype; a no-op for full fine-tuning (nothing is frozen)
         from rlrr.model import store_frozen_weights_in
         store_frozen_weights_in(model, torch.bfloat16)
@@ -197,10 +198,12 @@ def measure_inference(args) -> dict:
                 net(x)
         return run
 
-    model = _model(args, "rlrr").to(device).eval()
+    with device:
+        model = _model(args, "rlrr").eval()
     rates = _timed(args, {"adapted": step(model)}, device)
     merged = merge_rlrr(model)
-    plain = _model(args, "plain").to(device).eval()
+    with device:
+        plain = _model(args, "plain").eval()
     rates.update(_timed(args, {"merged": step(merged), "plain": step(plain)}, device))
     out = {f"infer_{name}_img_s": round(statistics.median(r), 2) for name, r in rates.items()}
     out["merged_vs_plain"] = round(out["infer_merged_img_s"] / out["infer_plain_img_s"], 3)

@@ -21,14 +21,23 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
   the loader workers, and streamed shards decoded on the GPU (data.decode: device), each run's img/s set
   beside bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark").
 Every step shares one compile cache (<out-dir>/compile_cache). Writes acceptance.json and acceptance.md
-to --out-dir (the step logs too). The whole command is not yet timed on a GPU.
+to --out-dir (the step logs too), rewritten after every step ("complete": false until the end), so a
+command cut short still leaves what it measured. The steps run most telling first (BEFORE_SHARDS,
+AFTER_SHARDS); ``--budget SECONDS`` starts none after that time and cuts the one running, reporting the
+rest as not run (exit 1):
+
+    bash tools/gpu_acceptance.sh --out-dir gpu-acceptance --budget 540   # on a machine lent for 10 minutes
+
+The whole command is not yet timed on a GPU.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -142,14 +151,20 @@ def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> dict:
                   "ratio": round(training[run]["img_per_s"] / step, 3)} for run in loop_loaders(dry) if run in training}
 
 
-def run_step(name: str, cmd: list[str], out_dir: str, timeout: int, env=None) -> dict:
+def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, deadline: float = math.inf) -> dict:
+    """Run one step; not started once ``deadline`` (time.monotonic()) has passed, and cut at it."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        print(f"{name}: not run (the time budget ran out)", flush=True)
+        return {"step": name, "ok": False, "seconds": 0.0, "not_run": "the time budget ran out"}
+    timeout = min(timeout, left)
     t0 = time.perf_counter()
     log = os.path.join(out_dir, "logs", f"{name}.log")
     with open(log, "w") as f:
         try:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT, env=env).returncode
         except subprocess.TimeoutExpired:
-            rc = f"timed out after {timeout} s"
+            rc = f"timed out after {timeout:.0f} s"
     step = {"step": name, "ok": rc == 0, "seconds": round(time.perf_counter() - t0, 1), "log": log}
     if rc != 0:
         with open(log) as f:
@@ -171,6 +186,8 @@ def environment() -> dict:
 
 
 def _outcome(step: dict) -> str:
+    if "not_run" in step:
+        return f"not run: {step['not_run']}"
     if "skipped" in step:
         return f"skipped: {step['skipped']}"
     return "yes" if step["ok"] else f"FAILED: {step['error']}"
@@ -180,6 +197,8 @@ def report(result: dict) -> str:
     lines = [f"# GPU acceptance ({result['date']}, {result['environment']['device']})", "",
              f"torch {result['environment']['torch']}, CUDA {result['environment']['cuda']}, "
              f"DeepSpeed {result['environment']['deepspeed']}{' (dry run on CPU)' if result['dry_run'] else ''}", "",
+             *([] if result["complete"] else ["Incomplete: written after each step; the command was still running "
+                                              "or was stopped.", ""]),
              "| step | ok | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {_outcome(s)} | {s['seconds']} |" for s in result["steps"]]
     lines += ["", "| benchmark | mode | img/s | max memory (MB) | GFLOP/img | MFU |", "|---|---|---|---|---|---|"]
@@ -206,25 +225,122 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(jobs: list[tuple[str, list[str], int]], out_dir: str, at_once: int) -> list[dict]:
-    """Run (name, command, timeout) steps, ``at_once`` at a time, in order of the list; steps side by
-    side share the CPU cores instead of each taking all of them."""
+class Acceptance:
+    """The outcome so far: every finished step, the benchmarks' and the training runs' figures. Rewritten
+    to acceptance.{json,md} after each step, so a command cut short (a time limit, a lost machine)
+    still leaves what it measured."""
+
+    def __init__(self, out: str, dry: bool):
+        self.out, self.dry = out, dry
+        self.steps, self.benches, self.training = [], {}, {}
+        self.lock = threading.Lock()
+        self.environment = environment()
+
+    def add(self, step: dict) -> None:
+        with self.lock:
+            self.steps.append(step)
+            if step["ok"]:
+                self._collect(step)
+            self.write(complete=False)
+
+    def _collect(self, step: dict) -> None:
+        name = step["step"]
+        if name.startswith("bench-"):
+            with open(os.path.join(self.out, f"{name}.json")) as f:
+                self.benches[name] = json.load(f)
+        elif name.startswith("train-"):
+            with open(os.path.join(self.out, "runs", name, "results.json")) as f:
+                r = json.load(f)
+            self.training[name] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final",
+                                                     "warmup_s", "compile")}
+            # fp16: the gradient scaler skips the steps whose scaled gradients overflow while it calibrates
+            if not name.startswith("train-loop") and (r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20):
+                step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
+
+    def write(self, complete: bool) -> None:
+        from rlrr.atomic import write_json_atomic, write_text_atomic
+        scaling_md = os.path.join(self.out, "scaling", "scaling.md")
+        data_json = os.path.join(self.out, "loaders.json")
+        result = {"date": time.strftime("%Y-%m-%d"), "dry_run": self.dry, "complete": complete,
+                  "environment": self.environment, "steps": self.steps, "benchmarks": self.benches,
+                  "training": self.training,
+                  "loop_vs_benchmark": loop_vs_benchmark(self.training, self.benches, self.dry),
+                  "scaling_md": _read(scaling_md), "input_pipeline": _read(data_json, json.load)}
+        write_json_atomic(os.path.join(self.out, "acceptance.json"), result)
+        write_text_atomic(os.path.join(self.out, "acceptance.md"), report(result))
+
+
+def _read(path: str, parse=lambda f: f.read()):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return parse(f)
+
+
+def run_all(jobs: list[tuple[str, list[str], int]], acceptance: Acceptance, at_once: int,
+            deadline: float = math.inf) -> None:
+    """Run (name, command, timeout) steps, ``at_once`` at a time, in order of the list, each recorded in
+    ``acceptance`` when it ends; steps side by side share the CPU cores instead of each taking all of them."""
     env = None
     if at_once > 1 and "OMP_NUM_THREADS" not in os.environ:
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // at_once)))
+
+    def one(job):
+        acceptance.add(run_step(job[0], job[1], acceptance.out, job[2], env, deadline))
+
     with ThreadPoolExecutor(max_workers=at_once) as pool:
-        return list(pool.map(lambda job: run_step(job[0], job[1], out_dir, job[2], env), jobs))
+        list(pool.map(one, jobs))
 
 
-def main(argv=None) -> int:
+# What a run cut short by --budget should have measured first: correctness, then the figures the acceptance
+# is judged on (ViT-B/16 at 64 and 8, ViT-H/14 at 16, ViT-L/16 at 32, the training loop beside its step), then
+# the engines under torchrun, then the rest.
+BEFORE_SHARDS = ["fused-kernels", "device-decode", "bench-vit-b-64", "bench-vit-b-8", "bench-vit-h-16",
+                 "bench-vit-l-32"]
+AFTER_SHARDS = ["train-loop", "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop-stream",
+                "train-loop-stream-device-decode", "bench-vit-b-64-ckpt", "bench-vit-h-16-ckpt", "bench-vit-h-64",
+                "bench-vit-h-frozen-bf16", "scaling", "loaders"]
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default="gpu-acceptance")
     ap.add_argument("--dry-run", action="store_true", help="the same steps with a tiny model on CPU")
     ap.add_argument("--jobs", type=int, default=1, help="steps at once (dry run only: figures need one at a time)")
     ap.add_argument("--timeout", type=int, default=200, help="seconds per step")
+    ap.add_argument("--budget", type=float, default=math.inf, metavar="SECONDS",
+                    help="start no step after this many seconds, and cut the running ones there (they are "
+                         "reported as not run; the most telling steps come first)")
     ap.add_argument("--skip", action="append", default=[], metavar="STEP",
                     help="leave a step out (reported as skipped), e.g. to rerun only what failed")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def step_commands(args, out: str) -> dict[str, tuple[list[str], int]]:
+    """Every step but make-shards and the training runs: name -> (command, timeout)."""
+    py = sys.executable
+    commands = {name: ([py, "tools/benchmark.py", *bench_args, "--json", os.path.join(out, f"{name}.json")],
+                       args.timeout) for name, bench_args in benchmarks(args.dry_run)}
+    scaling = ["--models", "test_vit" if args.dry_run else "vit_base_patch16_224,vit_huge_patch14_224",
+               "--engines", "ddp,zero2,zero3", "--nprocs", "1", "--precision", "bf16", "--out-dir",
+               os.path.join(out, "scaling"), "--batch-per-rank", "2" if args.dry_run else "16"]
+    scaling += ["--img-size", "32"] if args.dry_run else ["--warmup", "3", "--steps", "10"]
+    commands["scaling"] = ([py, "tools/bench_scaling.py", *scaling], 2 * args.timeout)
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    # rlrr/layers/fused.py against the formula on the device itself
+    commands["fused-kernels"] = ([*pytest, "tests/test_fused.py"], args.timeout)
+    # data.decode: device, nvJPEG against the workers' decoder
+    commands["device-decode"] = ([*pytest, "tests/test_loader.py", "-k", "decoded_on_the_device"], args.timeout)
+    size = ["64", "--workers", "1", "--epochs", "1", "--batch-size", "16", "--device", "cpu"] if args.dry_run else \
+        ["2000", "--workers", "8", "--batch-size", "64", "--device", "cuda"]
+    commands["loaders"] = ([py, "tools/bench_data.py", "--json", os.path.join(out, "loaders.json"), "--images", *size],
+                           args.timeout)
+    return commands
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    deadline = time.monotonic() + args.budget
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_acceptance: error: no CUDA device; use --dry-run to check the steps on CPU", file=sys.stderr)
         return 2
@@ -233,70 +349,31 @@ def main(argv=None) -> int:
         return 2
     out = os.path.abspath(args.out_dir)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    py = sys.executable
-    bench_jobs = [(name, [py, "tools/benchmark.py", *bench_args, "--json", os.path.join(out, f"{name}.json")],
-                   args.timeout) for name, bench_args in benchmarks(args.dry_run)]
-    scaling = ["--models", "test_vit" if args.dry_run else "vit_base_patch16_224,vit_huge_patch14_224",
-               "--engines", "ddp,zero2,zero3", "--nprocs", "1", "--precision", "bf16", "--out-dir",
-               os.path.join(out, "scaling"), "--batch-per-rank", "2" if args.dry_run else "16"]
-    scaling += ["--img-size", "32"] if args.dry_run else ["--warmup", "3", "--steps", "10"]
     skip = {name: "--skip" for name in args.skip}
     if args.dry_run:  # one tiny model for every ViT: the other bench steps would repeat these
         skip.update({name: f"dry run: the same tiny model as {', '.join(DRY_RUNS)}"
                      for name, *_ in GPU_BENCHMARKS if name not in DRY_RUNS})
+        skip["train-ddp-fp16"] = "fp16 needs CUDA (dry run)"
     # Triton kernels: compiled for the GPU, or run by the interpreter on CPU in a dry run (read at import)
     os.environ["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(out, "compile_cache"))  # shared by every step
-    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    kernels = ("fused-kernels", [*pytest, "tests/test_fused.py"],
-               args.timeout)  # rlrr/layers/fused.py against the formula on the device itself
-    decoder = ("device-decode", [*pytest, "tests/test_loader.py", "-k", "decoded_on_the_device"],
-               args.timeout)  # data.decode: device, nvJPEG against the workers' decoder
-    size = ["64", "--workers", "1", "--epochs", "1", "--batch-size", "16", "--device", "cpu"] if args.dry_run else \
-        ["2000", "--workers", "8", "--batch-size", "64", "--device", "cuda"]
-    data_json = os.path.join(out, "loaders.json")
-    data = ("loaders", [py, "tools/bench_data.py", "--json", data_json, "--images", *size], args.timeout)
-    steps = run_all([j for j in [kernels, decoder, *bench_jobs, ("scaling", [py, "tools/bench_scaling.py", *scaling],
-                                                                 2 * args.timeout), data] if j[0] not in skip],
-                    out, args.jobs)
-    benches = {}
-    for step in steps:
-        if step["ok"] and step["step"].startswith("bench-") and "skipped" not in step:
-            with open(os.path.join(out, f"{step['step']}.json")) as f:
-                benches[step["step"]] = json.load(f)
+    commands = step_commands(args, out)
     make, runs = training_runs(out, args.dry_run)
-    steps += run_all([("make-shards", make, args.timeout)], out, 1)
-    if args.dry_run:
-        skip["train-ddp-fp16"] = "fp16 needs CUDA (dry run)"
-    train_jobs = [(name, [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "launch/train.py",
-                          "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}", *overrides],
-                   args.timeout) for name, overrides in runs if name not in skip]
-    training = {}
-    for step in run_all(train_jobs, out, args.jobs):
-        steps.append(step)
-        if step["ok"]:
-            with open(os.path.join(out, "runs", step["step"], "results.json")) as f:
-                r = json.load(f)
-            training[step["step"]] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final",
-                                                        "warmup_s", "compile")}
-            # fp16: the gradient scaler skips the steps whose scaled gradients overflow while it calibrates
-            if not step["step"].startswith("train-loop") and (r["steps"] != 20 or not 0 < r["optimizer_updates"] <= 20):
-                step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
-    steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
-    scaling_md = os.path.join(out, "scaling", "scaling.md")
-    result = {"date": time.strftime("%Y-%m-%d"), "dry_run": args.dry_run, "environment": environment(),
-              "steps": steps, "benchmarks": benches, "training": training,
-              "loop_vs_benchmark": loop_vs_benchmark(training, benches, args.dry_run),
-              "scaling_md": open(scaling_md).read() if os.path.exists(scaling_md) else None,
-              "input_pipeline": json.load(open(data_json)) if os.path.exists(data_json) else None}
-    from rlrr.atomic import write_json_atomic, write_text_atomic
-    write_json_atomic(os.path.join(out, "acceptance.json"), result)
-    write_text_atomic(os.path.join(out, "acceptance.md"), report(result))
-    failed = [s["step"] for s in steps if not s["ok"]]
+    commands["make-shards"] = (make, args.timeout)
+    for name, overrides in runs:
+        commands[name] = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           "launch/train.py", "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}",
+                           *overrides], args.timeout)
+    acceptance = Acceptance(out, args.dry_run)
+    for names in (BEFORE_SHARDS, ["make-shards"], AFTER_SHARDS):  # the training runs read the shards
+        run_all([(n, *commands[n]) for n in names if n not in skip], acceptance, args.jobs, deadline)
+    acceptance.steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
+    acceptance.write(complete=True)
+    failed = [s["step"] for s in acceptance.steps if not s["ok"]]
     if failed:
-        print(f"gpu_acceptance: FAILED: {', '.join(failed)} (logs in {out}/logs)", file=sys.stderr)
+        print(f"gpu_acceptance: FAILED or not run: {', '.join(failed)} (logs in {out}/logs)", file=sys.stderr)
         return 1
-    print(f"gpu_acceptance: all {len(steps)} steps passed; {out}/acceptance.md")
+    print(f"gpu_acceptance: all {len(acceptance.steps)} steps passed; {out}/acceptance.md")
     return 0
 
 

@@ -2,8 +2,6 @@
 backbone (onnxruntime) on the same input."""
 
 import numpy as np
-import onnx
-import onnxruntime
 import pytest
 import timm
 import torch
@@ -17,6 +15,8 @@ pytestmark = pytest.mark.integration  # the converter as a command, on a 97 MB O
 
 
 def test_converted_dinov2_matches_onnxruntime(tmp_path):
+    import onnx  # here: 0.6 s in every pytest worker's collection otherwise
+    import onnxruntime
     out = tmp_path / "dinov2.safetensors"
     res = run_tool("convert_dinov2_onnx.py", "--out", out, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

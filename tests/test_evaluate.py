@@ -3,7 +3,6 @@ the same definitions of top-1 (argmax, ties to the first class) and top-5, on ra
 over batches of different sizes."""
 import pytest
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from rlrr.distributed import DistInfo
 from rlrr.evaluate import Scores
@@ -12,6 +11,8 @@ from rlrr.evaluate import Scores
 @pytest.mark.parametrize("num_classes", [3, 10])
 @pytest.mark.parametrize("tied", [False, True])
 def test_scores_equal_torchmetrics_over_uneven_batches(num_classes, tied):
+    # here: importing torchmetrics (and the transformers it loads) is 1.2 s in every pytest worker's collection
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
     g = torch.Generator().manual_seed(num_classes + 7 * tied)
     logits = torch.randn(101, num_classes, generator=g)
     if tied:  # few distinct values: most rows hold ties, at the top and around the 5th place

@@ -31,10 +31,12 @@ rest as not run (exit 1):
 The whole command is not yet timed on a GPU.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -161,9 +163,11 @@ def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, 
     t0 = time.perf_counter()
     log = os.path.join(out_dir, "logs", f"{name}.log")
     with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT, env=env).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            stop_group(proc)
             rc = f"timed out after {timeout:.0f} s"
     step = {"step": name, "ok": rc == 0, "seconds": round(time.perf_counter() - t0, 1), "log": log}
     if rc != 0:
@@ -172,6 +176,22 @@ def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, 
         step["error"] = f"exit {rc}: {tail[0][:300]}"
     print(f"{name}: {'ok' if rc == 0 else 'FAILED ' + step['error']} ({step['seconds']} s)", flush=True)
     return step
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 40.0) -> None:
+    """End a step cut at its time limit, and every process it started: SIGTERM to its process group
+    first (torchrun forwards it to its workers, which run in sessions of their own, and kills them
+    after 30 s; killing the launcher alone would leave them holding the GPU for the next step), then
+    SIGKILL to whatever of the group is left after ``grace`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def environment() -> dict:

@@ -25,6 +25,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .config import ConfigError, apply_override, load_config
+from .processes import run_limited
 
 
 def repo_root() -> str:
@@ -122,14 +123,13 @@ def _launch(job: Job, env: dict, timeout: Optional[float]):
     """One attempt. The run holds a lock on <label>.lock for as long as it lives: a sweep started again
     while an orphaned attempt of an earlier one still runs waits for it to end, and never trains the
     same run twice at once. The attempt is told to stop (SIGTERM: it saves a checkpoint) if this
-    process dies first."""
+    process dies first, and stopped with its workers if it runs past ``timeout`` (rlrr.processes)."""
     with open(job.log_path, "a") as log, open(job.config_path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:  # appended: a retried run's log keeps the failed attempt
-            return subprocess.run(job.command(), cwd=repo_root(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout, pass_fds=(lock.fileno(),), preexec_fn=_stop_with_parent).returncode
-        except subprocess.TimeoutExpired:
-            return "timeout"
+        # appended: a retried run's log keeps the failed attempt
+        rc = run_limited(job.command(), timeout, cwd=repo_root(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                         pass_fds=(lock.fileno(),), preexec_fn=_stop_with_parent)
+        return "timeout" if rc is None else rc
 
 
 def _stop_with_parent() -> None:

@@ -29,6 +29,7 @@ import time
 import torch
 
 from rlrr.distributed import status_mb
+from rlrr.processes import run_limited
 from rlrr.startup import long_lived_imports
 from rlrr.world import exit_process
 
@@ -128,13 +129,12 @@ def run_cell(args, model: str, engine: str, nproc: int) -> dict:
         + (["--deepspeed-config", args.deepspeed_config] if args.deepspeed_config and engine != "ddp" else [])
     t0 = time.perf_counter()
     log = result[:-len(".json")] + ".log"
-    try:
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                env=WORKER_ENV).returncode
-        error = None if rc == 0 and os.path.exists(result) else first_error(log)
-    except subprocess.TimeoutExpired:
+    with open(log, "w") as f:  # a cell cut at its limit is stopped with its ranks (rlrr.processes)
+        rc = run_limited(cmd, args.timeout, stdout=f, stderr=subprocess.STDOUT, env=WORKER_ENV)
+    if rc is None:
         error = f"timed out after {args.timeout} s"
+    else:
+        error = None if rc == 0 and os.path.exists(result) else first_error(log)
     cell = {"model": model, "engine": engine, "nproc": nproc, "wall_s": round(time.perf_counter() - t0, 1), "log": log}
     if error:
         return {**cell, "failed": error.strip()[:300]}

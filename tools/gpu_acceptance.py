@@ -31,12 +31,10 @@ rest as not run (exit 1):
 The whole command is not yet timed on a GPU.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
-import signal
 import subprocess
 import sys
 import threading
@@ -47,6 +45,8 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+
+from rlrr.processes import run_limited
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,13 +162,10 @@ def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, 
     timeout = min(timeout, left)
     t0 = time.perf_counter()
     log = os.path.join(out_dir, "logs", f"{name}.log")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop_group(proc)
-            rc = f"timed out after {timeout:.0f} s"
+    with open(log, "w") as f:  # a step cut at its limit is stopped with every process it started
+        rc = run_limited(cmd, timeout, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    if rc is None:
+        rc = f"timed out after {timeout:.0f} s"
     step = {"step": name, "ok": rc == 0, "seconds": round(time.perf_counter() - t0, 1), "log": log}
     if rc != 0:
         with open(log) as f:
@@ -176,22 +173,6 @@ def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, 
         step["error"] = f"exit {rc}: {tail[0][:300]}"
     print(f"{name}: {'ok' if rc == 0 else 'FAILED ' + step['error']} ({step['seconds']} s)", flush=True)
     return step
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 40.0) -> None:
-    """End a step cut at its time limit, and every process it started: SIGTERM to its process group
-    first (torchrun forwards it to its workers, which run in sessions of their own, and kills them
-    after 30 s; killing the launcher alone would leave them holding the GPU for the next step), then
-    SIGKILL to whatever of the group is left after ``grace`` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def environment() -> dict:

@@ -46,6 +46,7 @@ import torch
 import yaml
 from PIL import Image
 
+from rlrr.atomic import write_json_atomic, write_text_atomic
 from rlrr.processes import run_limited
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,7 +260,6 @@ class Acceptance:
                 step.update(ok=False, error=f"{r['steps']} steps, {r['optimizer_updates']} updates; expected 20")
 
     def write(self, complete: bool) -> None:
-        from rlrr.atomic import write_json_atomic, write_text_atomic
         scaling_md = os.path.join(self.out, "scaling", "scaling.md")
         data_json = os.path.join(self.out, "loaders.json")
         result = {"date": time.strftime("%Y-%m-%d"), "dry_run": self.dry, "complete": complete,

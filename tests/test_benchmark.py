@@ -16,16 +16,21 @@ from helpers import ROOT, run_tool, tool_main
 pytestmark = pytest.mark.integration  # a process per measured mode
 
 
-def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path):
-    """Two rounds of two windows, pooled; DDP's all-reduce carries the trainable gradients only. (RLRR vs
-    full fine-tuning, inference and MFU come through the GPU script's dry run below.)"""
+def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path, monkeypatch):
+    """Two rounds of two windows, pooled; DDP's all-reduce carries the trainable gradients only. A mode
+    that fails (the Triton kernels off CUDA without the interpreter) is listed with its error while the
+    others still run, and the command exits 1. (RLRR vs full fine-tuning, inference and MFU come through
+    the GPU script's dry run below.)"""
     out = tmp_path / "bench.json"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     res = run_tool("benchmark.py", "--model", "test_vit", "--img-size", "32", "--batch-size", "2",
-                   "--modes", "linear", "--warmup", "1", "--steps", "1", "--windows", "2", "--rounds", "2",
+                   "--modes", "rlrr+fused,linear", "--warmup", "1", "--steps", "1", "--windows", "2", "--rounds", "2",
                    "--device", "cpu", "--no-inference", "--json", out, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.returncode == 1, res.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert set(data["training"]) == {"linear"} and "inference" not in data
+    assert set(data["training"]) == {"linear"} and "inference" not in data and data["complete"]
+    assert list(data["failed"]) == ["rlrr+fused"] and "model.kernel = triton needs a CUDA device" in data["failed"][
+        "rlrr+fused"] and "benchmark: error: rlrr+fused failed: " in res.stderr
     for mode, r in data["training"].items():
         assert r["mode"] == mode and r["train_img_s"] > 0 and r["peak_memory_mb"] >= 0 and r["trainable_params"] > 0
         assert len(r["window_img_s"]) == 4  # 2 windows x 2 rounds, pooled
@@ -127,7 +132,11 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path):
     """--budget 0: no step starts (none of them is a process here); each is reported as not run, and the
     command fails. A step's outcome is written when it ends, before the command does."""
     out = tmp_path / "acc"
+    (out / "runs" / "train-loop").mkdir(parents=True)  # an earlier call's outputs for steps about to run
+    (out / "bench-vit-b-8.json").write_text("{}")
+    (out / "runs" / "train-loop" / "results.json").write_text("{}")
     assert tool_main("gpu_acceptance.py")(["--dry-run", "--budget", "0", "--out-dir", str(out)]) == 1
+    assert not (out / "bench-vit-b-8.json").exists() and not (out / "runs" / "train-loop").exists()
     data = json.loads((out / "acceptance.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
     assert data["complete"] and not data["benchmarks"] and not data["training"]
@@ -145,3 +154,8 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path):
     assert not data["complete"] and data["steps"] == [{"step": "fused-kernels", "ok": True, "seconds": 1.5,
                                                        "log": "x.log"}]
     assert "Incomplete: written after each step" in (out / "acceptance.md").read_text()
+    # a bench step cut short keeps the modes its benchmark wrote before the cut
+    (out / "bench-vit-b-8.json").write_text(json.dumps({"training": {}, "failed": {"full": "OOM"}, "complete": False}))
+    acceptance.add({"step": "bench-vit-b-8", "ok": False, "seconds": 200.0, "error": "exit timed out after 200 s"})
+    assert json.loads((out / "acceptance.json").read_text())["benchmarks"]["bench-vit-b-8"]["complete"] is False
+    assert "| bench-vit-b-8 | full | failed: OOM |" in (out / "acceptance.md").read_text()

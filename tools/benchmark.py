@@ -20,6 +20,10 @@ counts them; MFU = FLOPs x img/s / the GPU's dense bf16/fp16 peak (known GPUs or
 DDP bytes: what DistributedDataParallel hands to all-reduce in one step (counted by a comm hook on
 a one-process gloo group). Inference img/s: the RLRR-adapted model, then the merged and the plain
 timm model with their windows interleaved.
+
+``--json`` is rewritten after every mode ("complete": false until the end), so a run cut short keeps
+what it measured; a mode that fails is listed under "failed" with its error, the others still run, and
+the command exits 1.
 """
 import argparse
 import importlib.metadata
@@ -35,6 +39,7 @@ import typing
 
 import torch
 
+from rlrr.atomic import write_json_atomic
 from rlrr.config import FrozenDtype, ModelConfig, Precision
 from rlrr.distributed import peak_memory_mb, status_mb
 from rlrr.startup import long_lived_imports
@@ -42,8 +47,10 @@ from rlrr.startup import long_lived_imports
 METHODS = ("rlrr", "full", "linear", "lora")
 PATHS = ("eager", "fused", "torch", "compiled", "cudagraphs")
 CPU_MODES = METHODS  # each method, eager
-GPU_MODES = ("full", "full+compiled", "full+cudagraphs", "linear", "lora", "rlrr+torch", "rlrr+fused",
-             "rlrr+compiled", "rlrr+cudagraphs")
+# most telling first, for a run cut short: RLRR's default path in a one-process run, the full fine-tuning step it
+# is judged against, today's eager RLRR, then the rest
+GPU_MODES = ("rlrr+cudagraphs", "full+compiled", "rlrr+torch", "rlrr+compiled", "rlrr+fused", "full",
+             "full+cudagraphs", "linear", "lora")
 
 
 def parse_mode(mode: str, compile_all: bool = False) -> tuple[str, str]:
@@ -304,23 +311,41 @@ def main(argv=None) -> int:
     shared += [flag for flag, on in (("--compile", args.compile), ("--explicit-attn", args.explicit_attn),
                                      ("--grad-checkpointing", args.grad_checkpointing)) if on]
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
-               "torch": torch.__version__, "timm": importlib.metadata.version("timm"), "training": {}}
-    train = results["training"]
+               "torch": torch.__version__, "timm": importlib.metadata.version("timm"), "training": {}, "failed": {},
+               "complete": False}
     for worker in modes * max(1, args.rounds) + ([] if args.no_inference else ["inference"]):
         res = subprocess.run([sys.executable, os.path.abspath(__file__), *shared, "--worker", worker],
                              capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"benchmark: error: {worker} failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            return 1
-        data = json.loads(res.stdout.strip().splitlines()[-1])
-        if worker == "inference":
-            results["inference"] = data
-        elif worker in train:  # a later round: pool its windows, keep the larger peak
-            train[worker]["window_img_s"] += data["window_img_s"]
-            train[worker]["peak_memory_mb"] = max(train[worker]["peak_memory_mb"], data["peak_memory_mb"])
+        if res.returncode != 0:  # the other modes still run
+            results["failed"][worker] = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1][:300]
+            print(f"benchmark: error: {worker} failed: {results['failed'][worker]}", file=sys.stderr)
         else:
-            train[worker] = data
-    peak = peak_tflops(args)
+            add_result(results, worker, json.loads(res.stdout.strip().splitlines()[-1]))
+        summarize(args, results)
+        if args.json:  # after every mode: a run cut short keeps what it measured
+            write_json_atomic(args.json, results)
+    results["complete"] = True
+    print_summary(args, results)
+    if args.json:
+        write_json_atomic(args.json, results)
+    return 1 if results["failed"] else 0
+
+
+def add_result(results: dict, worker: str, data: dict) -> None:
+    train = results["training"]
+    if worker == "inference":
+        results["inference"] = data
+    elif worker in train:  # a later round: pool its windows, keep the larger peak
+        train[worker]["window_img_s"] += data["window_img_s"]
+        train[worker]["peak_memory_mb"] = max(train[worker]["peak_memory_mb"], data["peak_memory_mb"])
+    else:
+        train[worker] = data
+
+
+def summarize(args, results: dict) -> None:
+    """Each mode's img/s and MFU, and the best RLRR mode against the best full fine-tuning mode, from the
+    windows measured so far."""
+    train, peak = results["training"], peak_tflops(args)
     for r in train.values():
         r["train_img_s"] = round(statistics.median(r["window_img_s"]), 2)
         # model FLOPs utilisation: counted FLOPs per image x img/s over the GPU's peak (None: peak unknown)
@@ -332,11 +357,6 @@ def main(argv=None) -> int:
         results["rlrr_vs_full"] = {"speed": round(rlrr["train_img_s"] / full["train_img_s"], 3),
                                    "memory": round(rlrr["peak_memory_mb"] / full["peak_memory_mb"], 3),
                                    "rlrr_mode": best["rlrr"], "full_mode": best["full"]}
-    print_summary(args, results)
-    if args.json:
-        from rlrr.atomic import write_json_atomic
-        write_json_atomic(args.json, results)
-    return 0
 
 
 if __name__ == "__main__":

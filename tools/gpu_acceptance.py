@@ -31,10 +31,12 @@ rest as not run (exit 1):
 The whole command is not yet timed on a GPU.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -209,6 +211,7 @@ def report(result: dict) -> str:
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
             lines.append(f"| {name} | {mode} | {r['train_img_s']} | {r['peak_memory_mb']:,.0f} | "
                          f"{r['train_flops_per_image'] / 1e9:.2f} | {mfu} |")
+        lines += [f"| {name} | {mode} | failed: {error} | | | |" for mode, error in data.get("failed", {}).items()]
     lines += ["", "| training run | steps | optimizer updates | img/s | first step (s) | compiled | CUDA graphs | "
               "test top-1 |", "|---|---|---|---|---|---|---|---|"]
     for name, r in result["training"].items():
@@ -241,16 +244,16 @@ class Acceptance:
     def add(self, step: dict) -> None:
         with self.lock:
             self.steps.append(step)
-            if step["ok"]:
-                self._collect(step)
+            self._collect(step)
             self.write(complete=False)
 
     def _collect(self, step: dict) -> None:
         name = step["step"]
-        if name.startswith("bench-"):
-            with open(os.path.join(self.out, f"{name}.json")) as f:
-                self.benches[name] = json.load(f)
-        elif name.startswith("train-"):
+        if name.startswith("bench-"):  # also from a step cut short or with a failed mode: the modes it measured
+            bench = _read(os.path.join(self.out, f"{name}.json"), json.load)
+            if bench is not None:
+                self.benches[name] = bench
+        elif name.startswith("train-") and step["ok"]:
             with open(os.path.join(self.out, "runs", name, "results.json")) as f:
                 r = json.load(f)
             self.training[name] = {k: r[k] for k in ("steps", "optimizer_updates", "img_per_s", "test_acc1_final",
@@ -365,6 +368,10 @@ def main(argv=None) -> int:
         commands[name] = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                            "launch/train.py", "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}",
                            *overrides], args.timeout)
+    for name in set(commands) - set(skip):  # what an earlier call left in this folder for the steps to run
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, f"{name}.json"))
+        shutil.rmtree(os.path.join(out, "runs", name), ignore_errors=True)
     acceptance = Acceptance(out, args.dry_run)
     for names in (BEFORE_SHARDS, ["make-shards"], AFTER_SHARDS):  # the training runs read the shards
         run_all([(n, *commands[n]) for n in names if n not in skip], acceptance, args.jobs, deadline)

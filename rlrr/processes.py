@@ -1,8 +1,10 @@
-"""Commands run with a time limit: one that runs over is stopped together with every process it started.
+"""Commands run with a time limit: one that runs over is stopped together with the processes it started.
 
-``subprocess.run(cmd, timeout=...)`` kills the command alone. For torchrun that is the launcher, whose
-workers run in sessions of their own: they would train on, orphaned, holding the GPU and the run's
-directory while a retry (or the next benchmark) starts beside them.
+``subprocess.run(cmd, timeout=...)`` kills the command alone, with SIGKILL. For torchrun that is the
+launcher, whose workers run in sessions of their own: they would train on, orphaned, holding the GPU
+and the run's directory while a retry (or the next benchmark) starts beside them. Told to stop with
+SIGTERM instead, torchrun forwards it to its workers (an rlrr run saves a checkpoint) and kills them
+30 s later.
 """
 import contextlib
 import os
@@ -14,30 +16,35 @@ from typing import Optional
 TORCHRUN_GRACE_S = 40.0
 
 
-def run_limited(cmd: list[str], timeout: Optional[float], grace: float = TORCHRUN_GRACE_S, **popen) -> Optional[int]:
-    """The command's exit code, or None when it ran past ``timeout`` seconds (None: no limit). It runs in a
-    session of its own; when it runs over, or this process is interrupted while it waits, its process
-    group is stopped (``stop_group``). ``popen``: subprocess.Popen's other arguments."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+def run_limited(cmd: list[str], timeout: Optional[float], grace: float = TORCHRUN_GRACE_S, own_group: bool = True,
+                **popen) -> Optional[int]:
+    """The command's exit code, or None when it ran past ``timeout`` seconds (None: no limit). When it runs
+    over, or this process is interrupted while it waits, it is stopped (``stop``). ``own_group``: the
+    command leads a process group of its own, stopped as a whole (every process it started that did not
+    leave the group); False keeps it in this process's group, so that a terminal's Ctrl-C reaches it
+    too, and stopping it signals the command alone. ``popen``: subprocess.Popen's other arguments."""
+    proc = subprocess.Popen(cmd, start_new_session=own_group, **popen)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        stop_group(proc, grace)
+        stop(proc, grace, group=own_group)
         return None
     except BaseException:  # KeyboardInterrupt: the run is told to stop (an rlrr run saves a checkpoint)
-        stop_group(proc, grace)
+        stop(proc, grace, group=own_group)
         raise
 
 
-def stop_group(proc: subprocess.Popen, grace: float = TORCHRUN_GRACE_S) -> None:
-    """SIGTERM to the process group ``proc`` leads (torchrun forwards it to its workers; an rlrr run saves
-    a checkpoint and exits), then SIGKILL to whatever of the group is left ``grace`` seconds later."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+def stop(proc: subprocess.Popen, grace: float = TORCHRUN_GRACE_S, group: bool = True) -> None:
+    """SIGTERM to ``proc`` (``group``: to the process group it leads), then SIGKILL to whatever of it is
+    left ``grace`` seconds later."""
+    def send(sig):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+
+    send(signal.SIGTERM)
     try:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    send(signal.SIGKILL)
     proc.wait()

@@ -127,8 +127,9 @@ def _launch(job: Job, env: dict, timeout: Optional[float]):
     with open(job.log_path, "a") as log, open(job.config_path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # appended: a retried run's log keeps the failed attempt
-        rc = run_limited(job.command(), timeout, cwd=repo_root(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                         pass_fds=(lock.fileno(),), preexec_fn=_stop_with_parent)
+        # in this process's group: a terminal's Ctrl-C reaches every run of a parallel sweep, as before
+        rc = run_limited(job.command(), timeout, own_group=False, cwd=repo_root(), stdout=log,
+                         stderr=subprocess.STDOUT, env=env, pass_fds=(lock.fileno(),), preexec_fn=_stop_with_parent)
         return "timeout" if rc is None else rc
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rlrr.processes import run_limited, stop_group
+from rlrr.processes import run_limited, stop
 
 from helpers import TORCHRUN
 
@@ -35,15 +35,17 @@ def _read_to_the_end(fd: int) -> bytes:
         data += chunk
 
 
-def test_a_torchrun_launch_is_stopped_with_its_workers(tmp_path):
-    """SIGTERM to the launcher's group: torchrun forwards it to both workers, which run their handler
-    (where an rlrr run saves its checkpoint); killing the launcher alone would leave them running."""
+@pytest.mark.parametrize("group", [True, False])
+def test_a_torchrun_launch_is_stopped_with_its_workers(tmp_path, group):
+    """SIGTERM to the launcher (or the group it leads): torchrun forwards it to both workers, which run
+    their handler (where an rlrr run saves its checkpoint); SIGKILL to the launcher, as subprocess.run's
+    timeout sends, would leave them running."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     proc = subprocess.Popen([*TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=group)
     assert [proc.stdout.readline(), proc.stdout.readline()] == [b"ready\n", b"ready\n"]
-    stop_group(proc)
+    stop(proc, group=group)
     assert _read_to_the_end(proc.stdout.fileno()) == b""
     assert (tmp_path / "stopped.0").exists() and (tmp_path / "stopped.1").exists()
 

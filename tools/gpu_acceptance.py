@@ -156,8 +156,10 @@ def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> dict:
                   "ratio": round(training[run]["img_per_s"] / step, 3)} for run in loop_loaders(dry) if run in training}
 
 
-def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, deadline: float = math.inf) -> dict:
-    """Run one step; not started once ``deadline`` (time.monotonic()) has passed, and cut at it."""
+def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, deadline: float = math.inf,
+             own_group: bool = True) -> dict:
+    """Run one step; not started once ``deadline`` (time.monotonic()) has passed, and cut at it.
+    ``own_group``: rlrr.processes.run_limited's."""
     left = deadline - time.monotonic()
     if left <= 0:
         print(f"{name}: not run (the time budget ran out)", flush=True)
@@ -166,7 +168,7 @@ def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, 
     t0 = time.perf_counter()
     log = os.path.join(out_dir, "logs", f"{name}.log")
     with open(log, "w") as f:  # a step cut at its limit is stopped with every process it started
-        rc = run_limited(cmd, timeout, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        rc = run_limited(cmd, timeout, own_group=own_group, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if rc is None:
         rc = f"timed out after {timeout:.0f} s"
     step = {"step": name, "ok": rc == 0, "seconds": round(time.perf_counter() - t0, 1), "log": log}
@@ -284,13 +286,20 @@ def _read(path: str, parse=lambda f: f.read()):
 def run_all(jobs: list[tuple[str, list[str], int]], acceptance: Acceptance, at_once: int,
             deadline: float = math.inf) -> None:
     """Run (name, command, timeout) steps, ``at_once`` at a time, in order of the list, each recorded in
-    ``acceptance`` when it ends; steps side by side share the CPU cores instead of each taking all of them."""
+    ``acceptance`` when it ends. One at a time (every measured run), in this thread: Ctrl-C stops the
+    running step with all it started. Side by side (a dry run's --jobs), the steps share the CPU cores
+    instead of each taking all of them, and stay in this process's group, where a terminal's Ctrl-C
+    reaches them."""
+    if at_once == 1:
+        for name, cmd, timeout in jobs:
+            acceptance.add(run_step(name, cmd, acceptance.out, timeout, None, deadline))
+        return
     env = None
-    if at_once > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" not in os.environ:
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // at_once)))
 
     def one(job):
-        acceptance.add(run_step(job[0], job[1], acceptance.out, job[2], env, deadline))
+        acceptance.add(run_step(job[0], job[1], acceptance.out, job[2], env, deadline, own_group=False))
 
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         list(pool.map(one, jobs))

@@ -39,7 +39,10 @@ def stop(proc: subprocess.Popen, grace: float = TORCHRUN_GRACE_S, group: bool = 
     left ``grace`` seconds later."""
     def send(sig):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
 
     send(signal.SIGTERM)
     try:

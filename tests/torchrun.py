@@ -56,9 +56,7 @@ def _signals_after_exec() -> None:
     default SIGINT raising KeyboardInterrupt)."""
     for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
         current = signal.getsignal(sig)  # the agent's (inherited through the fork); None: set outside Python
-        if sig in _PYTHON_IGNORES:
-            wanted = signal.SIG_IGN
-        elif current == signal.SIG_IGN:
+        if sig in _PYTHON_IGNORES or current == signal.SIG_IGN:
             wanted = signal.SIG_IGN
         else:
             wanted = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL

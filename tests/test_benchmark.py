@@ -135,11 +135,14 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path):
     (out / "runs" / "train-loop").mkdir(parents=True)  # an earlier call's outputs for steps about to run
     (out / "bench-vit-b-8.json").write_text("{}")
     (out / "runs" / "train-loop" / "results.json").write_text("{}")
+    (out / "scaling").mkdir()
+    (out / "scaling" / "scaling.md").write_text("| an earlier table |")
     assert tool_main("gpu_acceptance.py")(["--dry-run", "--budget", "0", "--out-dir", str(out)]) == 1
     assert not (out / "bench-vit-b-8.json").exists() and not (out / "runs" / "train-loop").exists()
+    assert not (out / "scaling").exists()
     data = json.loads((out / "acceptance.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
-    assert data["complete"] and not data["benchmarks"] and not data["training"]
+    assert data["complete"] and not data["benchmarks"] and not data["training"] and data["scaling_md"] is None
     assert steps["fused-kernels"] == {"step": "fused-kernels", "ok": False, "seconds": 0.0,
                                       "not_run": "the time budget ran out"}
     assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 19

@@ -307,7 +307,7 @@ def run_all(jobs: list[tuple[str, list[str], int]], acceptance: Acceptance, at_o
 
 # What a run cut short by --budget should have measured first: correctness, then the figures the acceptance
 # is judged on (ViT-B/16 at 64 and 8, ViT-H/14 at 16, ViT-L/16 at 32, the training loop beside its step), then
-# the engines under torchrun, then the rest.
+# the engines under torchrun, then the rest (a step in neither list runs last).
 BEFORE_SHARDS = ["fused-kernels", "device-decode", "bench-vit-b-64", "bench-vit-b-8", "bench-vit-h-16",
                  "bench-vit-l-32"]
 AFTER_SHARDS = ["train-loop", "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop-stream",
@@ -380,9 +380,11 @@ def main(argv=None) -> int:
     for name in set(commands) - set(skip):  # what an earlier call left in this folder for the steps to run
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, f"{name}.json"))
-        shutil.rmtree(os.path.join(out, "runs", name), ignore_errors=True)
+        for folder in (os.path.join(out, name), os.path.join(out, "runs", name)):  # scaling/, a run's own
+            shutil.rmtree(folder, ignore_errors=True)
     acceptance = Acceptance(out, args.dry_run)
-    for names in (BEFORE_SHARDS, ["make-shards"], AFTER_SHARDS):  # the training runs read the shards
+    after = AFTER_SHARDS + [n for n in commands if n not in {*BEFORE_SHARDS, "make-shards", *AFTER_SHARDS}]
+    for names in (BEFORE_SHARDS, ["make-shards"], after):  # the training runs read the shards
         run_all([(n, *commands[n]) for n in names if n not in skip], acceptance, args.jobs, deadline)
     acceptance.steps += [{"step": name, "ok": True, "seconds": 0.0, "skipped": why} for name, why in skip.items()]
     acceptance.write(complete=True)

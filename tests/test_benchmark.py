@@ -1,5 +1,6 @@
 """tools/benchmark.py, bench_scaling.py and gpu_acceptance.sh run and write complete JSON (no timing
 assertions)."""
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from rlrr.config import ModelConfig
 from rlrr.model import build_model
 
-from helpers import ROOT, run_tool, tool_main
+from helpers import ROOT, run_tool, tool_main, tool_module
 
 pytestmark = pytest.mark.integration  # a process per measured mode
 
@@ -128,16 +129,19 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
         assert res.returncode == 2 and "no CUDA device; use --dry-run" in res.stderr
 
 
-def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path):
+def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkeypatch):
     """--budget 0: no step starts (none of them is a process here); each is reported as not run, and the
-    command fails. A step's outcome is written when it ends, before the command does."""
+    command fails. A step's outcome is written when it ends, before the command does. The report names
+    the versions its figures rest on, and a missing package."""
+    tool = tool_module("gpu_acceptance.py")
+    monkeypatch.setattr(tool, "PACKAGES", ["timm", "no-such-package-rlrr"])
     out = tmp_path / "acc"
     (out / "runs" / "train-loop").mkdir(parents=True)  # an earlier call's outputs for steps about to run
     (out / "bench-vit-b-8.json").write_text("{}")
     (out / "runs" / "train-loop" / "results.json").write_text("{}")
     (out / "scaling").mkdir()
     (out / "scaling" / "scaling.md").write_text("| an earlier table |")
-    assert tool_main("gpu_acceptance.py")(["--dry-run", "--budget", "0", "--out-dir", str(out)]) == 1
+    assert tool.main(["--dry-run", "--budget", "0", "--out-dir", str(out)]) == 1
     assert not (out / "bench-vit-b-8.json").exists() and not (out / "runs" / "train-loop").exists()
     assert not (out / "scaling").exists()
     data = json.loads((out / "acceptance.json").read_text())
@@ -150,8 +154,11 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path):
     assert order[:3] == ["fused-kernels", "device-decode", "bench-vit-b-8"] and order.index("make-shards") == 3
     md = (out / "acceptance.md").read_text()
     assert "| bench-vit-b-8 | not run: the time budget ran out | 0.0 |" in md and "Incomplete" not in md
+    timm_version = importlib.metadata.version("timm")
+    assert data["environment"]["timm"] == timm_version and data["environment"]["no-such-package-rlrr"] is None
+    assert f"timm {timm_version}, no-such-package-rlrr NOT INSTALLED" in md
 
-    acceptance = tool_main("gpu_acceptance.py").__globals__["Acceptance"](str(out), True)
+    acceptance = tool.Acceptance(str(out), True)
     acceptance.add({"step": "fused-kernels", "ok": True, "seconds": 1.5, "log": "x.log"})
     data = json.loads((out / "acceptance.json").read_text())
     assert not data["complete"] and data["steps"] == [{"step": "fused-kernels", "ok": True, "seconds": 1.5,

@@ -32,6 +32,7 @@ The whole command is not yet timed on a GPU.
 """
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -52,6 +53,7 @@ from rlrr.atomic import write_json_atomic, write_text_atomic
 from rlrr.processes import run_limited
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ["timm", "triton", "deepspeed", "webdataset", "peft"]  # besides torch: what the steps' figures rest on
 
 
 GPU_BENCHMARKS = [  # (name, model, batch, benchmark.py options); modes: benchmark.py's GPU defaults unless given
@@ -181,13 +183,15 @@ def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, 
 
 
 def environment() -> dict:
+    """The versions the figures depend on; a package the steps need that is missing shows as None (its steps
+    then fail naming it)."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    try:
-        import deepspeed
-        env["deepspeed"] = deepspeed.__version__
-    except ImportError:
-        env["deepspeed"] = None
+    for name in PACKAGES:
+        try:
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env[name] = None
     return env
 
 
@@ -200,9 +204,11 @@ def _outcome(step: dict) -> str:
 
 
 def report(result: dict) -> str:
+    env = result["environment"]
     lines = [f"# GPU acceptance ({result['date']}, {result['environment']['device']})", "",
-             f"torch {result['environment']['torch']}, CUDA {result['environment']['cuda']}, "
-             f"DeepSpeed {result['environment']['deepspeed']}{' (dry run on CPU)' if result['dry_run'] else ''}", "",
+             ", ".join([f"torch {env['torch']}", f"CUDA {env['cuda']}"] +
+                       [f"{name} {env.get(name) or 'NOT INSTALLED'}" for name in PACKAGES])
+             + (" (dry run on CPU)" if result["dry_run"] else ""), "",
              *([] if result["complete"] else ["Incomplete: written after each step; the command was still running "
                                               "or was stopped.", ""]),
              "| step | ok | seconds |", "|---|---|---|"]

@@ -96,6 +96,8 @@ class Preemption:
         self.requested = True
 
     def any_rank(self, info: DistInfo) -> bool:
+        if not info.enabled:  # one process: no collective, and no wait on the GPU every step
+            return self.requested
         flag = torch.tensor([float(self.requested)], device=info.device)
         return bool(all_reduce_sum(info, flag).item())
 

@@ -119,6 +119,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     t, st = run.cfg.train, run.state
     t0, seen, window_finite = time.perf_counter(), 0, True
     timed_from, timed_seen = t0, 0  # img/s counts from the end of this process's first step
+    loss_check = LossCheck(run.info)
     skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
     with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
               leave=False, dynamic_ncols=True) as bar:  # closed (its line cleared) on an exception too
@@ -131,18 +132,19 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             bar.update(1)
             if window_finite:  # once a micro-batch of the window is not finite, the window is dropped
                 images = normalize(images.to(run.info.device, non_blocking=True), run.cfg.data.stats)
-                loss, window_finite = run.engine.backward(images, labels.to(run.info.device, non_blocking=True),
-                                                          last_micro, lambda x: finite_on_every_rank(run.info, x))
+                _, window_finite = run.engine.backward(images, labels.to(run.info.device, non_blocking=True),
+                                                       last_micro, loss_check)
+                loss = loss_check.value
                 if window_finite:
                     st.epoch_seen += len(labels)
-                    st.epoch_loss_sum += loss.item() * len(labels)
+                    st.epoch_loss_sum += loss * len(labels)
             if not last_micro:
                 continue
             grad_norm = optimizer_step(run, window_finite)
             window_finite = True
             if run.warming_up:
                 timed_from, timed_seen = end_warmup(run, time.perf_counter() - t0, seen), seen
-            log_step(run, loss.item(), grad_norm, _rate(run, seen - timed_seen, timed_from))
+            log_step(run, loss, grad_norm, _rate(run, seen - timed_seen, timed_from))
             if stop_requested(run):
                 break
             if t.save_every_steps and st.global_step % t.save_every_steps == 0:
@@ -168,9 +170,22 @@ def end_warmup(run: Run, seconds: float, seen: int) -> float:
     return time.perf_counter()
 
 
-def finite_on_every_rank(info: DistInfo, loss: torch.Tensor) -> bool:
-    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=info.device)
-    return all_reduce_sum(info, bad).item() == 0
+class LossCheck:
+    """engine.backward's check between forward and backward: is the loss finite on every rank? The step
+    waits for its forward here in any case, so the loss is read to the host here too (``value``); read
+    after the backward is queued, it would also wait for the backward, and leave the GPU idle while
+    the host then queues the optimizer step and the next batch."""
+
+    def __init__(self, info: DistInfo):
+        self.info, self.value = info, math.nan
+
+    def __call__(self, loss: torch.Tensor) -> bool:
+        self.value = loss.item()
+        finite = math.isfinite(self.value)
+        if not self.info.enabled:
+            return finite
+        bad = torch.tensor([0.0 if finite else 1.0], device=self.info.device)
+        return all_reduce_sum(self.info, bad).item() == 0
 
 
 def optimizer_step(run: Run, window_finite: bool) -> float:

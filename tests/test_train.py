@@ -80,6 +80,46 @@ def test_resume_gives_identical_adapter(shards, tmp_path):
     assert ra["history"] == rb["history"]
 
 
+def test_a_one_process_step_waits_on_the_device_twice(shards, tmp_path, monkeypatch):
+    """A host read of a device value (item(), float(), bool()) waits for the GPU to finish what was queued,
+    which leaves it idle while the host then queues the next work. rlrr's code in a one-process optimizer
+    step reads two: the loss at the finiteness check, before the backward is queued, and the gradient
+    norm. The loss sum, logging and the preemption check read no other."""
+    import sys
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import rlrr
+    import rlrr.train
+
+    library = os.path.dirname(os.path.abspath(rlrr.__file__)) + os.sep
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    dispatch = tuple(torch_dir + p for p in ("_dynamo" + os.sep, "_compile.py", "utils" + os.sep + "_python_dispatch"))
+    reads = []
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                caller = sys._getframe(1)  # the Python line that asked for the value, past torch's dispatch
+                while caller.f_code.co_filename.startswith(dispatch):
+                    caller = caller.f_back
+                if caller.f_code.co_filename.startswith(library):
+                    reads.append(f"{caller.f_code.co_filename[len(library):]}:{caller.f_lineno}")
+            return func(*args, **(kwargs or {}))
+
+    one_epoch = rlrr.train.train_one_epoch
+
+    def counted(run, epoch):
+        with HostReads():
+            one_epoch(run, epoch)
+
+    monkeypatch.setattr(rlrr.train, "train_one_epoch", counted)
+    results = main(["--config", write_config(tmp_path / "reads.yaml", shards, tmp_path / "runs")])
+    assert results["steps"] == 12
+    assert len(reads) == 2 * results["steps"], sorted(set(reads))
+    assert len(set(reads)) == 2  # the same two places in every step
+
+
 @integration
 def test_ddp_two_processes(shards, tmp_path):
     """Also with bf16 autocast and bf16-stored frozen weights (DDP broadcasts those at start)."""

@@ -40,7 +40,8 @@ class Engine(typing.Protocol):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor: ...  # fp32 logits (eval and training)
     def backward(self, images, labels, last_micro: bool, loss_ok=None) -> tuple[torch.Tensor, bool]: ...
-    def step(self) -> tuple[Optional[float], bool]: ...  # (gradient norm, applied) at a window's end
+    # (gradient norm, applied) at a window's end: floats, or 0-d tensors the loop reads where it waits anyway
+    def step(self) -> tuple[typing.Union[float, torch.Tensor], typing.Union[bool, torch.Tensor]]: ...
     def discard(self) -> bool: ...  # drop the window's gradients; False where the engine cannot
     def trainable_fp32(self) -> dict: ...  # full fp32 adapter tensors, on every rank
     def trainable_finite(self) -> bool: ...
@@ -94,18 +95,23 @@ class DDPEngine:
             self.scaler.scale(loss / self.grad_accum).backward()
         return loss.detach(), True
 
-    def step(self) -> tuple[float, bool]:
-        """(gradient norm, applied): a non-finite norm leaves the weights as they are (the same on
-        every rank: the gradients were all-reduced)."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient norm, applied) as tensors on the device: a non-finite norm leaves the weights and
+        AdamW's state as they are (the same on every rank: the gradients were all-reduced), decided on
+        the device, so the host queues the next batch while the GPU still runs this step."""
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(self.model)],
-                                              self.clip if self.clip else float("inf")).item()
-        applied = math.isfinite(norm) or self.scaler.is_enabled()  # fp16: the scaler skips and rescales itself
-        if applied:
+                                              self.clip if self.clip else float("inf"))
+        applied = torch.isfinite(norm)
+        if self.scaler.is_enabled():  # fp16: the scaler skips on its own inf check and rescales
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        else:
+            self.optimizer.found_inf = (~applied).float()  # the fused AdamW skips the update on this flag
+            self.optimizer.step()
+            del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, applied and math.isfinite(norm)
+        return norm, applied
 
     def discard(self) -> bool:
         """Drop the gradients accumulated in this window (a micro-batch of it was not finite); True:
@@ -143,7 +149,9 @@ class DDPEngine:
                 p.copy_(saved["trainable"][n])
             for n, b in statistics_buffers(self.model).items():
                 b.copy_(saved["buffers"][n])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        state = saved["optimizer"]  # a checkpoint of the unfused AdamW (rlrr before it) resumes fused too
+        self.optimizer.load_state_dict({**state, "param_groups": [{**g, "fused": True, "foreach": None}
+                                                                  for g in state["param_groups"]]})
         self.scaler.load_state_dict(saved["scaler"])
         return saved
 

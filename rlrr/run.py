@@ -88,7 +88,8 @@ class Preemption:
     """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) -> save a checkpoint and leave cleanly."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = False  # on this rank
+        self.on_some_rank = False  # agreed by every rank at the last loss check (rlrr.train.LossCheck)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -96,10 +97,9 @@ class Preemption:
         self.requested = True
 
     def any_rank(self, info: DistInfo) -> bool:
-        if not info.enabled:  # one process: no collective, and no wait on the GPU every step
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=info.device)
-        return bool(all_reduce_sum(info, flag).item())
+        """Every rank gives the same answer at the same step: the ranks agree at each loss check, in the
+        collective that check makes anyway (a signal after it counts at the next step); one process: now."""
+        return self.on_some_rank if info.enabled else self.requested
 
 
 @dataclass
@@ -125,6 +125,7 @@ class Run:
     stopped: Optional[StopReason] = None  # set when the loop stops early
     writer: Optional[SummaryWriter] = None  # rank 0 only
     epoch_img_per_s: float = 0.0
+    pending_step: Optional[object] = None  # the last optimizer step's outcome until booked (rlrr.train.book_step)
     clock: float = field(default_factory=time.perf_counter)  # the last tick (rlrr.run.tick)
 
 

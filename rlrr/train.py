@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from tqdm import tqdm
@@ -21,7 +21,7 @@ from .atomic import write_text_atomic
 from .compile import compile_plan, prepare_compile
 from .config import RunConfig
 from .data.transforms import normalize
-from .distributed import DistInfo, all_reduce_sum, init_distributed, peak_memory_mb
+from .distributed import all_reduce_sum, init_distributed, peak_memory_mb
 from .engine import ENGINES
 from .errors import RunStopped
 from .evaluate import evaluate
@@ -119,7 +119,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     t, st = run.cfg.train, run.state
     t0, seen, window_finite = time.perf_counter(), 0, True
     timed_from, timed_seen = t0, 0  # img/s counts from the end of this process's first step
-    loss_check = LossCheck(run.info)
+    loss_check = LossCheck(run)
     skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
     with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
               leave=False, dynamic_ncols=True) as bar:  # closed (its line cleared) on an exception too
@@ -140,15 +140,17 @@ def train_one_epoch(run: Run, epoch: int) -> None:
                     st.epoch_loss_sum += loss * len(labels)
             if not last_micro:
                 continue
-            grad_norm = optimizer_step(run, window_finite)
+            optimizer_step(run, window_finite)
             window_finite = True
             if run.warming_up:
+                book_step(run)  # waits for the GPU to finish the first step: all of it is warm-up
                 timed_from, timed_seen = end_warmup(run, time.perf_counter() - t0, seen), seen
-            log_step(run, loss, grad_norm, _rate(run, seen - timed_seen, timed_from))
+            log_step(run, loss, _rate(run, seen - timed_seen, timed_from))
             if stop_requested(run):
                 break
             if t.save_every_steps and st.global_step % t.save_every_steps == 0:
                 save_checkpoint(run)
+    book_step(run)  # the epoch's last step, which the GPU has then finished
     elapsed = time.perf_counter() - t0
     st.train_time += elapsed
     st.images += seen * run.info.world
@@ -171,26 +173,42 @@ def end_warmup(run: Run, seconds: float, seen: int) -> float:
 
 
 class LossCheck:
-    """engine.backward's check between forward and backward: is the loss finite on every rank? The step
-    waits for its forward here in any case, so the loss is read to the host here too (``value``); read
-    after the backward is queued, it would also wait for the backward, and leave the GPU idle while
-    the host then queues the optimizer step and the next batch."""
+    """engine.backward's check between forward and backward: is the loss finite on every rank? The host
+    waits for the forward here in any case, so it reads the loss here too (``value``) and books the last
+    optimizer step (book_step), which the GPU finished before this forward. Read later, after the
+    backward or the optimizer step is queued, each value would wait for those as well and leave the GPU
+    idle while the host then queues the next work."""
 
-    def __init__(self, info: DistInfo):
-        self.info, self.value = info, math.nan
+    def __init__(self, run: Run):
+        self.run, self.value = run, math.nan
 
     def __call__(self, loss: torch.Tensor) -> bool:
         self.value = loss.item()
-        finite = math.isfinite(self.value)
-        if not self.info.enabled:
+        book_step(self.run)
+        finite, info, preempt = math.isfinite(self.value), self.run.info, self.run.preempt
+        if not info.enabled:
             return finite
-        bad = torch.tensor([0.0 if finite else 1.0], device=self.info.device)
-        return all_reduce_sum(self.info, bad).item() == 0
+        # the ranks whose loss is not finite, and those a preemption signal reached (Preemption.any_rank)
+        flags = torch.tensor([0.0 if finite else 1.0, float(preempt.requested)], device=info.device)
+        bad, preempted = all_reduce_sum(info, flags).tolist()
+        preempt.on_some_rank = preempted > 0
+        return bad == 0
 
 
-def optimizer_step(run: Run, window_finite: bool) -> float:
-    """One optimizer step at the end of an accumulation window, or none when the window's loss or
-    gradient was not finite on some rank (train.nonfinite). Returns the gradient norm."""
+@dataclasses.dataclass
+class StepOutcome:
+    """An optimizer step's outcome, until book_step reads it."""
+    step: int
+    loss_finite: bool
+    grad_norm: Union[float, torch.Tensor]  # a tensor on the device where the engine decided there
+    applied: Union[bool, torch.Tensor]
+
+
+def optimizer_step(run: Run, window_finite: bool) -> None:
+    """One optimizer step at the end of an accumulation window, or none when the window's loss was not
+    finite on some rank. Where the engine decides on the device whether to apply it (a non-finite
+    gradient norm: not), its outcome is booked later (book_step), where the host waits for the GPU anyway."""
+    book_step(run)  # normally done by this window's loss check already
     st = run.state
     run.scheduler.step_update(st.global_step)
     if window_finite:
@@ -200,40 +218,52 @@ def optimizer_step(run: Run, window_finite: bool) -> float:
             raise RunStopped(f"non-finite loss at step {st.global_step + 1} inside an accumulation window: "
                              "DeepSpeed ZeRO-2 cannot drop the gradients the window already accumulated; the "
                              "last checkpoint holds the last finite state (ZeRO-1/3 or grad_accum 1 drop the window)")
-        grad_norm, applied = float("nan"), False
+        grad_norm, applied = math.nan, False
     st.global_step += 1  # a dropped step still uses up its batches: the replay position stays exact
     st.step_in_epoch += 1
+    run.pending_step = StepOutcome(st.global_step, window_finite, grad_norm, applied)
+    if not isinstance(applied, torch.Tensor):
+        book_step(run)
+
+
+def book_step(run: Run) -> None:
+    """Book the last optimizer step's outcome, if not yet booked: log its gradient norm, and count a
+    dropped step (train.nonfinite: stop the run when asked). Reads the outcome from the device if it is there."""
+    out, run.pending_step = run.pending_step, None
+    if out is None:
+        return
+    st, t = run.state, run.cfg.train
+    grad_norm, applied = float(out.grad_norm), bool(out.applied)
+    if run.writer and out.step % t.log_every == 0:
+        run.writer.add_scalar("train/grad_norm", grad_norm, out.step)
     if applied:
         st.nonfinite_in_a_row = 0
-        return grad_norm
+        return
     st.nonfinite_skipped += 1
     st.nonfinite_in_a_row += 1
-    what = "loss" if not window_finite else "gradient norm"
-    log.warning(f"step {st.global_step}: non-finite {what}; the step was dropped on every rank "
+    what = "loss" if not out.loss_finite else "gradient norm"
+    log.warning(f"step {out.step}: non-finite {what}; the step was dropped on every rank "
                 f"({st.nonfinite_skipped} dropped so far)")
     if run.writer:
-        run.writer.add_scalar("train/nonfinite_skipped", st.nonfinite_skipped, st.global_step)
-    t = run.cfg.train
+        run.writer.add_scalar("train/nonfinite_skipped", st.nonfinite_skipped, out.step)
     if t.nonfinite == "stop" or st.nonfinite_in_a_row > t.nonfinite_max_in_a_row:
-        raise RunStopped(f"non-finite {what} at step {st.global_step} ({st.nonfinite_in_a_row} in a row, "
+        raise RunStopped(f"non-finite {what} at step {out.step} ({st.nonfinite_in_a_row} in a row, "
                          f"train.nonfinite = {t.nonfinite}); the weights were not updated and the last "
                          "checkpoint holds the last finite state")
-    return grad_norm
 
 
-def log_step(run: Run, loss: float, grad_norm: float, img_per_s: float) -> None:
+def log_step(run: Run, loss: float, img_per_s: float) -> None:
     step = run.state.global_step
-    if run.writer and step % run.cfg.train.log_every == 0:
+    if run.writer and step % run.cfg.train.log_every == 0:  # the gradient norm: book_step
         run.writer.add_scalar("train/loss", loss, step)
         run.writer.add_scalar("train/lr", run.engine.optimizer.param_groups[0]["lr"], step)
-        run.writer.add_scalar("train/grad_norm", grad_norm, step)
         run.writer.add_scalar("train/img_per_s", img_per_s, step)
 
 
 def stop_requested(run: Run) -> bool:
     """A preemption signal on any rank, or train.max_steps reached: save a checkpoint and stop."""
     max_steps = run.cfg.train.max_steps
-    preempted = run.preempt.any_rank(run.info)  # collective: every rank stops at the same step
+    preempted = run.preempt.any_rank(run.info)  # every rank stops at the same step
     if preempted:
         stop_with_checkpoint(run, StopReason.PREEMPTED)
     elif max_steps and run.state.global_step >= max_steps:
@@ -295,6 +325,7 @@ def end_epoch(run: Run, record: dict) -> None:
 
 def save_checkpoint(run: Run) -> None:
     """Save the resumable state; never one with non-finite weights (the previous one stays)."""
+    book_step(run)  # the state counts the last step's outcome
     if not run.engine.trainable_finite():
         raise RunStopped(f"non-finite trainable weights at step {run.state.global_step}; not saved, the last "
                          "checkpoint holds the last finite state")

@@ -50,17 +50,23 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 def test_a_non_finite_loss_or_gradient_never_reaches_the_weights():
     model, engine = _engine([])
-    before = engine.trainable_fp32()
+    before = {n: t.clone() for n, t in engine.trainable_fp32().items()}  # fp32 on the CPU: the parameters themselves
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
     loss, done = engine.backward(images, labels, last_micro=True, loss_ok=lambda x: False)
     assert not done and all(p.grad is None for p in model.parameters())  # no backward ran
     engine.backward(images, labels, last_micro=True)
     model.head.weight.grad[0, 0] = float("nan")
-    norm, applied = engine.step()
-    assert not applied and norm != norm  # NaN norm: no update
+    norm, applied = engine.step()  # decided on the device: tensors the loop reads when it waits anyway
+    assert isinstance(applied, torch.Tensor) and not applied and norm != norm  # NaN norm: no update
     after = engine.trainable_fp32()
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert all(p.grad is None for p in model.parameters())  # and the bad gradients are gone
+    assert engine.optimizer_updates() == 0 and all(  # nor did AdamW's moments or step count move
+        not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in engine.optimizer.state.values())
+    engine.backward(images, labels, last_micro=True)
+    norm, applied = engine.step()
+    assert applied and 0 < norm < float("inf") and engine.optimizer_updates() == 1
+    assert not all(torch.equal(before[n], t) for n, t in engine.trainable_fp32().items())
 
 
 def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
@@ -76,6 +82,34 @@ def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
     other.load(store, "last.pt")
     assert all(torch.equal(trained[n], t) for n, t in other.trainable_fp32().items())
     assert other.optimizer.state_dict()["state"].keys() == engine.optimizer.state_dict()["state"].keys()
+
+
+def test_a_checkpoint_of_the_unfused_adamw_resumes_into_the_fused_one(tmp_path):
+    """Checkpoints written before the DDP engine's AdamW was fused (its step counts on the CPU, its
+    groups marked unfused) resume: the next step runs fused, from the saved moments, as the unfused
+    AdamW would have taken it."""
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    model, engine = _engine([])
+    unfused = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                 for g in engine.optimizer.param_groups], lr=engine.optimizer.param_groups[0]["lr"])
+    engine.optimizer = unfused  # one step as rlrr took it before
+    engine.backward(images, labels, last_micro=True)
+    engine.optimizer.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    store = CheckpointStore(str(tmp_path), sharded=False)
+    engine.save(store, {})
+    assert {g["fused"] for g in torch.load(store.path("last.pt"), weights_only=True)["optimizer"]["param_groups"]} \
+        == {None}
+    engine.backward(images, labels, last_micro=True)
+    unfused.step()
+    expected = {n: t.clone() for n, t in engine.trainable_fp32().items()}
+    _, resumed = _engine([])
+    resumed.load(store, "last.pt")
+    resumed.backward(images, labels, last_micro=True)
+    norm, applied = resumed.step()
+    assert applied and resumed.optimizer_updates() == 2
+    for n, t in resumed.trainable_fp32().items():  # two ways of the same arithmetic, in fp32
+        torch.testing.assert_close(t, expected[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
 def _train(*overrides):

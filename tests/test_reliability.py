@@ -128,8 +128,14 @@ def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(
     straight = json.loads((runs / "straight" / "results.json").read_text())
     comp, plain = run_adapter(runs / "straight"), run_adapter(runs / "eager")
     assert comp.keys() == plain.keys()
-    for k in plain:  # atol: the key bias's true gradient is 0, and AdamW scales its rounding noise up to ~lr
-        torch.testing.assert_close(comp[k], plain[k], rtol=1e-4, atol=1e-4)
+    for k in plain:
+        got = comp[k].clone()
+        if k.endswith("attn.qkv.bias_shift"):  # the key part's true gradient is 0 (softmax ignores a shift of
+            # every key's logit by q.b_k): it trains on rounding noise alone, which AdamW divides by its own
+            # running size (up to ~lr a step), and it has no effect on the outputs. Compared: q and v.
+            third = len(got) // 3
+            got[third:2 * third] = plain[k][third:2 * third]
+        torch.testing.assert_close(got, plain[k], rtol=1e-4, atol=1e-4, msg=k)
     assert straight["test_acc1_final"] == eager["test_acc1_final"]
     cache = runs / "compile_cache"
     assert straight["compile"] == {"compile": True, "cuda_graphs": False, "cache_dir": str(cache)}
@@ -211,6 +217,45 @@ def test_nan_loss_with_stop_ends_every_rank_with_one_line_and_keeps_the_finite_c
     assert "exitcode  : 3" in res.stderr
     saved = torch.load(tmp_path / "runs" / "stop" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["state"]["global_step"] == 4 and all(torch.isfinite(t).all() for t in saved["trainable"].values())
+
+
+@pytest.mark.integration
+def test_a_nan_gradient_after_a_finite_loss_is_dropped_on_the_device_and_booked(tiny_shards, tmp_path):
+    """Rank 1's 5th loss is finite and its gradient NaN: the all-reduced gradient norm is NaN on both
+    ranks, and the DDP engine drops the step on the device (fused AdamW's found_inf), so no rank waits
+    for it; the loop books it at the next loss check. With train.nonfinite: stop, one process stops
+    there with one line, and its last checkpoint is the finite one of step 4."""
+    cfg = write_config(tmp_path / "grad.yaml", tiny_shards, tmp_path / "runs", train={"save_every_steps": 2})
+    res = _torchrun(cfg, "skip", _faulty({"RLRR_FAULT_NAN_GRAD_AT": "5", "RLRR_FAULT_RANK": "1"}, tmp_path))
+    assert res.returncode == 0 and (tmp_path / "fired").exists(), res.stderr[-3000:]
+    assert "step 5: non-finite gradient norm; the step was dropped on every rank (1 dropped so far)" in res.stdout
+    run = tmp_path / "runs" / "skip"
+    results = json.loads((run / "results.json").read_text())
+    assert results["nonfinite_skipped"] == 1 and results["steps"] == 12 and results["optimizer_updates"] == 11
+    assert all(torch.isfinite(t).all() for t in run_adapter(run).values())
+
+    env = {**os.environ, **_faulty({"RLRR_FAULT_NAN_GRAD_AT": "5"}, tmp_path), "RLRR_FAULT_ONCE": str(tmp_path / "f2")}
+    res = subprocess.run(train_cmd("--config", cfg, "--set", "run_name=stop", "train.nonfinite=stop"),
+                         capture_output=True, text=True, timeout=300, env=env)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("train: error:")]
+    assert res.returncode == 3 and errors == [
+        "train: error: non-finite gradient norm at step 5 (1 in a row, train.nonfinite = stop); the weights were "
+        "not updated and the last checkpoint holds the last finite state"], res.stderr[-3000:]
+    saved = torch.load(tmp_path / "runs" / "stop" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["state"]["global_step"] == 4 and all(torch.isfinite(t).all() for t in saved["trainable"].values())
+
+
+@pytest.mark.integration
+def test_a_preemption_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_shards, tmp_path):
+    """SIGUSR1 reaches rank 1 alone, during its 5th training loss: both ranks agree on it in that step's
+    loss check and stop after step 5 with one checkpoint (rank 0 logs it: it stopped too)."""
+    cfg = write_config(tmp_path / "p.yaml", tiny_shards, tmp_path / "runs")
+    res = _torchrun(cfg, "p", _faulty({"RLRR_FAULT_SIGNAL_AT": "5", "RLRR_FAULT_RANK": "1"}, tmp_path))
+    assert res.returncode == 0 and (tmp_path / "fired").exists(), res.stderr[-3000:]
+    assert "stopped at step 5 (epoch 0: a preemption signal (SIGTERM/SIGUSR1) on some rank)" in res.stdout, res.stdout
+    run = tmp_path / "runs" / "p"
+    assert (run / "PREEMPTED").read_text() == "step 5\n" and not (run / "results.json").exists()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["global_step"] == 5
 
 
 @pytest.mark.integration

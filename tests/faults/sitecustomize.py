@@ -6,7 +6,9 @@ runs clean):
 
   RLRR_FAULT_KILL_IN_SAVE=N   SIGKILL this process in the middle of its N-th torch.save to a file (half written)
   RLRR_FAULT_NAN_AT=N         the N-th training loss (a cross-entropy under autograd) is NaN
+  RLRR_FAULT_NAN_GRAD_AT=N    the N-th training loss is finite, and its gradient NaN
   RLRR_FAULT_RAISE_AT=N       raise RuntimeError at the N-th training loss
+  RLRR_FAULT_SIGNAL_AT=N      the process sends itself SIGUSR1 (a preemption notice) at the N-th training loss
   RLRR_FAULT_SLOW_EVAL=PATH   every evaluation batch takes a second, and PATH is created at the first one
   RLRR_FAULT_RANK=R           only on this rank (default 0)
   RLRR_FAULT_ARGV=TEXT        only in a process whose command line contains TEXT (one run of a sweep)
@@ -58,7 +60,7 @@ def _install(torch) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = _killing_save
 
-    for _var in ("RLRR_FAULT_NAN_AT", "RLRR_FAULT_RAISE_AT"):
+    for _var in ("RLRR_FAULT_NAN_AT", "RLRR_FAULT_NAN_GRAD_AT", "RLRR_FAULT_RAISE_AT", "RLRR_FAULT_SIGNAL_AT"):
         if _var in os.environ:
             import torch.nn.functional as F
             _ce, _hit_loss, _kind = F.cross_entropy, _counter(_var), _var
@@ -69,6 +71,13 @@ def _install(torch) -> None:
                     _fired()
                     if _kind == "RLRR_FAULT_RAISE_AT":
                         raise RuntimeError("injected failure (RLRR_FAULT_RAISE_AT)")
+                    if _kind == "RLRR_FAULT_SIGNAL_AT":
+                        import signal
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                        return loss
+                    if _kind == "RLRR_FAULT_NAN_GRAD_AT":
+                        loss.register_hook(lambda grad: grad * float("nan"))
+                        return loss
                     return loss * float("nan")
                 return loss
             F.cross_entropy = _faulty_cross_entropy

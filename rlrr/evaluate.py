@@ -81,11 +81,13 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
     batches = iter(loader.epoch(0))
     while True:
         batch = next(batches, None)
-        flags = all_reduce_sum(info, torch.tensor([float(batch is not None), float(interrupted())], device=info.device))
-        if flags[1] > 0:
+        has_batch, stop = float(batch is not None), float(interrupted())
+        if info.enabled:  # one read for both: a read waits for the GPU to finish the last batch
+            has_batch, stop = all_reduce_sum(info, torch.tensor([has_batch, stop], device=info.device)).tolist()
+        if stop > 0:
             model.train()
             return None
-        if flags[0] == 0:
+        if has_batch == 0:
             break
         heartbeat()
         if batch is None:

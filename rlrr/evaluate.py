@@ -94,7 +94,8 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
             size = loader.recipe.image_size
             engine.forward(torch.zeros(loader.batch_size if fixed else 1, 3, size, size, device=info.device))
             continue
-        images, labels = normalize(batch[0].to(info.device, non_blocking=True), stats), batch[1].to(info.device)
+        images = normalize(batch[0].to(info.device, non_blocking=True), stats)
+        labels = batch[1].to(info.device, non_blocking=True)
         scores.update(engine.forward(_padded(images, loader.batch_size) if fixed else images)[:len(labels)], labels)
     result = scores.result(info)
     if result["samples"] != loader.split.num_samples:

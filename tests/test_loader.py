@@ -46,6 +46,20 @@ def test_an_in_memory_split_placed_on_the_training_device_gives_the_same_batches
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and k0 == k1 and x1.shape == (4, 3, 28, 28)
 
 
+def test_a_streamed_split_for_a_gpu_lands_in_pinned_memory(shards):
+    """For a CUDA run the streaming loader pins its batches (copied to the GPU without waiting for it);
+    without a GPU here, torch's loader skips the pinning with a warning and the batches are the same."""
+    recipe = Recipe("vtab", True, image_size=32)
+    loaders = [SplitLoader(Manifest(shards), "train800", train=True, batch_size=4, workers=0, recipe=recipe,
+                           device=device) for device in (None, torch.device("cuda"))]
+    plain = list(loaders[0].epoch(0))
+    with pytest.warns(UserWarning, match="pin_memory"):
+        pinned = list(loaders[1].epoch(0))
+    assert [loader._stream.pin_memory for loader in loaders] == [False, True]
+    for (x0, y0, k0), (x1, y1, k1) in zip(plain, pinned, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and k0 == k1
+
+
 def test_manifest_errors_name_the_file_and_paths_cannot_leave_the_folder(shards, tmp_path):
     import shutil
     bad = tmp_path / "bad"
@@ -230,3 +244,42 @@ def test_a_streamed_split_decoded_on_the_device_gives_the_workers_batches(shards
         assert len(workers) == len(device) > 1
         for (x0, y0, k0), (x1, y1, k1) in zip(workers, device):
             assert torch.equal(x0, x1) and torch.equal(y0, y1) and k0 == k1
+
+
+def test_an_in_memory_epoch_copies_its_index_order_to_the_device_once():
+    """A plain copy from the host to a GPU waits for the GPU to finish what is queued; the in-memory loader
+    copies the epoch's index order once (not once per batch) and each batch's images to flip, both
+    pinned there (rlrr.data.transforms.host_to), and normalize its constants once. Counted on the meta
+    device, where every copy from the host is an op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlrr.data.in_memory import MemoryEpoch
+
+    copies = []
+
+    class HostToDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args) and out.device.type == "meta":
+                copies.append(args[0].numel())
+            return out
+
+    recipe = Recipe("fgvc", train=True, flip=True, image_size=32)  # random crops of 37 px, and flips
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    epoch = MemoryEpoch(torch.empty(20, 3, *recipe.size, dtype=torch.uint8, device="meta"),
+                        torch.empty(20, dtype=torch.long, device="meta"), [f"k{i}" for i in range(20)], order, 6,
+                        recipe, torch.Generator().manual_seed(1))
+    with HostToDevice():
+        batches = list(epoch)
+    assert [len(b[2]) for b in batches] == [6, 6, 6, 2] and [b[0].shape[-1] for b in batches] == [32] * 4
+    assert [k for b in batches for k in b[2]] == [f"k{i}" for i in order.tolist()]
+    flips = torch.Generator().manual_seed(1)  # the same draws: the flipped images of each batch
+    expected = [int(recipe.draw(n, flips).flip.sum()) for n in (6, 6, 6, 2)]
+    assert copies == [20, *expected]
+    from rlrr.data import transforms  # normalize: its mean and std reach the device once, not per batch
+    transforms._scale_shift.cache_clear()
+    copies.clear()
+    with HostToDevice():
+        for images, _, _ in batches:
+            assert normalize(images).dtype == torch.float32
+    assert copies == [3, 3]

@@ -9,7 +9,7 @@ from ..errors import DataError
 from .fetch import ShardReader
 from .manifest import Split
 from .samples import read_split, read_tolerant, seeded_generator, skip_broken_tar, tar_samples
-from .transforms import Recipe
+from .transforms import Recipe, host_to
 
 
 def load_split(split: Split, reader: ShardReader, recipe: Recipe, num_classes: int, skipped=None
@@ -52,8 +52,8 @@ class MemoryEpoch:
         return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self):
+        on_device = host_to(self.indices, self.images.device)  # once an epoch, not once a batch
         for start in range(0, len(self.indices), self.batch_size):
-            idx = self.indices[start:start + self.batch_size]
-            on_device = idx.to(self.images.device)
-            yield (self.recipe.augment(self.images[on_device], self.generator), self.labels[on_device],
-                   [self.keys[i] for i in idx.tolist()])
+            idx = on_device[start:start + self.batch_size]
+            yield (self.recipe.augment(self.images[idx], self.generator), self.labels[idx],
+                   [self.keys[i] for i in self.indices[start:start + self.batch_size].tolist()])

@@ -38,6 +38,8 @@ class SplitLoader:
         # training samples skipped as unreadable, counted across this rank's loader processes
         self.skipped = worker_context().Value("i", 0) if train else None
         self._stream, self.per_worker = None, 0
+        # streamed batches land in pinned memory for a GPU: copied there without waiting for it
+        self.pin_memory = device is not None and device.type == "cuda"
         if train:
             if self.split.num_samples == 0:
                 raise ValueError(f"split {split} of {manifest.path} is empty")
@@ -94,7 +96,7 @@ class SplitLoader:
                                          seed=self.seed,
                                          num_classes=self.num_classes, per_worker=self.per_worker,
                                          shuffle_buffer=self.shuffle_buffer, skipped=self.skipped,
-                                         packed=self.decode_device is not None)
+                                         packed=self.decode_device is not None, pin_memory=self.pin_memory)
         if self.train:
             self._stream.dataset.epoch_box.value = epoch  # read by the workers when the epoch starts
         if self.decode_device is None:

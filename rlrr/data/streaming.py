@@ -126,7 +126,7 @@ def worker_context():
 
 def stream_loader(split, reader, *, train: bool, batch_size: int, recipe, rank: int, world: int, workers: int,
                   seed: int, num_classes: int, per_worker: int = 0, shuffle_buffer: int = 1000,
-                  skipped=None, packed: bool = False) -> DataLoader:
+                  skipped=None, packed: bool = False, pin_memory: bool = False) -> DataLoader:
     """The split's DataLoader, made once per run: its worker processes start once, not per epoch. For
     training, set ``loader.dataset.epoch_box.value`` to the epoch before iterating it."""
     if train:
@@ -135,6 +135,7 @@ def stream_loader(split, reader, *, train: bool, batch_size: int, recipe, rank: 
     else:
         stream = EvalStream(split.shards, reader, batch_size, recipe, rank, world, num_classes, packed)
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=pin_memory,
                       worker_init_fn=functools.partial(_exit_with, os.getpid()),
                       # its own seed stream: drawing from the global one would shift the model's dropout on
                       # every epoch and evaluation, so that a resumed run (fewer loaders made) would train

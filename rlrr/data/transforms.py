@@ -11,6 +11,7 @@ random parts run vectorised over a batch:
 VTAB: resize to 224 x 224. FGVC: resize to 256 x 256, random crop 224 (eval: center crop 224).
 Both flip at random in training when asked (the reference's FGVC recipe does; data.flip in configs/).
 """
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -60,12 +61,21 @@ class Recipe:
             y, x = (h - s) // 2, (w - s) // 2
             images = images[:, :, y:y + s, x:x + s]
         if draw.flip is not None:  # flip the chosen images only (torch.where over a flipped copy of all cost 3x more)
-            flipped = draw.flip.nonzero().squeeze(1).to(images.device)
+            flipped = host_to(draw.flip.nonzero().squeeze(1), images.device)
             images = images.index_copy(0, flipped, images[flipped].flip(-1))
         return images.contiguous()
 
     def augment(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.apply(images, self.draw(images.shape[0], generator))
+
+
+def host_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor onto ``device`` without waiting for the device: a plain copy from pageable
+    memory to a GPU first waits for everything queued there, which leaves the GPU idle while the host
+    then queues the next work. Pinned, the copy is queued like a kernel."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class Draw(NamedTuple):
@@ -81,5 +91,13 @@ class Draw(NamedTuple):
 
 def normalize(images: torch.Tensor, stats: Stats = "half") -> torch.Tensor:
     """uint8 NCHW batch -> float32, scaled to [0, 1] and standardised with ``stats``."""
-    mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in MEAN_STD[stats])
-    return images.float().mul_(1.0 / (255.0 * std)).sub_(mean / std)  # (x / 255 - mean) / std, in place
+    scale, shift = _scale_shift(stats, images.device)
+    return images.float().mul_(scale).sub_(shift)  # (x / 255 - mean) / std, in place
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_shift(stats: Stats, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 / (255 std) and mean / std per channel, made on ``device`` once: a copy there per batch would
+    wait for the GPU each time."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1).to(device) for v in MEAN_STD[stats])
+    return 1.0 / (255.0 * std), mean / std

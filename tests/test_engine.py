@@ -69,6 +69,24 @@ def test_a_non_finite_loss_or_gradient_never_reaches_the_weights():
     assert not all(torch.equal(before[n], t) for n, t in engine.trainable_fp32().items())
 
 
+def test_the_fp16_gradient_scaler_skips_an_overflowed_step_through_the_fused_adamw():
+    """fp16's path (on a GPU; torch's CPU scaler stands in here): the scaler's own inf check skips the
+    update on the device and halves the scale; the engine reports the step as not applied."""
+    model, engine = _engine([])
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    engine.backward(images, labels, last_micro=True)
+    norm, applied = engine.step()
+    assert applied and engine.optimizer_updates() == 1 and engine.scaler.get_scale() == 256.0
+    before = {n: t.clone() for n, t in engine.trainable_fp32().items()}
+    engine.backward(images, labels, last_micro=True)
+    model.head.weight.grad[0, 0] = float("inf")
+    norm, applied = engine.step()
+    assert not applied and norm == float("inf") and engine.optimizer_updates() == 1
+    assert all(torch.equal(before[n], t) for n, t in engine.trainable_fp32().items())
+    assert engine.scaler.get_scale() == 128.0 and not hasattr(engine.optimizer, "found_inf")
+
+
 def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
     model, engine = _engine(["train.clip_grad=0.001"])
     engine.backward(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]), last_micro=True)

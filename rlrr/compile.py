@@ -31,6 +31,12 @@ class CompilePlan:
         """torch.compile's mode argument."""
         return "reduce-overhead" if self.cuda_graphs else None
 
+    @property
+    def warmup_steps(self) -> int:
+        """Optimizer steps of each process start that img/s leaves out: the first (compiling) and, with CUDA
+        graphs, the second (torch.compile's graph trees run a graph eagerly once, then record it)."""
+        return 2 if self.cuda_graphs else 1
+
     def to_dict(self) -> dict:
         return {"compile": self.compile, "cuda_graphs": self.cuda_graphs, "cache_dir": self.cache_dir}
 

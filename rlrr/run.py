@@ -50,7 +50,7 @@ class RunState:
     nonfinite_skipped: int = 0  # optimizer steps dropped for a non-finite loss or gradient
     nonfinite_in_a_row: int = 0
     samples_skipped: int = 0  # this rank's unreadable training samples, skipped
-    warmup_s: float = 0.0  # the first optimizer step of each process start (compiling, when compiled) ...
+    warmup_s: float = 0.0  # the first optimizer step(s) of each process start (compiling, recording CUDA graphs) ...
     warmup_images: int = 0  # ... and its images: both left out of img/s
     run_s: float = 0.0  # wall time of every process start (setup, training, evaluation), summed over restarts
 
@@ -121,7 +121,7 @@ class Run:
     compiled: CompilePlan
     store: CheckpointStore  # <dir>/checkpoints
     state: RunState = field(default_factory=RunState)
-    warming_up: bool = True  # this process has not finished an optimizer step yet
+    warmup_steps: int = 1  # this process's first optimizer steps still to book apart from img/s (end_warmup)
     stopped: Optional[StopReason] = None  # set when the loop stops early
     writer: Optional[SummaryWriter] = None  # rank 0 only
     epoch_img_per_s: float = 0.0

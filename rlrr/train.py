@@ -104,7 +104,8 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
     scheduler = build_scheduler(engine.optimizer, t.epochs * steps_per_epoch, t.warmup_epochs * steps_per_epoch,
                                 t.warmup_lr, t.min_lr)
     run = Run(cfg, info, run_dir, preempt, manifest, model, engine, scheduler, train_data, evals, micro,
-              steps_per_epoch, n_trainable, compiled, checkpoint.store_for(cfg, run_dir))
+              steps_per_epoch, n_trainable, compiled, checkpoint.store_for(cfg, run_dir),
+              warmup_steps=compiled.warmup_steps)
     if resuming:
         run.state = RunState(**checkpoint.load(engine, run.store, info, cfg, allow_config_change))
     open_run_dir(run, resuming)
@@ -142,9 +143,9 @@ def train_one_epoch(run: Run, epoch: int) -> None:
                 continue
             optimizer_step(run, window_finite)
             window_finite = True
-            if run.warming_up:
-                book_step(run)  # waits for the GPU to finish the first step: all of it is warm-up
-                timed_from, timed_seen = end_warmup(run, time.perf_counter() - t0, seen), seen
+            if run.warmup_steps:
+                book_step(run)  # waits for the GPU to finish the step: all of it is warm-up
+                timed_from, timed_seen = end_warmup(run, time.perf_counter() - timed_from, seen - timed_seen), seen
             log_step(run, loss, _rate(run, seen - timed_seen, timed_from))
             if stop_requested(run):
                 break
@@ -163,12 +164,16 @@ def _rate(run: Run, seen: int, since: float) -> float:
 
 
 def end_warmup(run: Run, seconds: float, seen: int) -> float:
-    """Book this process's first optimizer step (a compiled run compiles its graphs there) apart from
-    the img/s figures; returns when the timed part starts."""
-    run.warming_up = False
+    """Book one of this process's first optimizer steps apart from the img/s figures: the first (a
+    compiled run compiles its graphs there) and, with CUDA graphs, the second (where they are recorded;
+    the first runs them eagerly). Returns when the next timed part starts."""
+    first = run.warmup_steps == run.compiled.warmup_steps
+    run.warmup_steps -= 1
     run.state.warmup_s += seconds
     run.state.warmup_images += seen * run.info.world
-    log.info(f"first step: {seconds:.1f} s{' (compiling)' if run.compiled.compile else ''}; img/s counts from here")
+    what = f"first step: {seconds:.1f} s{' (compiling)' if run.compiled.compile else ''}" if first else \
+        f"second step: {seconds:.1f} s (recording CUDA graphs)"
+    log.info(what + ("; img/s counts from here" if not run.warmup_steps else ""))
     return time.perf_counter()
 
 

@@ -126,6 +126,20 @@ def test_a_one_process_step_waits_on_the_device_once(shards, tmp_path, monkeypat
     assert waits.count("train.py:book_step") == 1 + 2 and len(waits) == 15, waits
 
 
+def test_with_cuda_graphs_the_first_two_steps_are_warm_up(shards, tmp_path, monkeypatch, capsys):
+    """A run that replays CUDA graphs runs each graph eagerly at the first step and records it at the
+    second: both steps are booked as warm-up, apart from img/s (here an eager run on the CPU, told so)."""
+    from rlrr.compile import CompilePlan
+
+    monkeypatch.setattr(CompilePlan, "warmup_steps", property(lambda plan: 2))
+    main(["--config", write_config(tmp_path / "w.yaml", shards, tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert "first step: " in out and "first step: " not in out.split("img/s counts from here")[-1]
+    assert "second step: " in out.split("; img/s counts from here")[0].splitlines()[-1]
+    saved = torch.load(tmp_path / "runs" / "w" / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert saved["warmup_images"] == 2 * 4 and saved["images"] == 12 * 4 and saved["warmup_s"] > 0
+
+
 @integration
 def test_ddp_two_processes(shards, tmp_path):
     """Also with bf16 autocast and bf16-stored frozen weights (DDP broadcasts those at start)."""

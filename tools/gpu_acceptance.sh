@@ -5,5 +5,6 @@
 #   bash tools/gpu_acceptance.sh --dry-run --out-dir /tmp/acceptance   # the same steps, tiny, on CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's rlrr, installed or not (and in every step)
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 exec "$PY" tools/gpu_acceptance.py "$@"

@@ -18,7 +18,7 @@ import torch
 
 from .atomic import fsync_path, write_atomic, write_text_atomic
 from .config import ConfigError, RunConfig, flat_dict
-from .distributed import DistInfo, all_reduce_sum, broadcast_object
+from .distributed import DistInfo, broadcast_object, sum_over_ranks
 from .world import restart_attempt
 
 log = logging.getLogger("rlrr")
@@ -131,7 +131,7 @@ def load(engine, store: CheckpointStore, info: DistInfo, cfg: RunConfig, allow_c
         except Exception as e:  # a truncated, empty or half-written file: any reader error
             saved = None
             failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        if all_reduce_sum(info, torch.tensor([float(saved is None)], device=info.device)).item() == 0:
+        if sum_over_ranks(info, [saved is None]) == [0]:  # every rank read this checkpoint
             break
     else:
         raise ConfigError(f"{store.directory}: no usable checkpoint ({'; '.join(failures) or 'none found'})")

@@ -93,6 +93,15 @@ def all_reduce_sum(info: DistInfo, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(info: DistInfo, values: list[float]) -> list[float]:
+    """Host numbers (flags, counts) summed over every rank, in one small all-reduce (float64: counts below
+    2**53 stay exact); in one process the numbers themselves, with no trip through the device (each
+    read back from a GPU waits for it)."""
+    if not info.enabled:
+        return [float(v) for v in values]
+    return all_reduce_sum(info, torch.tensor(values, dtype=torch.float64, device=info.device)).tolist()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .data.transforms import normalize
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum, sum_over_ranks
 
 
 @dataclass
@@ -81,9 +81,7 @@ def evaluate(engine, loader, info: DistInfo, num_classes: int, stats: str,
     batches = iter(loader.epoch(0))
     while True:
         batch = next(batches, None)
-        has_batch, stop = float(batch is not None), float(interrupted())
-        if info.enabled:  # one read for both: a read waits for the GPU to finish the last batch
-            has_batch, stop = all_reduce_sum(info, torch.tensor([has_batch, stop], device=info.device)).tolist()
+        has_batch, stop = sum_over_ranks(info, [batch is not None, interrupted()])
         if stop > 0:
             model.train()
             return None

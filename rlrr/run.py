@@ -28,7 +28,7 @@ from .compile import CompilePlan
 from .config import RunConfig, save_config
 from .data.loader import SplitLoader
 from .data.manifest import Manifest
-from .distributed import DistInfo, all_reduce_sum, barrier, gather_object, peak_memory_mb
+from .distributed import DistInfo, barrier, gather_object, peak_memory_mb, sum_over_ranks
 from .engine import Engine
 from .inference import inference_card, write_card
 from .model import build_model, merge_model
@@ -177,7 +177,7 @@ def watchdog(run: Run, off: bool = False) -> None:
 
 def summarize(run: Run) -> dict:
     st, cfg = run.state, run.cfg
-    skipped = all_reduce_sum(run.info, torch.tensor([st.samples_skipped], device=run.info.device)).item()
+    skipped, = sum_over_ranks(run.info, [st.samples_skipped])
     held = gather_object(run.info, run.engine.parameter_elements_held())  # ZeRO-3: about 1/world each
     peak_mb = gather_object(run.info, round(peak_memory_mb(run.info.device), 1))
     evaluated = [r for r in st.history if "test_acc1" in r]

@@ -21,7 +21,7 @@ from .atomic import write_text_atomic
 from .compile import compile_plan, prepare_compile
 from .config import RunConfig
 from .data.transforms import normalize
-from .distributed import all_reduce_sum, init_distributed, peak_memory_mb
+from .distributed import init_distributed, peak_memory_mb, sum_over_ranks
 from .engine import ENGINES
 from .errors import RunStopped
 from .evaluate import evaluate
@@ -119,7 +119,7 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     or train.max_steps) saves a checkpoint and sets ``run.stopped``."""
     t, st = run.cfg.train, run.state
     t0, seen, window_finite = time.perf_counter(), 0, True
-    timed_from, timed_seen = t0, 0  # img/s counts from the end of this process's first step
+    timed_from, timed_seen = t0, 0  # img/s counts from the end of this process's warm-up steps (end_warmup)
     loss_check = LossCheck(run)
     skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
     with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
@@ -190,12 +190,9 @@ class LossCheck:
     def __call__(self, loss: torch.Tensor) -> bool:
         self.value = loss.item()
         book_step(self.run)
-        finite, info, preempt = math.isfinite(self.value), self.run.info, self.run.preempt
-        if not info.enabled:
-            return finite
+        preempt = self.run.preempt
         # the ranks whose loss is not finite, and those a preemption signal reached (Preemption.any_rank)
-        flags = torch.tensor([0.0 if finite else 1.0, float(preempt.requested)], device=info.device)
-        bad, preempted = all_reduce_sum(info, flags).tolist()
+        bad, preempted = sum_over_ranks(self.run.info, [not math.isfinite(self.value), preempt.requested])
         preempt.on_some_rank = preempted > 0
         return bad == 0
 

@@ -2,6 +2,11 @@
 
 - ``compile`` null: torch.compile on CUDA (inductor fuses RLRR's per-layer passes and the norms around
   the matmuls), eager on CPU (inductor's C++ build costs more there than it saves).
+- ``compile_scope`` blocks (the default): each repeated block (ViT's blocks; Swin's and ResNet's blocks
+  within a stage) is compiled on its own, in place. Identical blocks share one compiled graph, so the
+  compile costs one block's time whatever the depth (docs/benchmarks.md), and names, state dicts and
+  DDP's per-parameter gradient hooks stay as they are. The patch embedding, final norm and head run
+  eagerly (a few kernels). ``model``: the whole model as one graph.
 - ``cuda_graphs`` null: compiled steps are replayed as CUDA graphs (torch.compile's "reduce-overhead")
   in a one-process DDP-engine run on CUDA, where the per-layer launches dominate small per-GPU batches.
   Not by default across processes: PyTorch's CUDA-graph trees and DDP's gradient hooks have open
@@ -16,7 +21,11 @@ short batch would compile another (with dynamic shapes) or record another CUDA g
 import os
 from dataclasses import dataclass, field
 
+import torch.nn as nn
+
 from .distributed import DistInfo
+
+RECOMPILE_LIMIT = 64  # compiled variants per block class (shapes, train/eval): Swin-B's has up to 16
 
 
 @dataclass
@@ -25,6 +34,7 @@ class CompilePlan:
     cuda_graphs: bool
     cache_dir: str
     notes: list = field(default_factory=list)  # one line per setting that fell back, and why
+    scope: str = "blocks"  # train.compile_scope
 
     @property
     def mode(self):
@@ -38,7 +48,8 @@ class CompilePlan:
         return 2 if self.cuda_graphs else 1
 
     def to_dict(self) -> dict:
-        return {"compile": self.compile, "cuda_graphs": self.cuda_graphs, "cache_dir": self.cache_dir}
+        return {"compile": self.compile, "cuda_graphs": self.cuda_graphs, "scope": self.scope,
+                "cache_dir": self.cache_dir}
 
 
 def compile_plan(cfg, info: DistInfo) -> CompilePlan:
@@ -61,7 +72,7 @@ def compile_plan(cfg, info: DistInfo) -> CompilePlan:
         notes.append(f"train.cuda_graphs = null: off with DDP across {info.world} processes "
                      "(pytorch/pytorch#128218); set it to true to try")
     cache = t.compile_cache or os.path.join(cfg.output_dir, "compile_cache")
-    return CompilePlan(compiled, graphs, os.path.abspath(cache), notes)
+    return CompilePlan(compiled, graphs, os.path.abspath(cache), notes, t.compile_scope)
 
 
 def prepare_compile(plan: CompilePlan, requested) -> None:
@@ -75,6 +86,39 @@ def prepare_compile(plan: CompilePlan, requested) -> None:
         os.makedirs(plan.cache_dir, exist_ok=True)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = plan.cache_dir
         torch._dynamo.config.suppress_errors = requested is None
+
+
+def repeated_blocks(module: nn.Module) -> list:
+    """The innermost repeated blocks below ``module``: the children of each nn.Sequential or nn.ModuleList
+    whose two or more children share one class (ViT's blocks; Swin's blocks in each stage, not the stages;
+    a ResNet's bottlenecks in each stage)."""
+    found = []
+    for child in module.children():
+        inner = repeated_blocks(child)
+        kids = list(child.children())
+        if inner:
+            found += inner
+        elif isinstance(child, (nn.Sequential, nn.ModuleList)) and len(kids) > 1 and len({type(k) for k in kids}) == 1:
+            found += kids
+    return found
+
+
+def compile_blocks_in_place(model: nn.Module, plan: CompilePlan, backend: str = "inductor") -> bool:
+    """With a compiled plan in scope "blocks": torch.compile each of ``model``'s repeated blocks in place
+    (nn.Module.compile). True if it did; False: the caller compiles the whole model (scope "model", or
+    no repeated blocks, which adds a note)."""
+    if not plan.compile or plan.scope != "blocks":
+        return False
+    blocks = repeated_blocks(model)
+    if not blocks:
+        plan.notes.append(f"train.compile_scope = blocks: {type(model).__name__} has no repeated blocks; "
+                          "compiling the whole model")
+        return False
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for block in blocks:
+        block.compile(backend=backend, mode=plan.mode)
+    return True
 
 
 def _shown(value) -> str:

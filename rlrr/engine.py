@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .adapter import statistics_buffers, trainable_parameters
 from .checkpoint import CheckpointStore
-from .compile import CompilePlan
+from .compile import CompilePlan, compile_blocks_in_place
 from .config import ConfigError, EngineName
 from .distributed import DistInfo, barrier
 from .optim import build_optimizer, param_groups
@@ -67,12 +67,13 @@ class DDPEngine:
         self.optimizer = build_optimizer(model, t.lr, t.weight_decay)
         self.scaler = torch.amp.GradScaler(enabled=t.precision == "fp16")
         self.dtype = AMP_DTYPES.get(t.precision)
+        by_blocks = bool(compiled) and compile_blocks_in_place(model, compiled)
         self.net = DistributedDataParallel(model, device_ids=[info.device] if info.device.type == "cuda" else None) \
             if info.enabled else model
         # compiled: evaluation pads to one batch shape, so a short last batch neither recompiles nor records a graph
         self.static_shapes = bool(compiled and (compiled.compile or compiled.cuda_graphs))
         self.cuda_graphs = bool(compiled and compiled.cuda_graphs)
-        if compiled and compiled.compile:  # around DDP, so DDP's optimizer splits the graph at its buckets
+        if compiled and compiled.compile and not by_blocks:  # around DDP: its optimizer splits the graph at buckets
             self.net = torch.compile(self.net, mode=compiled.mode)
         self.grad_accum = t.grad_accum
 
@@ -219,6 +220,7 @@ class DeepSpeedEngine:
         self.config = ds = deepspeed_config(t, info.world)
         self.info, self.dtype = info, AMP_DTYPES.get(t.precision)
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
+        by_blocks = bool(compiled) and compile_blocks_in_place(model, compiled)  # in place: DeepSpeed's hooks stay
         # the model arrives on the CPU: DeepSpeed moves it to the device, and under ZeRO-3 only each
         # rank's partition goes there (the device never holds the whole model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
@@ -226,7 +228,7 @@ class DeepSpeedEngine:
         self.stage = self.engine.zero_optimization_stage()
         self.backwards_in_window = 0
         self.static_shapes = bool(compiled and compiled.compile)  # as DDPEngine's (no CUDA graphs here)
-        if compiled and compiled.compile:
+        if compiled and compiled.compile and not by_blocks:
             self.engine.compile()
 
     def forward(self, images):

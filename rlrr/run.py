@@ -155,7 +155,8 @@ def open_run_dir(run: Run, resumed: bool) -> None:
     log.info(f"run {run.dir}: {cfg.model.name} ({cfg.model.method}), {run.n_trainable:,} trainable "
              f"parameters, world {run.info.world}, global batch {t.batch_size} ({run.micro} x {run.info.world} x "
              f"{t.grad_accum}), {run.steps_per_epoch} steps/epoch; torch.compile "
-             f"{'on' if run.compiled.compile else 'off'}, CUDA graphs {'on' if run.compiled.cuda_graphs else 'off'}")
+             f"{'by ' + run.compiled.scope if run.compiled.compile else 'off'}, "
+             f"CUDA graphs {'on' if run.compiled.cuda_graphs else 'off'}")
     for note in run.compiled.notes:
         log.info(note)
 

@@ -1,16 +1,19 @@
 """rlrr/compile.py: what train.compile / train.cuda_graphs resolve to on each device, engine and world
-size, with one line for every fallback; rlrr/evaluate.py's fixed-shape evaluation."""
+size, with one line for every fallback; compiling by blocks (train.compile_scope) in the engines and the
+benchmark; rlrr/evaluate.py's fixed-shape evaluation."""
 import pytest
 import torch
 
-from rlrr.compile import compile_plan
-from rlrr.config import load_config
+from rlrr.compile import CompilePlan, compile_blocks_in_place, compile_plan, repeated_blocks
+from rlrr.config import ModelConfig, load_config
 from rlrr.data.loader import SplitLoader
 from rlrr.data.manifest import Manifest
 from rlrr.data.transforms import Recipe
 from rlrr.distributed import DistInfo
 from rlrr.evaluate import evaluate
 from rlrr.model import build_model
+
+from helpers import tool_module
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -104,3 +107,77 @@ def test_the_ddp_engine_replaying_cuda_graphs_evaluates_in_one_shape(tiny_shards
         hook.remove()
     assert shapes == [(5, 3, 32, 32)] * 3  # 13 images: the last batch padded from 3 to 5
     assert results[True]["acc1"] == results[False]["acc1"] and results[True]["samples"] == 13
+
+
+def test_repeated_blocks_are_the_innermost_runs_of_one_class():
+    """ViT: its blocks; Swin: the blocks inside each stage, not the stages; ResNet-18: two blocks per stage;
+    a model whose stages hold one block each (timm's test_resnet) has none."""
+    import timm
+    vit = timm.create_model("test_vit", depth=3)
+    assert repeated_blocks(vit) == list(vit.blocks)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 4, 8))
+    assert repeated_blocks(swin) == [b for stage in swin.layers for b in stage.blocks]
+    resnet = timm.create_model("resnet18")
+    assert repeated_blocks(resnet) == [b for n in range(1, 5) for b in getattr(resnet, f"layer{n}")]
+    assert repeated_blocks(timm.create_model("test_resnet")) == []
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_blocks_compiled_in_place_share_one_graph_and_train_like_eager(checkpointing):
+    """train.compile_scope = blocks: 4 blocks compile once (one graph for training, one for evaluation,
+    so the compile time does not grow with depth), with activation checkpointing too; parameter names are
+    unchanged and the outputs and gradients are eager's, bit for bit (AOTAutograd, the path inductor takes,
+    with the traced aten ops run as they are: the same kernels in the same order)."""
+    from torch._dynamo.utils import counters
+    cfg = ModelConfig(name="test_vit", img_size=32, drop_path=0.0, grad_checkpointing=checkpointing,
+                      timm_kwargs={"depth": 4})
+    eager, blocks = build_model(cfg, 4, seed=0), build_model(cfg, 4, seed=0)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks_in_place(blocks, CompilePlan(compile=True, cuda_graphs=False, cache_dir="-"),
+                                   backend="aot_eager")
+    assert all(b._compiled_call_impl is not None for b in blocks.blocks)
+    assert list(dict(blocks.named_parameters())) == list(dict(eager.named_parameters()))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (eager, blocks):
+        y = model.train()(x)
+        y.square().sum().backward()
+        results.append([y.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
+    assert counters["stats"]["unique_graphs"] == 1
+    blocks.eval()(x)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert all(torch.equal(got, want) for want, got in zip(*results))
+
+
+def test_the_engines_compile_by_blocks_or_whole_as_the_plan_says():
+    """DDPEngine: scope blocks compiles the blocks in place and calls the model itself; scope model, or a
+    model without repeated blocks (one line), wraps the whole model in torch.compile. Nothing compiles
+    before the first call."""
+    from rlrr.engine import DDPEngine
+    for name, scope, whole, note in (("test_vit", "blocks", False, None), ("test_vit", "model", True, None),
+                                     ("test_resnet", "blocks", True, "train.compile_scope = blocks: ResNet has no")):
+        cfg = load_config(None, ["data.shards=x", f"model.name={name}", "model.img_size=32", "train.compile=true",
+                                 f"train.compile_scope={scope}"])
+        plan = _plan(CPU, 1, "train.compile=true", f"train.compile_scope={scope}")
+        assert plan.scope == scope and plan.to_dict()["scope"] == scope
+        engine = DDPEngine(build_model(cfg.model, 4, seed=0), cfg, DistInfo(), plan)
+        assert isinstance(engine.net, torch._dynamo.eval_frame.OptimizedModule) == whole
+        assert (engine.net is engine.model) == (not whole)
+        assert len(plan.notes) == (note is not None) and all(n.startswith(note) for n in plan.notes)
+
+
+def test_the_benchmark_compiles_its_paths_as_training_does():
+    """tools/benchmark.py: +compiled and +cudagraphs wrap the whole model, their -blocks forms compile the blocks
+    in place (rlrr.compile, as a training run), and --compile means training's default scope."""
+    bench = tool_module("benchmark.py")
+    assert bench.parse_mode("rlrr", compile_all=True) == ("rlrr", "compiled-blocks")
+    assert bench.parse_mode("full+cudagraphs-blocks") == ("full", "cudagraphs-blocks")
+    cfg = ModelConfig(name="test_vit", img_size=32, timm_kwargs={"depth": 2})
+    for path, whole, blocks in (("eager", False, False), ("fused", False, False), ("compiled", True, False),
+                                ("cudagraphs", True, False), ("compiled-blocks", False, True),
+                                ("cudagraphs-blocks", False, True)):
+        model = build_model(cfg, 4, seed=0)
+        net = bench._maybe_compiled(model, path)
+        assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) == whole and (net is model) == (not whole)
+        assert all((b._compiled_call_impl is not None) == blocks for b in model.blocks), path

@@ -5,7 +5,9 @@ uses the same global batch, fp32 and the same data order (in memory, no flip, no
 adapter must equal the reference's up to fp32 rounding. The factors are engine (5), grad_accum (1, 2),
 clip_grad (off, on) and model.grad_checkpointing (off, on); the ten cells below hold every value of
 every factor and every pair of values of every two factors (a covering array of strength 2: the full
-product would be 40 runs).
+product would be 40 runs). Two more cells compile the model by blocks (train.compile, inductor's C++ backend
+here), with DDP (accumulating, clipped, checkpointed) and DeepSpeed ZeRO-2: the same model within the same
+tolerance.
 
 Tolerance: |cell - reference| <= 1e-4 on every adapter entry after 6 AdamW steps at lr 1e-2 (the
 entries move by up to ~6e-2; rounding differences between reduction orders stay below 3e-5). One
@@ -36,6 +38,8 @@ CELLS = [("ddp-a1",  "ddp",       None, 1, False, False),
          ("z2-a2",   "deepspeed", 2,    2, False, False),
          ("z3-a1",   "deepspeed", 3,    1, False, False),
          ("z3-a2",   "deepspeed", 3,    2, True,  True)]
+COMPILED_CELLS = [("ddp-compiled", "ddp", None, 2, True, True),  # train.compile=true: by blocks
+                  ("z2-compiled", "deepspeed", 2, 1, False, False)]
 
 
 def test_the_cells_cover_every_pair_of_factor_values():
@@ -70,6 +74,7 @@ def matrix(tiny_shards, tmp_path_factory):
     for clip in (False, True):
         entry_point().main(argv(f"ref-clip{clip}", *([f"train.clip_grad={CLIP}"] if clip else [])))
     runs = {c[0]: argv(c[0], *_cell_overrides(*c[1:])) for c in CELLS}
+    runs.update({c[0]: argv(c[0], *_cell_overrides(*c[1:]), "train.compile=true") for c in COMPILED_CELLS})
     runs["short-z2"] = argv("short-z2", *SHORT_WINDOW)
     errors = {name: o["error"] for name, o in train_many(runs, tmp, all_must_finish=False)[0].items() if "error" in o}
 
@@ -90,11 +95,13 @@ def test_clipping_is_active_in_the_reference(references):
     assert max((plain[k] - clipped[k]).abs().max().item() for k in plain) > 100 * ATOL
 
 
-@pytest.mark.parametrize("name,engine,stage,accum,clip,ckpt", CELLS, ids=[c[0] for c in CELLS])
+@pytest.mark.parametrize("name,engine,stage,accum,clip,ckpt", CELLS + COMPILED_CELLS,
+                         ids=[c[0] for c in CELLS + COMPILED_CELLS])
 def test_every_engine_cell_trains_the_reference_model(matrix, references, name, engine, stage, accum, clip, ckpt):
     adapter, results = matrix(name)
     ref_adapter, ref_results = references[clip]
     assert results["world_size"] == 2
+    assert results["compile"]["compile"] == name.endswith("-compiled") and results["compile"]["scope"] == "blocks"
     # 24 samples, global batch 4: 6 optimizer steps, counted by the loop and by Adam itself
     assert results["steps"] == ref_results["steps"] == 6
     assert results["optimizer_updates"] == ref_results["optimizer_updates"] == 6

@@ -138,7 +138,7 @@ def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(
         torch.testing.assert_close(got, plain[k], rtol=1e-4, atol=1e-4, msg=k)
     assert straight["test_acc1_final"] == eager["test_acc1_final"]
     cache = runs / "compile_cache"
-    assert straight["compile"] == {"compile": True, "cuda_graphs": False, "cache_dir": str(cache)}
+    assert straight["compile"] == {"compile": True, "cuda_graphs": False, "scope": "blocks", "cache_dir": str(cache)}
     assert eager["compile"]["compile"] is False and straight["warmup_s"] > 0
 
     def graphs():

@@ -7,13 +7,16 @@ when HF peft is installed), each training mode in a fresh process so peak memory
 
 A mode is a method and, after a "+", how its step runs: eager (the default), fused (RLRR only: its
 Triton kernels, model.kernel=triton), torch (RLRR only: eager torch ops, model.kernel=torch),
-compiled (torch.compile) or cudagraphs (torch.compile's "reduce-overhead": compiled and replayed as
-CUDA graphs). On a GPU the default modes put timm full fine-tuning (eager, compiled, CUDA graphs),
-the linear probe and LoRA beside every RLRR path; "best rlrr vs best full" compares the fastest of each.
+compiled (torch.compile of the whole model) or cudagraphs (torch.compile's "reduce-overhead": compiled
+and replayed as CUDA graphs), and compiled-blocks / cudagraphs-blocks the same with each repeated block
+compiled on its own (train.compile_scope: blocks, what training does by default). On a GPU the default
+modes put timm full fine-tuning (eager, compiled, CUDA graphs), the linear probe and LoRA beside every
+RLRR path; "best rlrr vs best full" compares the fastest of each.
 
 Training img/s: forward + backward + AdamW step on random data, after warm-up, median over timed
-windows. Each mode runs in its own fresh process, and the modes run in ``--rounds`` alternating
-rounds whose windows are pooled, so a machine that slows down mid-run does not favour one mode.
+windows; warm-up seconds (compiling and recording CUDA graphs included) per mode and round. Each mode
+runs in its own fresh process, and the modes run in ``--rounds`` alternating rounds whose windows are
+pooled, so a machine that slows down mid-run does not favour one mode.
 Peak memory: CUDA max allocated, or on CPU the peak RSS growth over the process's RSS after
 imports (the largest over rounds). FLOPs: one image's forward and backward as torch's FlopCounterMode
 counts them; MFU = FLOPs x img/s / the GPU's dense bf16/fp16 peak (known GPUs or --peak-tflops).
@@ -45,18 +48,19 @@ from rlrr.distributed import peak_memory_mb, status_mb
 from rlrr.startup import long_lived_imports
 
 METHODS = ("rlrr", "full", "linear", "lora")
-PATHS = ("eager", "fused", "torch", "compiled", "cudagraphs")
+PATHS = ("eager", "fused", "torch", "compiled", "cudagraphs", "compiled-blocks", "cudagraphs-blocks")
 CPU_MODES = METHODS  # each method, eager
 # most telling first, for a run cut short: RLRR's default path in a one-process run, the full fine-tuning step it
-# is judged against, today's eager RLRR, then the rest
-GPU_MODES = ("rlrr+cudagraphs", "full+compiled", "rlrr+torch", "rlrr+compiled", "rlrr+fused", "full",
-             "full+cudagraphs", "linear", "lora")
+# is judged against, RLRR's default across processes, RLRR compiled whole, today's eager RLRR, then the rest
+GPU_MODES = ("rlrr+cudagraphs-blocks", "full+compiled", "rlrr+compiled-blocks", "rlrr+cudagraphs", "rlrr+torch",
+             "rlrr+fused", "full+cudagraphs", "full", "linear", "lora")
+DEFAULT_COMPILED = "compiled-blocks"  # --compile: what train.compile does with the default train.compile_scope
 
 
 def parse_mode(mode: str, compile_all: bool = False) -> tuple[str, str]:
     """(method, path) of a mode name such as "rlrr+fused"; ValueError naming what is wrong."""
     method, _, path = mode.partition("+")
-    path = path or ("compiled" if compile_all else "eager")
+    path = path or (DEFAULT_COMPILED if compile_all else "eager")
     if method not in METHODS or path not in PATHS or (path in ("fused", "torch") and method != "rlrr"):
         raise ValueError(mode)
     return method, path
@@ -78,19 +82,27 @@ def _model(args, method, path="eager"):
 
 
 def _maybe_compiled(model, path):
-    # compiled during the warm-up calls, which are not timed
-    if path in ("compiled", "cudagraphs"):
-        return torch.compile(model, mode="reduce-overhead" if path == "cudagraphs" else None)
-    return model
+    """The model to call for ``path``, compiled as training compiles it (rlrr.compile); the compile happens
+    in the warm-up calls, which are not timed."""
+    from rlrr.compile import CompilePlan, compile_blocks_in_place
+    kind, _, scope = path.partition("-")
+    if kind not in ("compiled", "cudagraphs"):
+        return model
+    plan = CompilePlan(compile=True, cuda_graphs=kind == "cudagraphs", cache_dir="", scope=scope or "model")
+    return model if compile_blocks_in_place(model, plan) else torch.compile(model, mode=plan.mode)
 
 
-def _timed(args, steps: dict, device) -> dict:
+def _timed(args, steps: dict, device, warmup_s: typing.Optional[dict] = None) -> dict:
     """img/s of each of ``steps`` over ``args.windows`` windows of ``args.steps`` calls, after
-    ``args.warmup`` calls each; the windows of different steps alternate."""
+    ``args.warmup`` calls each (their seconds go to ``warmup_s``); the windows of different steps alternate."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step in steps.values():
+    for name, step in steps.items():
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             step()
+        sync()
+        if warmup_s is not None:
+            warmup_s[name] = round(time.perf_counter() - t0, 2)
     rates = {name: [] for name in steps}
     for _ in range(args.windows):
         for name, step in steps.items():
@@ -181,12 +193,14 @@ def measure_training(args, mode) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    rates = _timed(args, {mode: step}, device)[mode]
+    warmup_s = {}
+    rates = _timed(args, {mode: step}, device, warmup_s)[mode]
     peak = peak_memory_mb(device) - base_mb
     flops = _train_flops_per_image(model, x[:1], y[:1], dtype)  # eager: the counter sees every matmul
     ddp_bytes = _ddp_allreduce_bytes(model, x[:1], y[:1])
-    return {"mode": mode, "window_img_s": rates, "peak_memory_mb": round(peak, 1), "train_flops_per_image": int(flops),
-            "trainable_params": sum(p.numel() for p in params), "ddp_allreduce_bytes": ddp_bytes,
+    return {"mode": mode, "window_img_s": rates, "warmup_s": [warmup_s[mode]], "peak_memory_mb": round(peak, 1),
+            "train_flops_per_image": int(flops), "trainable_params": sum(p.numel() for p in params),
+            "ddp_allreduce_bytes": ddp_bytes,
             "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}
 
 
@@ -198,7 +212,7 @@ def measure_inference(args) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     dtype = AMP_DTYPES.get(args.precision)
     def step(model):
-        net = _maybe_compiled(model, "compiled" if args.compile else "eager")
+        net = _maybe_compiled(model, DEFAULT_COMPILED if args.compile else "eager")
 
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -223,12 +237,12 @@ def print_summary(args, results: dict) -> None:
           f"{', activation checkpointing' if args.grad_checkpointing else ''}"
           f"{', frozen weights in bf16' if args.frozen_dtype == 'bf16' else ''}"
           f"{', explicit attention' if args.explicit_attn else ''}")
-    print(f"{'mode':16s} {'train img/s':>12s} {'peak MB':>10s} {'params MB':>10s} {'trainable':>12s} "
-          f"{'DDP MB/step':>12s} {'GFLOP/img':>10s} {'MFU':>6s}")
+    print(f"{'mode':22s} {'train img/s':>12s} {'warm-up s':>10s} {'peak MB':>10s} {'params MB':>10s} "
+          f"{'trainable':>12s} {'DDP MB/step':>12s} {'GFLOP/img':>10s} {'MFU':>6s}")
     for mode, r in results["training"].items():
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
-        print(f"{mode:16s} {r['train_img_s']:12.2f} {r['peak_memory_mb']:10.1f} {r['param_mb']:10.1f} "
-              f"{r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f} "
+        print(f"{mode:22s} {r['train_img_s']:12.2f} {r['warmup_s'][0]:10.1f} {r['peak_memory_mb']:10.1f} "
+              f"{r['param_mb']:10.1f} {r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f} "
               f"{r['train_flops_per_image'] / 1e9:10.3f} {mfu}")
     inf = results.get("inference")
     if inf:
@@ -252,7 +266,8 @@ def parse_args(argv):
                     f"and PATH in {','.join(PATHS)} (default: {','.join(CPU_MODES)} on CPU, {','.join(GPU_MODES)} "
                     "on CUDA)")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile every mode without a +PATH, and the inference models (train.compile)")
+                    help="torch.compile every mode without a +PATH, and the inference models, by blocks "
+                         "(train.compile with its default train.compile_scope)")
     ap.add_argument("--frozen-dtype", choices=typing.get_args(FrozenDtype), default="fp32",
                     help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 needs --precision bf16)")
     ap.add_argument("--explicit-attn", action="store_true",
@@ -337,6 +352,7 @@ def add_result(results: dict, worker: str, data: dict) -> None:
         results["inference"] = data
     elif worker in train:  # a later round: pool its windows, keep the larger peak
         train[worker]["window_img_s"] += data["window_img_s"]
+        train[worker]["warmup_s"] += data["warmup_s"]  # each round's, in order (later rounds: compile cache filled)
         train[worker]["peak_memory_mb"] = max(train[worker]["peak_memory_mb"], data["peak_memory_mb"])
     else:
         train[worker] = data

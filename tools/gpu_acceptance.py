@@ -7,15 +7,16 @@ tools/gpu_acceptance.sh:
 
 Steps (each a fresh process; a step that breaks is named and the command exits 1 after the rest):
 - bench-*: tools/benchmark.py, bf16 autocast: timm full fine-tuning (eager, compiled, CUDA graphs), the
-  linear probe, LoRA and RLRR in every path (torch ops, Triton kernels, compiled, CUDA graphs) for
+  linear probe, LoRA and RLRR in every path (torch ops, Triton kernels, compiled by blocks and whole, CUDA
+  graphs) for
   ViT-B/16 at 8 and 64, ViT-L/16 at 32, ViT-H/14 at 16 (and RLRR alone at 64), activation checkpointing,
-  frozen bf16 weights: img/s, max_memory_allocated, counted FLOPs and MFU;
+  frozen bf16 weights: img/s, warm-up seconds (compile), max_memory_allocated, counted FLOPs and MFU;
 - fused-kernels: tests/test_fused.py on the GPU (rlrr/layers/fused.py's Triton kernels against the formula);
 - device-decode: tests/test_loader.py's data.decode: device tests on the GPU (nvJPEG against the workers' decoder);
 - scaling: tools/bench_scaling.py, DDP (NCCL, world 1), DeepSpeed ZeRO-2 and ZeRO-3, bf16;
 - loaders: tools/bench_data.py --device cuda: the loaders' img/s, streamed shards decoded by the workers
   and by nvJPEG (data.decode: device), in memory on the GPU;
-- train-*: launch/train.py under torchrun (NCCL) with the defaults (compiled, CUDA graphs in one process),
+- train-*: launch/train.py under torchrun (NCCL) with the defaults (compiled by blocks, CUDA graphs in one process),
   20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2;
 - train-loop*: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, streamed shards decoded by
   the loader workers, and streamed shards decoded on the GPU (data.decode: device), each run's img/s set
@@ -60,14 +61,14 @@ GPU_BENCHMARKS = [  # (name, model, batch, benchmark.py options); modes: benchma
     ("bench-vit-b-8", "vit_base_patch16_224", 8, ["--no-inference"]),
     ("bench-vit-b-64", "vit_base_patch16_224", 64, []),
     ("bench-vit-b-64-ckpt", "vit_base_patch16_224", 64,
-     ["--grad-checkpointing", "--no-inference", "--modes", "full+compiled,rlrr+fused,rlrr+compiled"]),
+     ["--grad-checkpointing", "--no-inference", "--modes", "full+compiled,rlrr+fused,rlrr+compiled-blocks"]),
     ("bench-vit-l-32", "vit_large_patch16_224", 32, ["--no-inference"]),
     ("bench-vit-h-16", "vit_huge_patch14_224", 16, []),
     ("bench-vit-h-16-ckpt", "vit_huge_patch14_224", 16,
-     ["--grad-checkpointing", "--no-inference", "--modes", "full+compiled,rlrr+fused,rlrr+compiled"]),
-    ("bench-vit-h-64", "vit_huge_patch14_224", 64, ["--no-inference", "--modes", "rlrr+fused,rlrr+compiled"]),
+     ["--grad-checkpointing", "--no-inference", "--modes", "full+compiled,rlrr+fused,rlrr+compiled-blocks"]),
+    ("bench-vit-h-64", "vit_huge_patch14_224", 64, ["--no-inference", "--modes", "rlrr+fused,rlrr+compiled-blocks"]),
     ("bench-vit-h-frozen-bf16", "vit_huge_patch14_224", 16,
-     ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr+fused,rlrr+compiled"]),
+     ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr+fused,rlrr+compiled-blocks"]),
 ]
 DRY_RUNS = {"bench-vit-b-8": [],  # every mode; the checkpointed step in RLRR's default path and full fine-tuning's
             "bench-vit-b-64-ckpt": ["--grad-checkpointing", "--no-inference", "--modes", "rlrr,full"],
@@ -143,8 +144,8 @@ def loop_loaders(dry: bool) -> dict[str, list[str]]:
 
 
 # dry run? -> (the bench step train-loop is set beside, its batch, the mode a one-process run takes by default
-# there: compiled with CUDA graphs on a GPU, eager on CPU)
-LOOP_REFERENCE = {False: ("bench-vit-b-64", 64, "rlrr+cudagraphs"), True: ("bench-vit-b-8", DRY_BATCH, "rlrr")}
+# there: compiled by blocks with CUDA graphs on a GPU, eager on CPU)
+LOOP_REFERENCE = {False: ("bench-vit-b-64", 64, "rlrr+cudagraphs-blocks"), True: ("bench-vit-b-8", DRY_BATCH, "rlrr")}
 
 
 def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> dict:
@@ -203,6 +204,10 @@ def _outcome(step: dict) -> str:
     return "yes" if step["ok"] else f"FAILED: {step['error']}"
 
 
+def _compiled(plan: dict) -> str:
+    return f"by {plan['scope']}" if plan["compile"] else "no"
+
+
 def report(result: dict) -> str:
     env = result["environment"]
     lines = [f"# GPU acceptance ({result['date']}, {result['environment']['device']})", "",
@@ -213,18 +218,19 @@ def report(result: dict) -> str:
                                               "or was stopped.", ""]),
              "| step | ok | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {_outcome(s)} | {s['seconds']} |" for s in result["steps"]]
-    lines += ["", "| benchmark | mode | img/s | max memory (MB) | GFLOP/img | MFU |", "|---|---|---|---|---|---|"]
+    lines += ["", "| benchmark | mode | img/s | warm-up (s) | max memory (MB) | GFLOP/img | MFU |",
+              "|---|---|---|---|---|---|---|"]
     for name, data in result["benchmarks"].items():
         for mode, r in data["training"].items():
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-            lines.append(f"| {name} | {mode} | {r['train_img_s']} | {r['peak_memory_mb']:,.0f} | "
-                         f"{r['train_flops_per_image'] / 1e9:.2f} | {mfu} |")
-        lines += [f"| {name} | {mode} | failed: {error} | | | |" for mode, error in data.get("failed", {}).items()]
-    lines += ["", "| training run | steps | optimizer updates | img/s | first step (s) | compiled | CUDA graphs | "
+            lines.append(f"| {name} | {mode} | {r['train_img_s']} | {r['warmup_s'][0]} | {r['peak_memory_mb']:,.0f} "
+                         f"| {r['train_flops_per_image'] / 1e9:.2f} | {mfu} |")
+        lines += [f"| {name} | {mode} | failed: {error} | | | | |" for mode, error in data.get("failed", {}).items()]
+    lines += ["", "| training run | steps | optimizer updates | img/s | warm-up (s) | compiled | CUDA graphs | "
               "test top-1 |", "|---|---|---|---|---|---|---|---|"]
     for name, r in result["training"].items():
         lines.append(f"| {name} | {r['steps']} | {r['optimizer_updates']} | {r['img_per_s']} | {r['warmup_s']} | "
-                     f"{r['compile']['compile']} | {r['compile']['cuda_graphs']} | {r['test_acc1_final']} |")
+                     f"{_compiled(r['compile'])} | {r['compile']['cuda_graphs']} | {r['test_acc1_final']} |")
     for run, loop in result["loop_vs_benchmark"].items():
         lines += ["", f"{run}: {loop['loop_img_s']} img/s, {loop['ratio']}x the benchmark step "
                       f"({loop['bench_mode']}, {loop['bench_img_s']} img/s)"]

@@ -4,7 +4,8 @@
   the matmuls), eager on CPU (inductor's C++ build costs more there than it saves).
 - ``compile_scope`` blocks (the default): each repeated block (ViT's blocks; Swin's and ResNet's blocks
   within a stage) is compiled on its own, in place. Identical blocks share one compiled graph, so the
-  compile costs one block's time whatever the depth (docs/benchmarks.md), and names, state dicts and
+  compile costs one block's time whatever the depth (docs/benchmarks.md; blocks that differ only in
+  their drop-path rate hold it as a tensor to stay identical, DropAtRate), and names, state dicts and
   DDP's per-parameter gradient hooks stay as they are. The patch embedding, final norm and head run
   eagerly (a few kernels). ``model``: the whole model as one graph.
 - ``cuda_graphs`` null: compiled steps are replayed as CUDA graphs (torch.compile's "reduce-overhead")
@@ -21,6 +22,7 @@ short batch would compile another (with dynamic shapes) or record another CUDA g
 import os
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from .distributed import DistInfo
@@ -105,8 +107,8 @@ def repeated_blocks(module: nn.Module) -> list:
 
 def compile_blocks_in_place(model: nn.Module, plan: CompilePlan, backend: str = "inductor") -> bool:
     """With a compiled plan in scope "blocks": torch.compile each of ``model``'s repeated blocks in place
-    (nn.Module.compile). True if it did; False: the caller compiles the whole model (scope "model", or
-    no repeated blocks, which adds a note)."""
+    (nn.Module.compile), their drop-path rates made tensors (rates_as_tensors). True if it did; False: the
+    caller compiles the whole model (scope "model", or no repeated blocks, which adds a note)."""
     if not plan.compile or plan.scope != "blocks":
         return False
     blocks = repeated_blocks(model)
@@ -116,9 +118,67 @@ def compile_blocks_in_place(model: nn.Module, plan: CompilePlan, backend: str = 
         return False
     import torch._dynamo
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for block in blocks:
-        block.compile(backend=backend, mode=plan.mode)
+    rates_as_tensors(blocks)
+    for block in blocks:  # static shapes: a block class seen at several sizes (Swin's stages) gets a graph per size
+        block.compile(backend=backend, mode=plan.mode, dynamic=False)
     return True
+
+
+class DropAtRate(nn.Module):
+    """Dropout (element-wise, rlrr's drop_path_mode "dropout") or DropPath (per sample) with its rate held in
+    a tensor. torch.compile specialises a graph on Python floats, so blocks that differ only in their
+    drop-path rate (a linear schedule over depth) would each compile their own graph; a tensor rate is a
+    graph input. Not a buffer: DDP would broadcast it every step, and state dicts stay as they are."""
+
+    def __init__(self, rate: float, per_sample: bool, device: torch.device):
+        super().__init__()
+        self.per_sample = per_sample
+        self.rate = torch.tensor(float(rate), device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1) if self.per_sample else x.shape
+        kept = torch.rand(shape, device=x.device) < keep
+        return x * (kept / keep.clamp_min(1e-12)).to(x.dtype)  # a rate of 1 drops everything (0 / tiny)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate.item():g}, per_sample={self.per_sample}"
+
+
+def _rate(module: nn.Module):
+    """(drop rate, per sample) of a dropout-like module; None for anything else."""
+    import timm.layers
+    if isinstance(module, timm.layers.DropPath):
+        return module.drop_prob, True
+    if type(module) is nn.Dropout:
+        return module.p, False
+    if type(module) is nn.Identity:  # timm's drop path at rate 0
+        return 0.0, None
+    return None
+
+
+def rates_as_tensors(blocks: list) -> int:
+    """Where the blocks differ only in a dropout-like module's rate (the same name in each, different rates),
+    replace those modules with DropAtRate, so the blocks share one compiled graph. Returns how many."""
+    by_name = {}
+    for block in blocks:
+        for name, module in block.named_modules():
+            by_name.setdefault(name, []).append((block, module, _rate(module)))
+    replaced = 0
+    for name, found in by_name.items():
+        rates = [r for _, _, r in found]
+        kinds = {r[1] for r in rates if r is not None and r[1] is not None}  # per sample or not (Identity: either)
+        if not name or None in rates or len({r[0] for r in rates}) < 2 or len(kinds) != 1:
+            continue
+        parent, _, child = name.rpartition(".")
+        (per_sample,) = kinds
+        for block, _, (rate, _) in found:
+            device = next(block.parameters(), torch.empty(0)).device
+            setattr(block.get_submodule(parent), child, DropAtRate(rate, per_sample, device))
+            replaced += 1
+    return replaced
 
 
 def _shown(value) -> str:

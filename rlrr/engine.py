@@ -220,7 +220,6 @@ class DeepSpeedEngine:
         self.config = ds = deepspeed_config(t, info.world)
         self.info, self.dtype = info, AMP_DTYPES.get(t.precision)
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr)
-        by_blocks = bool(compiled) and compile_blocks_in_place(model, compiled)  # in place: DeepSpeed's hooks stay
         # the model arrives on the CPU: DeepSpeed moves it to the device, and under ZeRO-3 only each
         # rank's partition goes there (the device never holds the whole model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
@@ -228,7 +227,8 @@ class DeepSpeedEngine:
         self.stage = self.engine.zero_optimization_stage()
         self.backwards_in_window = 0
         self.static_shapes = bool(compiled and compiled.compile)  # as DDPEngine's (no CUDA graphs here)
-        if compiled and compiled.compile and not by_blocks:
+        # by blocks: in place, on the device DeepSpeed moved the module to; its hooks stay where they are
+        if compiled and compiled.compile and not compile_blocks_in_place(self.engine.module, compiled):
             self.engine.compile()
 
     def forward(self, images):

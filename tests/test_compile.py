@@ -181,3 +181,48 @@ def test_the_benchmark_compiles_its_paths_as_training_does():
         net = bench._maybe_compiled(model, path)
         assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) == whole and (net is model) == (not whole)
         assert all((b._compiled_call_impl is not None) == blocks for b in model.blocks), path
+
+
+@pytest.mark.parametrize("mode", ["dropout", "stochastic_depth"])
+def test_blocks_that_differ_only_in_their_drop_path_rate_share_one_graph(mode):
+    """A drop-path schedule (0 to 0.4 over 5 blocks) gives every block its own Python-float rate, on which
+    torch.compile would specialise (5 graphs); held as tensors, the blocks share one. Parameter and
+    state-dict names stay as they are."""
+    from torch._dynamo.utils import counters
+
+    from rlrr.compile import DropAtRate
+    cfg = ModelConfig(name="test_vit", img_size=32, drop_path=0.4, drop_path_mode=mode, timm_kwargs={"depth": 5})
+    model = build_model(cfg, 4, seed=0)
+    names = list(model.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_blocks_in_place(model, CompilePlan(compile=True, cuda_graphs=False, cache_dir="-"),
+                                   backend="aot_eager")
+    model.train()(torch.randn(3, 3, 32, 32)).square().sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    drops = [(b.drop_path1, b.drop_path2) for b in model.blocks]
+    per_sample = mode == "stochastic_depth"
+    assert all(isinstance(d, DropAtRate) and d.per_sample == per_sample for pair in drops for d in pair)
+    assert [pair[0].rate.item() for pair in drops] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert list(model.state_dict()) == names
+
+
+def test_drop_at_rate_drops_and_rescales_as_dropout_and_drop_path_do():
+    """Element-wise: each value zeroed with probability p, survivors scaled by exactly 1/(1-p) in the input's
+    dtype; per sample: whole samples. Evaluation passes the input through; a rate of 1 drops everything."""
+    from rlrr.compile import DropAtRate
+    torch.manual_seed(0)
+    n, p = 200_000, 0.25
+    bound = 6 * (p * (1 - p) / n) ** 0.5  # six standard deviations of the dropped fraction
+    out = DropAtRate(p, per_sample=False, device=CPU)(torch.ones(n))
+    scale = (torch.tensor(1.0) / (1 - torch.tensor(p))).item()
+    assert set(out.unique().tolist()) == {0.0, scale}
+    assert abs((out == 0).float().mean().item() - p) < bound
+    samples = DropAtRate(p, per_sample=True, device=CPU)(torch.ones(n // 10, 2, 5, dtype=torch.bfloat16))
+    assert samples.dtype == torch.bfloat16
+    per_sample = samples.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == per_sample[:, :1]).all(1)).all()
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - p) < 6 * (p * (1 - p) / (n // 10)) ** 0.5
+    x = torch.randn(4, 3)
+    assert DropAtRate(p, per_sample=False, device=CPU).eval()(x) is x
+    assert torch.equal(DropAtRate(1.0, per_sample=False, device=CPU)(x), torch.zeros(4, 3))

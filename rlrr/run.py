@@ -9,6 +9,7 @@ import enum
 import faulthandler
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -127,6 +128,7 @@ class Run:
     epoch_img_per_s: float = 0.0
     pending_step: Optional[object] = None  # the last optimizer step's outcome until booked (rlrr.train.book_step)
     clock: float = field(default_factory=time.perf_counter)  # the last tick (rlrr.run.tick)
+    watchdog_armed: float = -math.inf  # when the watchdog was last (re-)armed (rlrr.run.watchdog)
 
 
 def tick(run: "Run") -> None:
@@ -169,11 +171,15 @@ def watchdog(run: Run, off: bool = False) -> None:
     """(Re-)arm the watchdog: if no batch completes within train.watchdog_s, print every thread's
     Python stack and exit with code 1, so that torchrun or SLURM restarts the job (which resumes)
     instead of a hung rank holding the allocation. C-level: it fires while Python is stuck in a
-    collective too. Armed from the first batch on."""
-    if off or not run.cfg.train.watchdog_s:
+    collective too. Armed from the first batch on; re-armed once a tenth of its time (at most a second)
+    has passed, not at every batch: each arming starts a thread, 0.17 ms of host time a step."""
+    limit = run.cfg.train.watchdog_s
+    if off or not limit:
         faulthandler.cancel_dump_traceback_later()
-    else:
-        faulthandler.dump_traceback_later(run.cfg.train.watchdog_s, exit=True, file=sys.__stderr__)
+        run.watchdog_armed = -math.inf
+    elif time.monotonic() - run.watchdog_armed >= min(1.0, limit / 10):
+        faulthandler.dump_traceback_later(limit, exit=True, file=sys.__stderr__)
+        run.watchdog_armed = time.monotonic()
 
 
 def summarize(run: Run) -> dict:

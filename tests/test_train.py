@@ -259,3 +259,25 @@ def test_log_lines_go_to_stdout_as_it_is_when_they_are_written(capsys):
     logging.getLogger("rlrr").info("after it")
     out, err = capsys.readouterr()
     assert out.endswith("after it\n") and "inside" not in out and err == ""
+
+
+def test_the_watchdog_is_rearmed_once_a_tenth_of_its_time_has_passed(monkeypatch):
+    """Arming faulthandler's watchdog starts a thread (0.17 ms of host time): not at every batch, but once
+    a tenth of train.watchdog_s (at most a second) has passed since the last arming, so it still fires
+    at least 0.9 x watchdog_s after the last batch. Off cancels it."""
+    import types
+
+    from rlrr import run as run_module
+    armed, now = [], [100.0]
+    monkeypatch.setattr(run_module.faulthandler, "dump_traceback_later", lambda s, **kw: armed.append(s))
+    monkeypatch.setattr(run_module.faulthandler, "cancel_dump_traceback_later", lambda: armed.append("off"))
+    monkeypatch.setattr(run_module.time, "monotonic", lambda: now[0])
+    run = types.SimpleNamespace(cfg=load_config(None, ["data.shards=x", "train.watchdog_s=6"]),
+                                watchdog_armed=-float("inf"))
+    for t in (100.0, 100.3, 100.55, 100.65, 100.7, 101.3):
+        now[0] = t
+        run_module.watchdog(run)
+    assert armed == [6.0, 6.0, 6.0]  # at 100.0, 100.65 and 101.3 (0.6 s apart at least)
+    run_module.watchdog(run, off=True)
+    run_module.watchdog(run)
+    assert armed[-2:] == ["off", 6.0]  # armed again at once after being cancelled

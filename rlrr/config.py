@@ -38,7 +38,7 @@ FrozenDtype = Literal["fp32", "bf16"]
 EngineName = Literal["ddp", "deepspeed"]  # rlrr.engine.ENGINES holds one class per name
 ZeroStage = Literal[0, 1, 2, 3]
 NonFinite = Literal["skip", "stop"]
-CompileScope = Literal["blocks", "model"]  # rlrr.compile.compile_model
+CompileScope = Literal["blocks", "model"]  # rlrr.compile.compile_blocks_in_place
 
 
 @dataclass
@@ -150,7 +150,7 @@ class TrainConfig:
     log_every: PositiveInt = 10
     dist_timeout_s: Annotated[float, Range(10)] = 900.0  # bounds process-group start-up and every collective
     watchdog_s: Annotated[float, Range(0)] = 1200.0  # no batch done for this long: print stacks, exit 1 (0: off)
-    compile: Optional[bool] = None  # torch.compile the model (DDP) / the engine (DeepSpeed); null: on CUDA only
+    compile: Optional[bool] = None  # torch.compile (see compile_scope); null: on CUDA only
     cuda_graphs: Optional[bool] = None  # replay compiled steps as CUDA graphs; null: see rlrr/compile.py
     compile_scope: CompileScope = "blocks"  # each repeated block compiled on its own, or the whole model
     compile_cache: Optional[str] = None  # inductor/Triton cache; null: <output_dir>/compile_cache, shared by restarts

@@ -111,22 +111,44 @@ def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_
 
 
 @pytest.mark.integration
-def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(tiny_shards, tmp_path):
-    """train.compile=true (inductor's C++ backend here): the compiled run trains like the eager one; a
-    compiled run SIGKILLed while writing its third checkpoint and restarted by torchrun ends with the
-    uninterrupted compiled run's adapter bit for bit, and compiles no graph anew (the output_dir's
-    compile cache, filled by the first run). Both compiled runs start the same way (torchrun, one
-    process), as a requeued job does. No dropout: compiled and eager graphs draw different random numbers."""
+@pytest.mark.parametrize("drop_path", [0.0, 0.2])
+def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(tiny_shards, tmp_path, drop_path):
+    """train.compile=true (inductor's C++ backend here, compiled by blocks): the compiled run trains like the
+    eager one; a compiled run SIGKILLed while writing its third checkpoint and restarted by torchrun ends
+    with the uninterrupted compiled run's adapter bit for bit, and compiles no graph anew (the output_dir's
+    compile cache, filled by the first run). Both compiled runs start the same way (torchrun, one process),
+    as a requeued job does. With a drop-path schedule (DropAtRate's random numbers, drawn in the compiled
+    graphs) too; compiled and eager graphs draw different random numbers, so only the run without
+    dropout is compared with the eager one."""
     runs = tmp_path / "runs"
-    cfg = write_config(tmp_path / "c.yaml", tiny_shards, runs, model={"drop_path": 0.0, "timm_kwargs": {"depth": 2}},
-                       train={"save_every_steps": 4})
-    eager = main(["--config", cfg, "--set", "run_name=eager", "train.compile=false"])
+    cfg = write_config(tmp_path / "c.yaml", tiny_shards, runs,
+                       model={"drop_path": drop_path, "timm_kwargs": {"depth": 2}}, train={"save_every_steps": 4})
     compiled = [*train_cmd("--config", cfg, "--set", "train.compile=true", nproc=1)]
     compiled.insert(compiled.index("--standalone") + 1, "--max-restarts=1")
     res = subprocess.run(compiled + ["run_name=straight"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "first step:" in res.stdout and "(compiling)" in res.stdout, res.stderr[-3000:]
     straight = json.loads((runs / "straight" / "results.json").read_text())
-    comp, plain = run_adapter(runs / "straight"), run_adapter(runs / "eager")
+    comp = run_adapter(runs / "straight")
+    if not drop_path:
+        _compiled_trains_like_eager(cfg, comp, straight, runs)
+    cache = runs / "compile_cache"
+
+    def graphs():
+        return {p for p in cache.rglob("*") if p.is_file() and "fxgraph" in p.parts}
+    compiled_graphs = graphs()
+    assert compiled_graphs  # inductor wrote its graphs to the run's cache
+    env = {"PYTHONPATH": FAULTS, "RLRR_FAULT_KILL_IN_SAVE": "3", "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
+    res = subprocess.run(compiled + ["run_name=killed"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env})
+    assert (tmp_path / "fired").exists() and res.returncode == 0, res.stderr[-3000:]
+    assert "resumed" in res.stdout and "(compiling)" in res.stdout, res.stdout[-2000:]
+    assert_same_tensors(run_adapter(runs / "killed"), comp)
+    assert graphs() == compiled_graphs
+
+
+def _compiled_trains_like_eager(cfg, comp: dict, straight: dict, runs) -> None:
+    eager = main(["--config", cfg, "--set", "run_name=eager", "train.compile=false"])
+    plain = run_adapter(runs / "eager")
     assert comp.keys() == plain.keys()
     for k in plain:
         got = comp[k].clone()
@@ -140,18 +162,6 @@ def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(
     cache = runs / "compile_cache"
     assert straight["compile"] == {"compile": True, "cuda_graphs": False, "scope": "blocks", "cache_dir": str(cache)}
     assert eager["compile"]["compile"] is False and straight["warmup_s"] > 0
-
-    def graphs():
-        return {p for p in cache.rglob("*") if p.is_file() and "fxgraph" in p.parts}
-    compiled_graphs = graphs()
-    assert compiled_graphs  # inductor wrote its graphs to the run's cache
-    env = {"PYTHONPATH": FAULTS, "RLRR_FAULT_KILL_IN_SAVE": "3", "RLRR_FAULT_ONCE": str(tmp_path / "fired")}
-    res = subprocess.run(compiled + ["run_name=killed"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **env})
-    assert (tmp_path / "fired").exists() and res.returncode == 0, res.stderr[-3000:]
-    assert "resumed" in res.stdout and "(compiling)" in res.stdout, res.stdout[-2000:]
-    assert_same_tensors(run_adapter(runs / "killed"), comp)
-    assert graphs() == compiled_graphs
 
 
 def _faulty(env: dict, tmp_path) -> dict:

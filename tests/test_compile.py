@@ -181,6 +181,15 @@ def test_the_benchmark_compiles_its_paths_as_training_does():
         net = bench._maybe_compiled(model, path)
         assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) == whole and (net is model) == (not whole)
         assert all((b._compiled_call_impl is not None) == blocks for b in model.blocks), path
+    # the FLOP and DDP-byte counts of a model with compiled blocks: the eager model's, and no graph compiled for them
+    from torch._dynamo.utils import counters
+    eager, blocks = build_model(cfg, 4, seed=0), build_model(cfg, 4, seed=0)
+    bench._maybe_compiled(blocks, "cudagraphs-blocks")
+    torch._dynamo.reset()
+    counters.clear()
+    x, y = torch.randn(1, 3, 32, 32), torch.tensor([1])
+    assert bench._counted(blocks, x, y, None) == bench._counted(eager, x, y, None)
+    assert counters["stats"]["unique_graphs"] == 0
 
 
 @pytest.mark.parametrize("mode", ["dropout", "stochastic_depth"])

@@ -14,7 +14,7 @@
   issues together (pytorch/pytorch#128218); ``true`` turns them on there anyway.
 - Combinations that cannot work fall back with one line each: compile under DeepSpeed ZeRO-3 (its
   parameter gather/release hooks split every graph) and CUDA graphs with the DeepSpeed engine, off
-  CUDA, or without compile.
+  CUDA, without compile, or with activation checkpointing around compiled blocks (graphs_blocked).
 Training batches already have one shape (every epoch wraps to full batches); a compiled run's evaluation
 pads its last batch to the fixed size and drops the padded rows (rlrr.evaluate): one graph, where a
 short batch would compile another (with dynamic shapes) or record another CUDA graph.
@@ -66,15 +66,27 @@ def compile_plan(cfg, info: DistInfo) -> CompilePlan:
     graphs = auto_graphs if t.cuda_graphs is None else t.cuda_graphs
     why_not = ("it needs CUDA" if not cuda else "it needs train.compile" if not compiled else
                "not with the DeepSpeed engine (its step runs outside the compiled graph)" if t.engine == "deepspeed"
-               else None)
+               else graphs_blocked(t.compile_scope, cfg.model.grad_checkpointing))
     if graphs and why_not:
-        notes.append(f"train.cuda_graphs = true: {why_not}; off")
+        notes.append(f"train.cuda_graphs = {_shown(t.cuda_graphs)}: {why_not}; off")
         graphs = False
     elif t.cuda_graphs is None and compiled and cuda and t.engine == "ddp" and info.world > 1:
         notes.append(f"train.cuda_graphs = null: off with DDP across {info.world} processes "
                      "(pytorch/pytorch#128218); set it to true to try")
     cache = t.compile_cache or os.path.join(cfg.output_dir, "compile_cache")
     return CompilePlan(compiled, graphs, os.path.abspath(cache), notes, t.compile_scope)
+
+
+def graphs_blocked(scope: str, grad_checkpointing: bool):
+    """Why compiled blocks cannot be replayed as CUDA graphs, or None. Activation checkpointing (timm's,
+    non-reentrant) wraps each compiled block from outside, and its recompute in backward keeps a block's
+    graph-owned output alive where the recording saw it freed: CUDA-graph trees stop the run
+    (pytorch/pytorch#154306, in torch 2.11) or would overwrite live memory. A whole-model graph
+    holds the checkpointing inside, where the compiler does the recompute."""
+    if scope == "blocks" and grad_checkpointing:
+        return ("not with model.grad_checkpointing around compiled blocks (pytorch/pytorch#154306); "
+                "train.compile_scope = model keeps them")
+    return None
 
 
 def prepare_compile(plan: CompilePlan, requested) -> None:
@@ -150,8 +162,8 @@ class DropAtRate(nn.Module):
 def _rate(module: nn.Module):
     """(drop rate, per sample) of a dropout-like module; None for anything else."""
     import timm.layers
-    if isinstance(module, timm.layers.DropPath):
-        return module.drop_prob, True
+    if isinstance(module, timm.layers.DropPath):  # DropAtRate rescales survivors, as timm does by default
+        return (module.drop_prob, True) if getattr(module, "scale_by_keep", True) else None
     if type(module) is nn.Dropout:
         return module.p, False
     if type(module) is nn.Identity:  # timm's drop path at rate 0

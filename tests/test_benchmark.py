@@ -48,6 +48,16 @@ def test_benchmark_rejects_bad_options(capsys):
         assert message in capsys.readouterr().err
 
 
+def test_benchmark_skips_cuda_graphs_of_blocks_under_checkpointing(capsys):
+    """What training falls back from (rlrr.compile.graphs_blocked) is not measured either: the mode is
+    named as skipped with the reason, and with nothing left the command stops before starting a process."""
+    argv = ["--grad-checkpointing", "--modes", "rlrr+cudagraphs-blocks", "--no-inference", "--device", "cpu"]
+    assert tool_main("benchmark.py")(argv) == 2
+    err = capsys.readouterr().err
+    assert "benchmark: skipping rlrr+cudagraphs-blocks: not with model.grad_checkpointing around compiled blocks" in err
+    assert "no training mode left to measure" in err
+
+
 def test_bench_scaling_reports_each_cell_per_rank_and_a_failed_cell_as_failed(tmp_path):
     """ZeRO-3 with 2 processes holds half the parameters per rank; a model that does not exist is a
     failed row (and exit 1), never a number."""

@@ -33,6 +33,12 @@ def _plan(device, world=1, *overrides):
      "train.cuda_graphs = true: it needs CUDA; off"),
     (CUDA, 1, ["train.compile=false", "train.cuda_graphs=true"], False, False,
      "train.cuda_graphs = true: it needs train.compile; off"),
+    # activation checkpointing around compiled blocks: no CUDA graphs (pytorch/pytorch#154306) unless compiled whole
+    (CUDA, 1, ["model.grad_checkpointing=true"], True, False,
+     "train.cuda_graphs = null: not with model.grad_checkpointing around compiled blocks"),
+    (CUDA, 1, ["model.grad_checkpointing=true", "train.cuda_graphs=true"], True, False,
+     "train.cuda_graphs = true: not with model.grad_checkpointing around compiled blocks"),
+    (CUDA, 1, ["model.grad_checkpointing=true", "train.compile_scope=model"], True, True, None),
     (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=2"], True, False, None),
     (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=2", "train.cuda_graphs=true"], True, False,
      "train.cuda_graphs = true: not with the DeepSpeed engine"),
@@ -214,6 +220,20 @@ def test_blocks_that_differ_only_in_their_drop_path_rate_share_one_graph(mode):
     assert all(isinstance(d, DropAtRate) and d.per_sample == per_sample for pair in drops for d in pair)
     assert [pair[0].rate.item() for pair in drops] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
     assert list(model.state_dict()) == names
+
+
+def test_only_drop_paths_that_rescale_become_tensor_rates():
+    """DropAtRate scales survivors by 1/(1-p), as timm's DropPath does by default; one built with
+    scale_by_keep=False stays as it is (its blocks compile a graph each rather than train differently)."""
+    import timm.layers
+
+    from rlrr.compile import rates_as_tensors
+    blocks = [torch.nn.Sequential(torch.nn.Linear(2, 2), timm.layers.DropPath(r, scale_by_keep=False))
+              for r in (0.1, 0.2)]
+    assert rates_as_tensors(blocks) == 0 and all(type(b[1]) is timm.layers.DropPath for b in blocks)
+    for b in blocks:
+        b[1].scale_by_keep = True
+    assert rates_as_tensors(blocks) == 2
 
 
 def test_drop_at_rate_drops_and_rescales_as_dropout_and_drop_path_do():

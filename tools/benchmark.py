@@ -325,6 +325,16 @@ def main(argv=None) -> int:
         if any(parse_mode(m)[0] == "lora" for m in modes):
             print("benchmark: peft is not installed; skipping lora", file=sys.stderr)
             modes = [m for m in modes if parse_mode(m)[0] != "lora"]
+    if args.grad_checkpointing:  # what training falls back from (rlrr.compile.graphs_blocked)
+        from rlrr.compile import graphs_blocked
+        why = graphs_blocked("blocks", True)
+        blocked = [m for m in modes if parse_mode(m, args.compile)[1] == "cudagraphs-blocks"]
+        if blocked:
+            print(f"benchmark: skipping {','.join(blocked)}: {why}", file=sys.stderr)
+            modes = [m for m in modes if m not in blocked]
+    if not modes:
+        print("benchmark: error: no training mode left to measure", file=sys.stderr)
+        return 2
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
               "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),

@@ -96,7 +96,18 @@ class DDPEngine:
             if loss_ok is not None and not loss_ok(loss.detach()):
                 return loss.detach(), False
             self.scaler.scale(loss / self.grad_accum).backward()
+        if self.cuda_graphs and not last_micro:
+            self._own_grads()
         return loss.detach(), True
+
+    def _own_grads(self) -> None:
+        """Gradients into memory of their own between micro-batches. The first backward of a window hands its
+        parameter gradients over as .grad without a copy, and under CUDA graphs that memory belongs to the
+        graph's pool, which the next micro-batch's replay overwrites: the window would sum the wrong terms or
+        stop (pytorch/pytorch#169545). Later backwards add into these copies in place."""
+        for p in self.trainable:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gradient norm, applied) as tensors on the device: a non-finite norm leaves the weights and

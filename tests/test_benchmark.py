@@ -79,9 +79,9 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     """The GPU script's steps, tiny and on CPU: every step runs (fp16 is skipped: it needs CUDA) and
     the JSON and the table are complete. Without a GPU and without --dry-run it refuses."""
     # --skip leaves out what this suite runs anyway: DDP bf16 through torchrun (tests/test_train.py), the
-    # fused kernels' and the device decoder's tests (tests/test_fused.py, test_loader.py) and a loop streamed
-    # with the workers decoding (as train-zero2-bf16 is)
-    skip = ["train-ddp-bf16", "fused-kernels", "device-decode", "train-loop-stream"]
+    # fused kernels', the device decoder's and the CUDA-graph accumulation tests (tests/test_fused.py,
+    # test_loader.py, test_engine.py) and a loop streamed with the workers decoding (as train-zero2-bf16 is)
+    skip = ["train-ddp-bf16", "fused-kernels", "device-decode", "graphs-accumulate", "train-loop-stream"]
     res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--dry-run", "--jobs", "2", "--out-dir",
                           str(tmp_path), *[arg for step in skip for arg in ("--skip", step)]],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
@@ -89,7 +89,7 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     data = json.loads((tmp_path / "acceptance.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
     same_model = {"bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt", "bench-vit-h-64"}
-    assert set(steps) == {"fused-kernels", "device-decode", "bench-vit-b-8", "bench-vit-b-64-ckpt",
+    assert set(steps) == {"fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8", "bench-vit-b-64-ckpt",
                           "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
                           "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
                           "train-loop-stream-device-decode"} | same_model
@@ -159,9 +159,10 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     assert data["complete"] and not data["benchmarks"] and not data["training"] and data["scaling_md"] is None
     assert steps["fused-kernels"] == {"step": "fused-kernels", "ok": False, "seconds": 0.0,
                                       "not_run": "the time budget ran out"}
-    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 19
+    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 20
     order = [s["step"] for s in data["steps"]]  # the most telling first
-    assert order[:3] == ["fused-kernels", "device-decode", "bench-vit-b-8"] and order.index("make-shards") == 3
+    assert order[:4] == ["fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8"]
+    assert order.index("make-shards") == 4
     md = (out / "acceptance.md").read_text()
     assert "| bench-vit-b-8 | not run: the time budget ran out | 0.0 |" in md and "Incomplete" not in md
     timm_version = importlib.metadata.version("timm")

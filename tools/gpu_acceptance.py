@@ -13,6 +13,8 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
   frozen bf16 weights: img/s, warm-up seconds (compile), max_memory_allocated, counted FLOPs and MFU;
 - fused-kernels: tests/test_fused.py on the GPU (rlrr/layers/fused.py's Triton kernels against the formula);
 - device-decode: tests/test_loader.py's data.decode: device tests on the GPU (nvJPEG against the workers' decoder);
+- graphs-accumulate: tests/test_engine.py's gradient accumulation under CUDA graphs on the GPU (no replay overwrites
+  the window's first gradients);
 - scaling: tools/bench_scaling.py, DDP (NCCL, world 1), DeepSpeed ZeRO-2 and ZeRO-3, bf16;
 - loaders: tools/bench_data.py --device cuda: the loaders' img/s, streamed shards decoded by the workers
   and by nvJPEG (data.decode: device), in memory on the GPU;
@@ -320,8 +322,8 @@ def run_all(jobs: list[tuple[str, list[str], int]], acceptance: Acceptance, at_o
 # What a run cut short by --budget should have measured first: correctness, then the figures the acceptance
 # is judged on (ViT-B/16 at 64 and 8, ViT-H/14 at 16, ViT-L/16 at 32, the training loop beside its step), then
 # the engines under torchrun, then the rest (a step in neither list runs last).
-BEFORE_SHARDS = ["fused-kernels", "device-decode", "bench-vit-b-64", "bench-vit-b-8", "bench-vit-h-16",
-                 "bench-vit-l-32"]
+BEFORE_SHARDS = ["fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-64", "bench-vit-b-8",
+                 "bench-vit-h-16", "bench-vit-l-32"]
 AFTER_SHARDS = ["train-loop", "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop-stream",
                 "train-loop-stream-device-decode", "bench-vit-b-64-ckpt", "bench-vit-h-16-ckpt", "bench-vit-h-64",
                 "bench-vit-h-frozen-bf16", "scaling", "loaders"]
@@ -356,6 +358,8 @@ def step_commands(args, out: str) -> dict[str, tuple[list[str], int]]:
     commands["fused-kernels"] = ([*pytest, "tests/test_fused.py"], args.timeout)
     # data.decode: device, nvJPEG against the workers' decoder
     commands["device-decode"] = ([*pytest, "tests/test_loader.py", "-k", "decoded_on_the_device"], args.timeout)
+    # train.grad_accum under CUDA graphs: compiled blocks with and without graphs sum the same gradients
+    commands["graphs-accumulate"] = ([*pytest, "tests/test_engine.py", "-k", "under_cuda_graphs"], args.timeout)
     size = ["64", "--workers", "1", "--epochs", "1", "--batch-size", "16", "--device", "cpu"] if args.dry_run else \
         ["2000", "--workers", "8", "--batch-size", "64", "--device", "cuda"]
     commands["loaders"] = ([py, "tools/bench_data.py", "--json", os.path.join(out, "loaders.json"), "--images", *size],

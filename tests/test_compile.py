@@ -187,6 +187,18 @@ def test_the_benchmark_compiles_its_paths_as_training_does():
         net = bench._maybe_compiled(model, path)
         assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) == whole and (net is model) == (not whole)
         assert all((b._compiled_call_impl is not None) == blocks for b in model.blocks), path
+    # every CUDA-graph step, whole or by blocks, begins a new step of the graph tree as training's does (eager here)
+    steps = []
+    argv = ["--model", "test_vit", "--img-size", "32", "--batch-size", "2", "--device", "cpu", "--warmup", "1",
+            "--steps", "2", "--windows", "1"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "_maybe_compiled", lambda model, path: model)
+        mp.setattr(bench, "_counted", lambda *a: (0.0, 0))
+        mp.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+        for path, marked in (("cudagraphs", 3), ("cudagraphs-blocks", 3), ("compiled-blocks", 0)):
+            steps.clear()
+            bench.measure_training(bench.parse_args(argv), f"rlrr+{path}")
+            assert len(steps) == marked, path
     # the FLOP and DDP-byte counts of a model with compiled blocks: the eager model's, and no graph compiled for them
     from torch._dynamo.utils import counters
     eager, blocks = build_model(cfg, 4, seed=0), build_model(cfg, 4, seed=0)

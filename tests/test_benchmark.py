@@ -130,6 +130,15 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert "| train-zero2-bf16 | 20 | 20 |" in md and "| bench-vit-b-64-ckpt | full |" in md and "zero3" in md
     assert "| bench-vit-b-8 | rlrr+fused |" in md and "| train-ddp-fp16 | skipped: fp16 needs CUDA" in md
     assert "| train-loop-stream | skipped: --skip |" in md
+    # the targets, from the paths a CPU run takes: measured where the dry run has the step, else "not measured"
+    rows = {t["target"]: t for t in data["targets"]}
+    assert rows["bench-vit-b-8: rlrr / fastest of full (img/s)"]["value"] == round(speed["rlrr"] / speed["full"], 3)
+    assert rows["bench-vit-b-8: rlrr / rlrr+torch (img/s)"]["ok"] in (True, False)
+    assert rows["bench-vit-b-64: rlrr / full (peak memory)"] == {"target": "bench-vit-b-64: rlrr / full (peak memory)",
+                                                                  "value": None, "goal": "<= 0.85", "ok": None}
+    assert rows["train-loop: the run's img/s / its benchmark step (rlrr)"]["value"] == data["loop_vs_benchmark"][
+        "train-loop"]["ratio"]
+    assert "## Targets" in md and "| bench-vit-l-32: rlrr / fastest of full (img/s) | not measured | >= 1.0 |" in md
     pipeline = data["input_pipeline"]  # tools/bench_data.py: the loaders, decoding in workers and on the device
     assert pipeline["device"] == "cpu" and pipeline["shards_streaming_device_decode_img_s"] > 0
     assert f"| shards_streaming_device_decode | {pipeline['shards_streaming_device_decode_img_s']:,} |" in md
@@ -180,3 +189,35 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     acceptance.add({"step": "bench-vit-b-8", "ok": False, "seconds": 200.0, "error": "exit timed out after 200 s"})
     assert json.loads((out / "acceptance.json").read_text())["benchmarks"]["bench-vit-b-8"]["complete"] is False
     assert "| bench-vit-b-8 | full | failed: OOM |" in (out / "acceptance.md").read_text()
+
+
+def test_gpu_acceptance_sets_each_target_beside_its_figures():
+    """RLRR's default path against full fine-tuning's fastest compiled step and RLRR's eager step, peak memory
+    against that full step, the best RLRR MFU on ViT-H/14 (full fine-tuning's not counted), and the loop
+    against its step; what was not measured says so instead of passing or failing."""
+    tool = tool_module("gpu_acceptance.py")
+
+    def r(img_s=1.0, mb=1.0, mfu=None):
+        return {"train_img_s": img_s, "peak_memory_mb": mb, "mfu": mfu}
+    benches = {
+        "bench-vit-b-8": {"training": {"rlrr+cudagraphs-blocks": r(1000), "full+compiled": r(400),
+                                       "full+cudagraphs": r(1300), "rlrr+torch": r(134)}},
+        "bench-vit-b-64": {"training": {"rlrr+cudagraphs-blocks": r(2500, 4000), "full+compiled": r(2400, 5000)}},
+        "bench-vit-h-16": {"training": {"full+compiled": r(mfu=0.5), "rlrr+fused": r(mfu=0.3)}},
+        "bench-vit-h-64": {"training": {"rlrr+compiled-blocks": r(mfu=0.42)}},
+    }
+    loops = {"train-loop": {"ratio": 0.85, "bench_mode": "rlrr+cudagraphs-blocks"}}
+    rows = {t["target"]: (t["value"], t["goal"], t["ok"]) for t in tool.targets(benches, loops, dry=False)}
+    default, fulls = "rlrr+cudagraphs-blocks", "fastest of full+compiled, full+cudagraphs"
+    assert rows[f"bench-vit-b-8: {default} / {fulls} (img/s)"] == (0.769, ">= 1.0", False)  # against 1,300
+    assert rows[f"bench-vit-b-8: {default} / rlrr+torch (img/s)"] == (7.463, ">= 2.0", True)
+    assert rows[f"bench-vit-b-64: {default} / {fulls} (img/s)"] == (1.042, ">= 1.0", True)
+    assert rows[f"bench-vit-b-64: {default} / rlrr+torch (img/s)"] == (None, ">= 2.0", None)
+    assert rows[f"bench-vit-l-32: {default} / {fulls} (img/s)"] == (None, ">= 1.0", None)
+    assert rows[f"bench-vit-b-64: {default} / full+compiled (peak memory)"] == (0.8, "<= 0.85", True)
+    assert rows[f"bench-vit-h-16: {default} / full+compiled (peak memory)"] == (None, "<= 0.6", None)
+    assert rows["ViT-H/14: best RLRR MFU (bench-vit-h-64 rlrr+compiled-blocks)"] == (0.42, ">= 0.4", True)
+    assert rows[f"train-loop: the run's img/s / its benchmark step ({default})"] == (0.85, ">= 0.9", False)
+    assert len(rows) == 2 * 4 + 2 + 1 + 1
+    assert tool.targets({}, {}, dry=False)[-1] == {"target": "ViT-H/14: best RLRR MFU (not measured)", "value": None,
+                                                   "goal": ">= 0.4", "ok": None}

@@ -23,6 +23,9 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
 - train-loop*: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, streamed shards decoded by
   the loader workers, and streamed shards decoded on the GPU (data.decode: device), each run's img/s set
   beside bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark").
+"targets" (and a table in acceptance.md) sets the figures beside the GPU-speed goals: RLRR's default path at
+least as fast as full fine-tuning's best compiled step and twice RLRR's eager step, its peak memory against
+full fine-tuning's, the best RLRR MFU on ViT-H/14, each training loop against its step (TARGET_MODES).
 Every step shares one compile cache (<out-dir>/compile_cache). Writes acceptance.json and acceptance.md
 to --out-dir (the step logs too), rewritten after every step ("complete": false until the end), so a
 command cut short still leaves what it measured. The steps run most telling first (BEFORE_SHARDS,
@@ -161,6 +164,52 @@ def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> dict:
                   "ratio": round(training[run]["img_per_s"] / step, 3)} for run in loop_loaders(dry) if run in training}
 
 
+# The GPU-speed targets, read off the benchmarks: RLRR's default one-process path against full fine-tuning's best
+# compiled step (speed, memory) and against RLRR's eager step with torch's ops (where it started); the best RLRR
+# MFU on ViT-H/14 at any batch measured; each training loop against its benchmark step. A dry run compares
+# the paths a CPU run takes.
+TARGET_MODES = {False: ("rlrr+cudagraphs-blocks", ("full+compiled", "full+cudagraphs"), "rlrr+torch"),
+                True: ("rlrr", ("full",), "rlrr+torch")}
+SPEED_TARGET, EAGER_TARGET, MFU_TARGET, LOOP_TARGET = 1.0, 2.0, 0.40, 0.9
+SPEED_BENCHES = ["bench-vit-b-8", "bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16"]
+MEMORY_TARGETS = {"bench-vit-b-64": 0.85, "bench-vit-h-16": 0.6}  # at most this share of full fine-tuning's peak
+
+
+def targets(benches: dict, loops: dict, dry: bool) -> list[dict]:
+    """One row per target: what is compared, the measured value, the goal, and whether it is met (value
+    and met None: not measured)."""
+    default, fulls, eager = TARGET_MODES[dry]
+    rows = []
+
+    def add(target, value, at_least=None, at_most=None):
+        goal = f">= {at_least}" if at_least is not None else f"<= {at_most}"
+        ok = None if value is None else value >= at_least if at_least is not None else value <= at_most
+        rows.append({"target": target, "value": value, "goal": goal, "ok": ok})
+
+    def ratio(name, num, den, key):
+        t = benches.get(name, {}).get("training", {})
+        return round(t[num][key] / t[den][key], 3) if num in t and den in t else None
+
+    def best_full(name):
+        t = benches.get(name, {}).get("training", {})
+        return max(((t[m]["train_img_s"], m) for m in fulls if m in t), default=(None, "full"))[1]
+
+    for name in SPEED_BENCHES:
+        add(f"{name}: {default} / fastest of {', '.join(fulls)} (img/s)",
+            ratio(name, default, best_full(name), "train_img_s"), at_least=SPEED_TARGET)
+        add(f"{name}: {default} / {eager} (img/s)", ratio(name, default, eager, "train_img_s"), at_least=EAGER_TARGET)
+    for name, limit in MEMORY_TARGETS.items():
+        full = best_full(name)
+        add(f"{name}: {default} / {full} (peak memory)", ratio(name, default, full, "peak_memory_mb"), at_most=limit)
+    mfus = [(r["mfu"], f"{name} {mode}") for name, b in benches.items() if name.startswith("bench-vit-h-")
+            for mode, r in b.get("training", {}).items() if mode.startswith("rlrr") and r.get("mfu") is not None]
+    mfu, where = max(mfus, default=(None, "not measured"))
+    add(f"ViT-H/14: best RLRR MFU ({where})", None if mfu is None else round(mfu, 3), at_least=MFU_TARGET)
+    for run, loop in loops.items():
+        add(f"{run}: the run's img/s / its benchmark step ({loop['bench_mode']})", loop["ratio"], at_least=LOOP_TARGET)
+    return rows
+
+
 def run_step(name: str, cmd: list[str], out_dir: str, timeout: float, env=None, deadline: float = math.inf,
              own_group: bool = True) -> dict:
     """Run one step; not started once ``deadline`` (time.monotonic()) has passed, and cut at it.
@@ -236,6 +285,9 @@ def report(result: dict) -> str:
     for run, loop in result["loop_vs_benchmark"].items():
         lines += ["", f"{run}: {loop['loop_img_s']} img/s, {loop['ratio']}x the benchmark step "
                       f"({loop['bench_mode']}, {loop['bench_img_s']} img/s)"]
+    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {t['target']} | {'not measured' if t['value'] is None else t['value']} | {t['goal']} | "
+              f"{ {True: 'yes', False: 'NO', None: 'not measured'}[t['ok']]} |" for t in result["targets"]]
     if result.get("input_pipeline"):
         data = result["input_pipeline"]
         lines += ["", f"## Input pipeline ({data['images']} images, {data['workers']} workers, batch "
@@ -281,10 +333,11 @@ class Acceptance:
     def write(self, complete: bool) -> None:
         scaling_md = os.path.join(self.out, "scaling", "scaling.md")
         data_json = os.path.join(self.out, "loaders.json")
+        loops = loop_vs_benchmark(self.training, self.benches, self.dry)
         result = {"date": time.strftime("%Y-%m-%d"), "dry_run": self.dry, "complete": complete,
                   "environment": self.environment, "steps": self.steps, "benchmarks": self.benches,
-                  "training": self.training,
-                  "loop_vs_benchmark": loop_vs_benchmark(self.training, self.benches, self.dry),
+                  "training": self.training, "loop_vs_benchmark": loops,
+                  "targets": targets(self.benches, loops, self.dry),
                   "scaling_md": _read(scaling_md), "input_pipeline": _read(data_json, json.load)}
         write_json_atomic(os.path.join(self.out, "acceptance.json"), result)
         write_text_atomic(os.path.join(self.out, "acceptance.md"), report(result))

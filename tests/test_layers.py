@@ -269,9 +269,11 @@ def test_cpu_scratch_buffers_are_per_thread():
     assert not errors and results == {0: True, 1: True}
 
 
-def test_adapted_vit_compiles_into_one_graph_with_the_same_gradients():
-    """torch.compile (train.compile) traces the custom autograd function in one graph (fullgraph=True
-    raises at a graph break), and the compiled model (AOTAutograd, the path inductor uses) gives the
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_adapted_vit_compiles_into_one_graph_with_the_same_gradients(checkpointing):
+    """torch.compile (train.compile, compile_scope model) traces the custom autograd function in one graph
+    (fullgraph=True raises at a graph break), timm's activation checkpointing inside it (the path that keeps
+    CUDA graphs with checkpointing), and the compiled model (AOTAutograd, the path inductor uses) gives the
     eager outputs and gradients."""
     import timm
 
@@ -280,6 +282,7 @@ def test_adapted_vit_compiles_into_one_graph_with_the_same_gradients():
     torch.manual_seed(0)
     # two blocks: every block is traced alike, and tracing time grows with depth
     model = apply_rlrr(timm.create_model("test_vit", num_classes=4, img_size=32, depth=2))
+    model.set_grad_checkpointing(checkpointing)
     x = torch.randn(2, 3, 32, 32)
     results = []
     for net in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):

@@ -128,7 +128,9 @@ def test_long_lived_imports_pause_the_collector_then_freeze_what_was_made(tmp_pa
     frozen = gc.get_freeze_count()
     with long_lived_imports():
         garbage = [[i] for i in range(1000)]
-    assert gc.get_freeze_count() == frozen and len(garbage) == 1000
+    # frozen objects are still freed by reference counting (another thread's, say), so the count may fall
+    # meanwhile; a freeze would have raised it by the 1,000 lists at least
+    assert gc.get_freeze_count() <= frozen and len(garbage) == 1000
     gc.disable()
     try:
         with pytest.raises(KeyError), long_lived_imports():

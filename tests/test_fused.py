@@ -6,13 +6,18 @@ in a precision with unit eps differs from the exact one by at most n * eps times
 computation done on absolute values; a value cast once to a narrower dtype moves by less than one
 ulp, eps * |value| (half that on the GPU, which rounds to nearest; Triton's interpreter truncates).
 """
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 from rlrr.layers import RLRRLinear, rescaled_weight, scale_views
+
+from helpers import ROOT
 
 pytest.importorskip("triton", reason="Triton ships with torch's CUDA builds; the CPU-only wheel has none")
 EPS32 = torch.finfo(torch.float32).eps
@@ -149,3 +154,63 @@ def test_triton_kernel_on_cpu_without_the_interpreter_is_one_line(kernels, monke
     with pytest.raises(RuntimeError, match="model.kernel = triton needs a CUDA device, got cpu"):
         kernels.check_device(torch.zeros(1))
     assert kernels.unavailable(torch.device("cpu")).startswith("RuntimeError: model.kernel = triton needs a CUDA")
+
+
+def _compile_kernels(tmp_path, *args, code=None):
+    """tools/compile_kernels.py in a fresh interpreter without the interpreter switch (the kernels must be
+    Triton's JIT functions) and with an empty Triton cache (each variant is built, not read back)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    tool = str(ROOT / "tools" / "compile_kernels.py")
+    command = [sys.executable, tool, *args] if code is None else [sys.executable, "-c", code, tool, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.integration
+def test_every_variant_the_layers_launch_builds_for_ampere_and_hopper(tmp_path):
+    """The interpreter never builds a kernel: Triton's compiler does, here down to a cubin for sm_80 and sm_90,
+    for every variant an RLRR layer's training step launches (specialised as a launch on the GPU would be)."""
+    res = _compile_kernels(tmp_path, "--arch", "80,90", "--json", tmp_path / "k.json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "k.json").read_text())
+    assert not [r for r in rows if "error" in r]
+    variants = {r["variant"] for r in rows}
+    for arch in ("sm_80", "sm_90"):
+        assert {r["variant"] for r in rows if r["arch"] == arch} == variants
+    text = " ".join(variants)
+    for part in ("FORM=0", "FORM=1", "FORM=2", "RANK=1", "RANK=3", "NEED_OUT=False", "NEED_IN=False",
+                 "w=bf16", "out=fp16", "out=fp32", "gw=bf16", "gw=fp16"):
+        assert part in text, part  # each form, rank, side, storage and compute dtype was launched and built
+    # the training defaults at ViT's widths (multiples of 16) on Hopper: built without spilling registers
+    default = [r for r in rows if r["arch"] == "sm_90" and "RANK=1," in r["variant"] and "FORM=0" in r["variant"]
+               and "in_features" in r["variant"].partition("x16:")[2]]
+    assert len(default) == 6 and all(r["registers"] > 0 and r["local_bytes"] == 0 for r in default)
+    assert f"| sm_90 | {default[0]['variant']} | {default[0]['registers']} | 0 |" in res.stdout
+
+
+@pytest.mark.integration
+def test_a_variant_that_does_not_build_is_named_and_fails_the_command(tmp_path):
+    """The compiler stopped for one kernel (as it would on a construct the interpreter accepts): the other
+    kernel's rows still come, the failed one is named on stderr with the error, exit code 1."""
+    code = ("import runpy, sys, triton; build = triton.compile\n"
+            "def compile(src, **kw):\n"
+            "    if src.fn.__name__ == '_scale_grad_kernel': raise ValueError('unsupported layout\\nin tile')\n"
+            "    return build(src, **kw)\n"
+            "triton.compile = compile; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    res = _compile_kernels(tmp_path, "--arch", "90", code=code)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "| sm_90 | _rescale_kernel(" in res.stdout and "did not build: ValueError: in tile" in res.stdout
+    assert "compile_kernels: _scale_grad_kernel(gw=bf16" in res.stderr
+    assert "did not build for sm_90: ValueError: in tile" in res.stderr
+
+
+def test_compile_kernels_refuses_the_interpreter_and_unknown_architectures(monkeypatch):
+    """One line each, exit code 2, before anything is built (an unknown architecture aborts LLVM)."""
+    from helpers import run_tool_here
+    res = run_tool_here("compile_kernels.py", "--arch", "90,999")
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("compile_kernels: error: --arch '90,999': expected compute capabilities from 70 "
+                                  "to 121, comma-separated, such as 80,90")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    res = run_tool_here("compile_kernels.py", "--arch", "90")
+    assert res.returncode == 2 and "TRITON_INTERPRET=1 makes the kernels Python functions" in res.stderr

@@ -138,7 +138,8 @@ def compile_all(archs: list) -> list:
             if key in seen:
                 continue
             seen.add(key)
-            row = {"arch": f"sm_{arch}", "kernel": kernel.__name__, "variant": _describe(kernel, signature, consts, attrs)}
+            row = {"arch": f"sm_{arch}", "kernel": kernel.__name__,
+                   "variant": _describe(kernel, signature, consts, attrs)}
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=target,
                                           options=options.__dict__)

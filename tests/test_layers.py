@@ -292,3 +292,70 @@ def test_adapted_vit_compiles_into_one_graph_with_the_same_gradients(checkpointi
         model.zero_grad(set_to_none=True)
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups,rank,form,sides", [(1, 1, "residual", "both"), (3, 1, "residual", "both"),
+                                                    (3, 2, "plain", "both"), (1, 3, "additive", "both"),
+                                                    (1, 1, "residual", "out"), (3, 1, "plain", "in")])
+def test_compiled_layer_is_one_matmul_forward_and_two_backward_with_the_eager_gradients(groups, rank, form, sides):
+    """What inductor receives for a compiled RLRRLinear (AOTAutograd's graphs, here run by aten): the forward
+    matmul, dX and dW' are its only matrix products. D at rank r and dS_out, dS_in are sums of products that
+    inductor folds into its passes over W and dW' (as batched products they would be written out in fp32 and
+    read back). In float64 the gradients equal the eager layer's up to the summation order: n-term sums,
+    n*eps64 times the same sums over absolute values."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from rlrr.layers import rescaled_weight, scale_views
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(gm, _):
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    out, inn, tokens = 24, 20, 10
+    layer = RLRRLinear(nn.Linear(inn, out), in_groups=groups, rank=rank, sides=sides, form=form).double()
+    x, grad_y = torch.randn(2, tokens // 2, inn, dtype=torch.float64), torch.randn(2, tokens // 2, out,
+                                                                                    dtype=torch.float64)
+    results = []
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    for net in (layer, torch.compile(layer, backend=backend, fullgraph=True)):
+        xi = x.clone().requires_grad_(True)
+        y = net(xi)
+        y.backward(grad_y)
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), xi.grad, grads))
+        layer.zero_grad(set_to_none=True)
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.baddbmm.default}
+    for kind, count in (("forward", 1), ("backward", 2)):
+        targets = [n.target for n in graphs[kind].graph.nodes if n.op == "call_function"]
+        assert sum(t in products for t in targets) == count, (kind, [t for t in targets if t in products])
+        assert torch.ops.aten.bmm.default not in targets, kind
+
+    (y_e, dx_e, g_e), (y_c, dx_c, g_c) = results
+    eps = torch.finfo(torch.float64).eps
+    w, b = layer.weight.detach().abs(), layer.bias.detach().abs() + layer.bias_shift.detach().abs()
+    s_in, s_out = (t.detach().abs() for t in (layer.scale_in, layer.scale_out))
+    w_mag = rescaled_weight(w, s_in, s_out, form=form)  # |W'| bounded over absolute values
+    x_2d, dy = x.reshape(-1, inn).abs(), grad_y.reshape(-1, out).abs()
+    assert ((y_c - y_e).abs() <= (inn + rank + 3) * eps * (x.abs() @ w_mag.T + b)).all()
+    assert ((dx_c - dx_e).abs() <= (out + rank + 3) * eps * (grad_y.abs() @ w_mag)).all()
+    g = (dy.t() @ x_2d) * (1.0 if form == "additive" else w)  # |dW'| |W| over absolute values
+    si, so = scale_views(s_in, s_out)
+    g = g.view(groups, -1, inn)
+    magnitude = {"scale_in": torch.bmm(so.transpose(1, 2), g).view(s_in.shape),
+                 "scale_out": torch.bmm(g, si.transpose(1, 2)).view(s_out.shape)}
+    terms = {"scale_in": out // groups, "scale_out": inn}
+    assert g_e.keys() == g_c.keys() >= {"bias_shift"} and len(g_e) == 1 + (sides != "out") + (sides != "in")
+    for name in g_e:
+        if name == "bias_shift":
+            assert ((g_c[name] - g_e[name]).abs() <= tokens * eps * dy.sum(0)).all()
+            continue
+        bound = (terms[name] + tokens + 3) * eps * magnitude[name]  # dW' (tokens terms), dW' * W, the n-term sum
+        assert ((g_c[name] - g_e[name]).abs() <= bound).all(), name

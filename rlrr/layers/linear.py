@@ -171,11 +171,23 @@ def _weight_in(dtype: torch.dtype, weight, scale_in, scale_out, form: Form, fuse
 
 
 def _scale_grads(dy, x_2d, weight, scale_in, scale_out, form: Form, need_in: bool, need_out: bool):
-    """(dS_in, dS_out) from dW' = dy^T x with torch's ops: dW' * W in the scratch, then two batched products."""
+    """(dS_in, dS_out) from dW' = dy^T x with torch's ops: dW' * W in the scratch, then two batched products.
+
+    Traced by torch.compile, two sums of products instead: inductor folds the cast and dW' * W into each
+    reduction, so dW' and W are read twice and no (out, in) tensor is written; a batched product is a
+    library call whose input, dW' * W in fp32, would be written out and read back by each product."""
     g_dtype = rescale_dtype(weight, scale_in)
-    scratch = _cpu_scratch(weight.shape, g_dtype, weight.device)  # held W' a moment ago
     s_in, s_out = scale_views(scale_in, scale_out)
     groups, _, in_features = s_in.shape
+    if torch.compiler.is_compiling():
+        g = (dy.t() @ x_2d).to(g_dtype)
+        g = (g if form == "additive" else g * weight).view(groups, -1, 1, in_features)  # (groups, rows, 1, in)
+        grad_s_out = (g * s_in.unsqueeze(1).to(g_dtype)).sum(-1).view(scale_out.shape).to(scale_out.dtype) \
+            if need_out else None
+        grad_s_in = (g * s_out.unsqueeze(-1).to(g_dtype)).sum(1).view(scale_in.shape).to(scale_in.dtype) \
+            if need_in else None
+        return grad_s_in, grad_s_out
+    scratch = _cpu_scratch(weight.shape, g_dtype, weight.device)  # held W' a moment ago
     g = torch.mm(dy.t(), x_2d, out=scratch if dy.dtype == g_dtype else None).to(g_dtype)
     if form != "additive":
         g.mul_(weight)  # dD = dW' * W

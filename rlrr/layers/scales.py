@@ -58,7 +58,9 @@ def rescaled_weight(weight: torch.Tensor, scale_in: torch.Tensor, scale_out: tor
         else out.view(w.shape)
     if rank == 1:
         torch.mul(s_out, s_in, out=d)
-    else:
+    elif torch.compiler.is_compiling():  # a sum over the ranks, which inductor folds into the W' pass
+        torch.sum(s_out.unsqueeze(-1).to(d.dtype) * s_in.unsqueeze(1).to(d.dtype), dim=2, out=d)
+    else:  # a library call: D is written out, then read by the form's pass
         torch.bmm(s_out.to(d.dtype), s_in.to(d.dtype), out=d)
     return apply_form(w, d, form, in_place=True).view(weight.shape)
 

@@ -1,6 +1,11 @@
 """rlrr/compile.py: what train.compile / train.cuda_graphs resolve to on each device, engine and world
 size, with one line for every fallback; compiling by blocks (train.compile_scope) in the engines and the
 benchmark; rlrr/evaluate.py's fixed-shape evaluation."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -13,7 +18,7 @@ from rlrr.distributed import DistInfo
 from rlrr.evaluate import evaluate
 from rlrr.model import build_model
 
-from helpers import tool_module
+from helpers import ROOT, run_tool_here, tool_module
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -267,3 +272,57 @@ def test_drop_at_rate_drops_and_rescales_as_dropout_and_drop_path_do():
     x = torch.randn(4, 3)
     assert DropAtRate(p, per_sample=False, device=CPU).eval()(x) is x
     assert torch.equal(DropAtRate(1.0, per_sample=False, device=CPU)(x), torch.zeros(4, 3))
+
+
+def _inductor_kernels(tmp_path, batch: int, methods: str) -> dict:
+    """tools/inductor_kernels.py for the tests' ViT in a process of its own (it patches device queries) without
+    Triton's interpreter switch (inductor needs Triton's compiler); its JSON report."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor-cache")
+    out = tmp_path / f"kernels-{batch}.json"
+    res = subprocess.run([sys.executable, str(ROOT / "tools" / "inductor_kernels.py"), "--model", "test_vit",
+                          "--img-size", "32", "--batch-size", str(batch), "--methods", methods, "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| rlrr | backward |" in res.stdout and "MB a step outside the matmuls" in res.stdout
+    return {r["method"]: r for r in json.loads(out.read_text())["methods"]}
+
+
+@pytest.mark.integration
+def test_inductor_generates_for_a_gpu_the_same_matmuls_and_a_bounded_weight_pass_for_rlrr(tmp_path):
+    """What inductor writes for one compiled block's training step on sm_90, generated on this CPU. RLRR's
+    graphs make the library calls full fine-tuning's do (the forward matmul, dX and dW' per linear, and
+    attention), nothing more. Its kernels' bytes over a weight (the part that does not grow with the batch:
+    2x one batch's bytes less 2x's) are at most 20 per element: building W' (4 read, 2 written) and, in
+    backward, two reductions each reading dW' (bf16) and W (fp32) with W' rebuilt on the way (2 + 2 x 6);
+    biases, scales and norms add what they add to full fine-tuning's, whose weight pass is the bf16 cast
+    forward (6) and the fp32 gradient backward (6). Writing dW' * W out in fp32 for batched products would
+    add 12 per element."""
+    small, large = _inductor_kernels(tmp_path, 2, "rlrr,full"), _inductor_kernels(tmp_path, 4, "rlrr,full")
+    rlrr, full = small["rlrr"], small["full"]
+    for kind in ("forward", "backward"):
+        assert sorted(rlrr["graphs"][kind]["library_calls"]) == sorted(full["graphs"][kind]["library_calls"])
+    calls = full["graphs"]["forward"]["library_calls"] + full["graphs"]["backward"]["library_calls"]
+    assert calls.count("addmm") == 4 and calls.count("mm") == 8 and "bmm" not in calls  # 4 linears, SDPA
+
+    def weight_pass(method):
+        batch2, batch4 = (r[method]["kernel_bytes"] for r in (small, large))
+        return 2 * batch2 - batch4
+
+    dim, hidden = 64, 192  # test_vit: qkv, proj, fc1, fc2
+    weights = 3 * dim * dim + dim * dim + 2 * dim * hidden
+    vectors = weight_pass("full") - 12 * weights  # biases and norms
+    assert 0 <= vectors < weights  # under a byte per weight element
+    assert weight_pass("rlrr") <= 20 * weights + vectors, (weight_pass("rlrr"), weights)
+    assert rlrr["step_bytes"] < full["step_bytes"]  # AdamW over every weight outweighs the scale reductions
+
+
+def test_inductor_kernels_refuses_the_interpreter_unknown_architectures_and_methods(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    res = run_tool_here("inductor_kernels.py", "--arch", "75")
+    assert res.returncode == 2 and "--arch 75: expected one of 80, 90, 100" in res.stderr
+    res = run_tool_here("inductor_kernels.py", "--methods", "rlrr,dora")
+    assert res.returncode == 2 and "--methods 'rlrr,dora': unknown dora" in res.stderr
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    res = run_tool_here("inductor_kernels.py")
+    assert res.returncode == 2 and "TRITON_INTERPRET=1" in res.stderr

@@ -359,3 +359,10 @@ def test_compiled_layer_is_one_matmul_forward_and_two_backward_with_the_eager_gr
             continue
         bound = (terms[name] + tokens + 3) * eps * magnitude[name]  # dW' (tokens terms), dW' * W, the n-term sum
         assert ((g_c[name] - g_e[name]).abs() <= bound).all(), name
+
+
+def test_a_layer_on_the_meta_device_gives_shapes_and_gradient_flags():
+    """Shapes only, as when a model is traced or initialised on the meta device, which has no autocast."""
+    layer = RLRRLinear(nn.Linear(8, 6), in_groups=1).to("meta")
+    y = layer(torch.zeros(3, 5, 8, device="meta"))
+    assert y.shape == (3, 5, 6) and y.device.type == "meta" and y.requires_grad

@@ -10,6 +10,7 @@ in forward, uses it and drops it, rebuilds it in backward for dX, and reduces dW
 scale vectors, so each layer holds at most one (out, in) temporary at a time and stores only its
 (compute-dtype) input, like a frozen nn.Linear. On CUDA those passes are Triton kernels (fused.py).
 """
+import contextlib
 import functools
 import importlib.util
 import threading
@@ -107,9 +108,11 @@ def _cpu_scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # Under autocast a linear runs in the autocast dtype; F.linear would cast x and W' itself.
+    # Under autocast a linear runs in the autocast dtype; F.linear would cast x and W' itself. Devices without
+    # autocast (meta: shapes only) have no autocast state to ask for.
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
@@ -131,7 +134,9 @@ class RescaledLinearFn(torch.autograd.Function):
         b = bias_shift if bias is None else bias + bias_shift
         x_c = x if x.dtype == dtype else x.to(dtype)  # x itself, not an alias of it (torch.compile)
         w_prime = _weight_in(dtype, weight, scale_in, scale_out, form, fused)
-        with torch.autocast(x.device.type, enabled=False):
+        device_type = x.device.type
+        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+                else contextlib.nullcontext():
             y = F.linear(x_c, w_prime, b.to(dtype))
         ctx.save_for_backward(x_c, weight, scale_in, scale_out)
         ctx.x_dtype, ctx.form, ctx.fused = x.dtype, form, fused

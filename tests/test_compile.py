@@ -317,12 +317,14 @@ def test_inductor_generates_for_a_gpu_the_same_matmuls_and_a_bounded_weight_pass
     assert rlrr["step_bytes"] < full["step_bytes"]  # AdamW over every weight outweighs the scale reductions
 
 
-def test_inductor_kernels_refuses_the_interpreter_unknown_architectures_and_methods(monkeypatch):
+def test_inductor_kernels_refuses_the_interpreter_unknown_architectures_methods_and_dtypes(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     res = run_tool_here("inductor_kernels.py", "--arch", "75")
     assert res.returncode == 2 and "--arch 75: expected one of 80, 90, 100" in res.stderr
     res = run_tool_here("inductor_kernels.py", "--methods", "rlrr,dora")
     assert res.returncode == 2 and "--methods 'rlrr,dora': unknown dora" in res.stderr
+    res = run_tool_here("inductor_kernels.py", "--precision", "fp16", "--frozen-dtype", "bf16")
+    assert res.returncode == 2 and "--frozen-dtype bf16 needs --precision bf16" in res.stderr
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     res = run_tool_here("inductor_kernels.py")
     assert res.returncode == 2 and "TRITON_INTERPRET=1" in res.stderr

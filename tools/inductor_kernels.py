@@ -242,12 +242,14 @@ def read_code(code: str) -> dict:
 def block_report(method: str, args) -> dict:
     """One method's block: each graph's kernels and library calls, and the step's bytes."""
     from rlrr.config import ModelConfig
-    from rlrr.model import build_model
+    from rlrr.model import build_model, store_frozen_weights_in
 
     cfg = ModelConfig(name=args.model, img_size=args.img_size, method=method, drop_path=0.0,
                       fused_attn=not args.explicit_attn, timm_kwargs={"depth": args.depth} if args.depth else {})
     torch.manual_seed(0)
     model = build_model(cfg, args.num_classes)
+    if args.frozen_dtype == "bf16":  # train.frozen_dtype
+        store_frozen_weights_in(model, torch.bfloat16)
     block, x = block_and_input(model, args.block, args.batch_size, args.img_size)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     report = {"method": method, "block": type(block).__name__, "input": list(x.shape), "graphs": {}}
@@ -267,7 +269,8 @@ def block_report(method: str, args) -> dict:
 
 
 def print_table(reports: list, args) -> None:
-    print(f"{args.model}, batch {args.batch_size}, {args.precision}, sm_{args.arch} ({ARCHS[args.arch][0]}): "
+    frozen = ", frozen weights in bf16" if args.frozen_dtype == "bf16" else ""
+    print(f"{args.model}, batch {args.batch_size}, {args.precision}{frozen}, sm_{args.arch} ({ARCHS[args.arch][0]}): "
           f"one {reports[0]['block']}'s training step, as inductor generates it (MB by inductor's count)")
     print("| method | graph | Triton kernels | MB moved | library calls |")
     print("|---|---|---|---|---|")
@@ -301,6 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--frozen-dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 with bf16 only)")
     parser.add_argument("--methods", default="rlrr,full", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--arch", type=int, default=90, help="compute capability: " +
                         ", ".join(f"{a} {n}" for a, (n, _) in ARCHS.items()))
@@ -314,6 +319,8 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="list each kernel with its bytes")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
+    if args.frozen_dtype == "bf16" and args.precision != "bf16":
+        raise UsageError("--frozen-dtype bf16 needs --precision bf16")
     if args.arch not in ARCHS:
         raise UsageError(f"--arch {args.arch}: expected one of {', '.join(map(str, ARCHS))}")
     unknown = [m for m in methods if m not in METHODS]
@@ -330,7 +337,7 @@ def main(argv=None) -> int:
     print_table(reports, args)
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "batch_size": args.batch_size, "precision": args.precision,
-                                      "arch": args.arch, "methods": reports})
+                                      "frozen_dtype": args.frozen_dtype, "arch": args.arch, "methods": reports})
     return 0
 
 

@@ -17,8 +17,8 @@ it reaches, and launch overhead (which CUDA graphs remove) is not counted. The g
 (CPU autocast, whose lists agree with CUDA's for ViT's ops), then their devices are set to CUDA and
 inductor generates for a CUDA device of the chosen architecture; the attention call stays the one the
 CPU trace chose (one library call either way). It patches torch's and Triton's device queries for the
-generation, so it runs in a process of its own, and reads torch internals (torch._inductor, 2.11 and
-later): a torch that changes them stops it with an error, not the training.
+generation, so it runs in a process of its own, and reads torch internals (torch._inductor, as in
+torch 2.14): a torch that changes them stops this tool with an error, not the training.
 """
 import argparse
 import contextlib

@@ -16,9 +16,12 @@ These are inductor's figures for its generated code, not a measurement: a kernel
 it reaches, and launch overhead (which CUDA graphs remove) is not counted. The graphs are traced on CPU
 (CPU autocast, whose lists agree with CUDA's for ViT's ops), then their devices are set to CUDA and
 inductor generates for a CUDA device of the chosen architecture; the attention call stays the one the
-CPU trace chose (one library call either way). It patches torch's and Triton's device queries for the
-generation, so it runs in a process of its own, and reads torch internals (torch._inductor, as in
-torch 2.14): a torch that changes them stops this tool with an error, not the training.
+CPU trace chose (one library call either way), except where the CPU has no fused attention: with an
+attention bias that trains (Swin's relative position table under full fine-tuning) the CPU trace, and
+so the report, has attention as matmuls and a softmax, where a GPU runs one memory-efficient call.
+It patches torch's and Triton's device queries for the generation, so it runs in a process of its own,
+and reads torch internals (torch._inductor, as in torch 2.14): a torch that changes them stops this
+tool with an error, not the training.
 """
 import argparse
 import contextlib
@@ -59,7 +62,8 @@ def block_and_input(model: nn.Module, index: int, batch: int, img_size: int, in_
     if not -len(blocks) <= index < len(blocks):
         raise UsageError(f"--block {index}: {type(model).__name__} has {len(blocks)} repeated blocks")
     block = blocks[index]
-    state = {k: v.clone() for k, v in block.state_dict(keep_vars=True).items()}
+    # every tensor, non-persistent buffers too (Swin's relative position index is one): to_empty() drops values
+    tensors = {name: t.detach().clone() for name, t in [*block.named_parameters(), *block.named_buffers()]}
 
     def stop(module, args):
         raise _BlockInput(args)
@@ -72,7 +76,10 @@ def block_and_input(model: nn.Module, index: int, batch: int, img_size: int, in_
         (x,) = e.args_
     finally:
         handle.remove()
-    block.to_empty(device="cpu").load_state_dict(state)
+    block.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+            t.copy_(tensors[name])
     return block, torch.zeros(x.shape).requires_grad_(x.requires_grad)
 
 

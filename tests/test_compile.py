@@ -328,3 +328,24 @@ def test_inductor_kernels_refuses_the_interpreter_unknown_architectures_methods_
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     res = run_tool_here("inductor_kernels.py")
     assert res.returncode == 2 and "TRITON_INTERPRET=1" in res.stderr
+
+
+def test_the_kernel_report_takes_a_block_whole_and_its_input_as_training_has_it():
+    """tools/inductor_kernels.py's block: every tensor kept (parameters, and buffers that are not in the state
+    dict, such as Swin's relative position index and shifted-window mask) after the model ran up to it on the
+    meta device; its input the size training gives it, needing a gradient only where something before it
+    trains."""
+    tool = tool_module("inductor_kernels.py")
+    for method, needs_grad in (("rlrr", True), ("linear", False)):
+        cfg = ModelConfig(name="swin_tiny_patch4_window7_224", img_size=112, method=method,
+                          timm_kwargs={"depths": (2, 2, 2, 2)})
+        model = build_model(cfg, 5, seed=0)
+        blocks = repeated_blocks(model)
+        shifted = blocks[1]
+        kept = {n: t.clone() for n, t in [*shifted.named_parameters(), *shifted.named_buffers()]}
+        assert any(n not in shifted.state_dict() for n in kept)  # non-persistent buffers are there to keep
+        block, x = tool.block_and_input(model, 1, 3, 112)
+        assert block is shifted and x.shape == (3, 28, 28, 96) and x.requires_grad == needs_grad
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+            assert t.device.type == "cpu" and torch.equal(t, kept[name]), name
+        assert block(x).shape == x.shape

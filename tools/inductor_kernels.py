@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import types
+import typing
 
 import torch
 import torch._functorch.config
@@ -46,8 +47,7 @@ NO_GPU_TO_LOAD = "Could not find an active GPU backend"  # where generation ends
 
 
 class _BlockInput(Exception):
-    def __init__(self, args):
-        self.args_ = args
+    """Raised with the block's positional inputs when the model reaches it."""
 
 
 def block_and_input(model: nn.Module, index: int, batch: int, img_size: int, in_chans: int = 3):
@@ -73,7 +73,7 @@ def block_and_input(model: nn.Module, index: int, batch: int, img_size: int, in_
     try:
         model(torch.zeros(batch, in_chans, img_size, img_size, device="meta"))
     except _BlockInput as e:
-        (x,) = e.args_
+        (x,) = e.args[0]
     finally:
         handle.remove()
     block.to_empty(device="cpu")
@@ -83,9 +83,9 @@ def block_and_input(model: nn.Module, index: int, batch: int, img_size: int, in_
     return block, torch.zeros(x.shape).requires_grad_(x.requires_grad)
 
 
-def training_graphs(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> list:
+def training_graphs(block: nn.Module, x: torch.Tensor, dtype: typing.Optional[torch.dtype]) -> list:
     """[(kind, graph, example inputs)] for the forward and the backward of one training step of ``block``
-    under autocast to ``dtype``: the graphs inductor's own pipeline (torch._inductor.compile_fx) hands its
+    under autocast to ``dtype`` (None: none): the graphs inductor's own pipeline (torch._inductor.compile_fx) hands its
     code generator, captured on their way (a copy of each runs, uncompiled, so that the step goes on)."""
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.output_code import OutputCode
@@ -114,7 +114,7 @@ def training_graphs(block: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> li
                              dynamic=False)
     no_cache = torch._functorch.config.patch(enable_autograd_cache=False)  # a cached graph skips the capture
     with no_cache, torch._inductor.config.patch(fx_graph_cache=False):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             y = compiled(x)
         if y.requires_grad:  # a frozen block below frozen layers (the linear probe) has no backward
             y.float().sum().backward()
@@ -231,7 +231,9 @@ def read_code(code: str) -> dict:
         if not name:
             continue
         num_gb = re.search(r"'kernel_num_gb': ([0-9.e+-]+)", section)
-        info[name.group(1)] = {"name": name.group(1), "bytes": round(float(num_gb.group(1)) * 1e9) if num_gb else None}
+        if not num_gb:
+            raise ValueError(f"kernel {name.group(1)} has no byte count (kernel_num_gb)")
+        info[name.group(1)] = {"name": name.group(1), "bytes": round(float(num_gb.group(1)) * 1e9)}
     wrapper = re.sub(r"'{3}.*?'{3}", "", code, flags=re.S)  # the kernels' sources out: what launches them stays
     kernels, library = [], []
     for m in re.finditer(r"\b(\w+)\.run\(|\b(extern_kernels\.\w+|torch\.ops\.aten\.\w+)(?:\.\w+)?\(", wrapper):
@@ -243,12 +245,13 @@ def read_code(code: str) -> dict:
             call = m.group(2).rsplit(".", 1)[-1]
             sdpa = "sdpa_backward" if "backward" in call else "sdpa"
             library.append(sdpa if "scaled_dot_product" in call else call)
-    return {"kernels": kernels, "library_calls": library}
+    return {"kernels": kernels, "library_calls": library, "bytes": sum(k["bytes"] for k in kernels)}
 
 
 def block_report(method: str, args) -> dict:
     """One method's block: each graph's kernels and library calls, and the step's bytes."""
     from rlrr.config import ModelConfig
+    from rlrr.engine import AMP_DTYPES
     from rlrr.model import build_model, store_frozen_weights_in
 
     cfg = ModelConfig(name=args.model, img_size=args.img_size, method=method, drop_path=0.0,
@@ -258,7 +261,7 @@ def block_report(method: str, args) -> dict:
     if args.frozen_dtype == "bf16":  # train.frozen_dtype
         store_frozen_weights_in(model, torch.bfloat16)
     block, x = block_and_input(model, args.block, args.batch_size, args.img_size)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    dtype = AMP_DTYPES.get(args.precision)
     report = {"method": method, "block": type(block).__name__, "input": list(x.shape), "graphs": {}}
     for kind, gm, inputs in training_graphs(block, x, dtype):
         code = cuda_code(gm, inputs, kind == "backward", args.arch)
@@ -270,7 +273,7 @@ def block_report(method: str, args) -> dict:
     trainable = sum(p.numel() for p in block.parameters() if p.requires_grad)
     report["trainable"] = trainable
     report["optimizer_bytes"] = trainable * ADAMW_BYTES_PER_WEIGHT
-    report["kernel_bytes"] = sum(k["bytes"] or 0 for g in report["graphs"].values() for k in g["kernels"])
+    report["kernel_bytes"] = sum(g["bytes"] for g in report["graphs"].values())
     report["step_bytes"] = report["kernel_bytes"] + report["optimizer_bytes"]
     return report
 
@@ -283,9 +286,8 @@ def print_table(reports: list, args) -> None:
     print("|---|---|---|---|---|")
     for r in reports:
         for kind, g in r["graphs"].items():
-            mb = sum(k["bytes"] or 0 for k in g["kernels"]) / 1e6
             calls = ", ".join(f"{n} x{g['library_calls'].count(n)}" for n in dict.fromkeys(g["library_calls"]))
-            print(f"| {r['method']} | {kind} | {len(g['kernels'])} | {mb:,.1f} | {calls} |")
+            print(f"| {r['method']} | {kind} | {len(g['kernels'])} | {g['bytes'] / 1e6:,.1f} | {calls} |")
         print(f"| {r['method']} | AdamW ({r['trainable']:,} weights) | {int(r['trainable'] > 0)} | "
               f"{r['optimizer_bytes'] / 1e6:,.1f} | |")
     base = next((r for r in reports if r["method"] == "full"), reports[0])
@@ -298,11 +300,12 @@ def print_table(reports: list, args) -> None:
             for kind, g in r["graphs"].items():
                 print(f"\n{r['method']} {kind}:")
                 for k in g["kernels"]:
-                    print(f"  {(k['bytes'] or 0) / 1e6:9.2f} MB  {k['name']}")
+                    print(f"  {k['bytes'] / 1e6:9.2f} MB  {k['name']}")
 
 
 @tool_main("inductor_kernels")
 def main(argv=None) -> int:
+    from rlrr.config import Precision
     from rlrr.model import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -310,7 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=typing.get_args(Precision), default="bf16")
     parser.add_argument("--frozen-dtype", choices=["fp32", "bf16"], default="fp32",
                         help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 with bf16 only)")
     parser.add_argument("--methods", default="rlrr,full", help=f"comma-separated, of {', '.join(METHODS)}")

@@ -107,12 +107,15 @@ def _cpu_scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
     return buffers[key]
 
 
+def _autocast_on(device_type: str) -> bool:
+    # devices without autocast (meta: shapes only) have no autocast state to ask for
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # Under autocast a linear runs in the autocast dtype; F.linear would cast x and W' itself. Devices without
-    # autocast (meta: shapes only) have no autocast state to ask for.
+    # Under autocast a linear runs in the autocast dtype; F.linear would cast x and W' itself.
     device_type = x.device.type
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if autocast and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if _autocast_on(device_type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
 
@@ -135,8 +138,7 @@ class RescaledLinearFn(torch.autograd.Function):
         x_c = x if x.dtype == dtype else x.to(dtype)  # x itself, not an alias of it (torch.compile)
         w_prime = _weight_in(dtype, weight, scale_in, scale_out, form, fused)
         device_type = x.device.type
-        with torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
-                else contextlib.nullcontext():
+        with torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else contextlib.nullcontext():
             y = F.linear(x_c, w_prime, b.to(dtype))
         ctx.save_for_backward(x_c, weight, scale_in, scale_out)
         ctx.x_dtype, ctx.form, ctx.fused = x.dtype, form, fused

@@ -26,7 +26,8 @@ def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     res = run_tool("benchmark.py", "--model", "test_vit", "--img-size", "32", "--batch-size", "2",
                    "--modes", "rlrr+fused,linear", "--warmup", "1", "--steps", "1", "--windows", "2", "--rounds", "2",
-                   "--device", "cpu", "--no-inference", "--json", out, timeout=300)
+                   "--device", "cpu", "--no-inference", "--json", out, "--profile", "1", "--log-dir", tmp_path / "logs",
+                   timeout=300)
     assert res.returncode == 1, res.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data["training"]) == {"linear"} and "inference" not in data and data["complete"]
@@ -37,7 +38,13 @@ def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path, monkeypatch):
         assert len(r["window_img_s"]) == 4  # 2 windows x 2 rounds, pooled
         assert r["ddp_allreduce_bytes"] == 4 * r["trainable_params"]  # fp32 gradients of trainable parameters
         assert r["train_flops_per_image"] > 0 and r["mfu"] is None  # no GPU peak to divide by on CPU
+        assert r["graph_breaks"] == 0  # eager
     assert data["config"]["model"] == "test_vit" and "GFLOP/img" in res.stdout
+    # --log-dir keeps each worker's stderr: --profile's table of the ops that took the time (one per round),
+    # the failed mode's error
+    linear_log = (tmp_path / "logs" / "linear.log").read_text()
+    assert linear_log.count("Self CPU time total") == 2 and "aten::addmm" in linear_log
+    assert "model.kernel = triton needs a CUDA device" in (tmp_path / "logs" / "rlrr+fused.log").read_text()
 
 
 def test_benchmark_rejects_bad_options(capsys):

@@ -361,6 +361,22 @@ def test_compiled_layer_is_one_matmul_forward_and_two_backward_with_the_eager_gr
         assert ((g_c[name] - g_e[name]).abs() <= bound).all(), name
 
 
+def test_a_compiled_layer_under_autocast_is_one_graph_when_dynamo_cannot_trace_the_autocast_queries(monkeypatch):
+    """torch 2.11's dynamo does not trace torch.amp.is_autocast_available: a layer that asked it while traced
+    split every block at every RLRR layer, and the code between the pieces ran eagerly (the compiled step at
+    half eager RLRR's speed on an H200). A query dynamo refuses to trace stands in for it here; fullgraph
+    fails at any break."""
+    monkeypatch.setattr(torch.amp, "is_autocast_available", torch.compiler.disable(torch.amp.is_autocast_available))
+    torch._dynamo.reset()
+    layer = RLRRLinear(nn.Linear(16, 12), in_groups=1)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad is not None and layer.scale_in.grad is not None
+    torch._dynamo.reset()
+
+
 def test_a_layer_on_the_meta_device_gives_shapes_and_gradient_flags():
     """Shapes only, as when a model is traced or initialised on the meta device, which has no autocast."""
     layer = RLRRLinear(nn.Linear(8, 6), in_groups=1).to("meta")

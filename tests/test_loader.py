@@ -176,7 +176,9 @@ def _sample(key, fmt, mode, size, seed):
     from PIL import Image
     pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    # JPEGs keep full-resolution chroma (4:4:4): on per-pixel noise nvJPEG's chroma upsampling differs from
+    # libjpeg-turbo's by about 14 levels (seen on an H200), where their IDCTs differ by a level or two
+    Image.fromarray(pixels).convert(mode).save(buf, fmt, **({"quality": 90, "subsampling": 0} if fmt == "JPEG" else {}))
     return {"jpg" if fmt == "JPEG" else "png": buf.getvalue(), "cls": str(seed % 4), "__key__": key,
             "__url__": f"shard-{seed // 4}.tar"}
 

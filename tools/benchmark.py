@@ -116,6 +116,30 @@ def _timed(args, steps: dict, device, warmup_s: typing.Optional[dict] = None) ->
     return rates
 
 
+def _profiled(step, steps: int, device) -> str:
+    """torch.profiler over ``steps`` more steps: the kernels that took the device's time, and how much of
+    the wall time the device was busy (a low share: the step waits on Python and launches)."""
+    from torch.profiler import ProfilerActivity, profile
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall_us = (time.perf_counter() - t0) * 1e6 / steps
+    events = prof.key_averages()
+    if device.type != "cuda":
+        return events.table(sort_by="self_cpu_time_total", row_limit=25)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.self_device_time_total for e in kernels) / steps
+    launches = sum(e.count for e in kernels) / steps
+    return (f"profile: {wall_us / 1e3:.2f} ms per step, device busy {busy_us / 1e3:.2f} ms "
+            f"({100 * busy_us / wall_us:.0f}%), {launches:.0f} kernels per step\n"
+            + events.table(sort_by="self_device_time_total", row_limit=30))
+
+
 def _ddp_allreduce_bytes(model, x, y) -> int:
     """Bytes DDP all-reduces for one backward of ``model`` (gradients of trainable parameters)."""
     import torch.distributed as dist
@@ -202,12 +226,18 @@ def measure_training(args, mode) -> dict:
         opt.zero_grad(set_to_none=True)
 
     warmup_s = {}
+    from torch._dynamo.utils import counters
+    counters.clear()
     rates = _timed(args, {mode: step}, device, warmup_s)[mode]
+    # each break splits a compiled graph, and the code between its pieces runs eagerly (0 when not compiled)
+    graph_breaks = sum(counters["graph_break"].values())
     peak = peak_memory_mb(device) - base_mb
+    if args.profile:
+        print(_profiled(step, args.profile, device), file=sys.stderr)
     flops, ddp_bytes = _counted(model, x[:1], y[:1], dtype)
     return {"mode": mode, "window_img_s": rates, "warmup_s": [warmup_s[mode]], "peak_memory_mb": round(peak, 1),
             "train_flops_per_image": int(flops), "trainable_params": sum(p.numel() for p in params),
-            "ddp_allreduce_bytes": ddp_bytes,
+            "ddp_allreduce_bytes": ddp_bytes, "graph_breaks": graph_breaks,
             "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}
 
 
@@ -250,7 +280,8 @@ def print_summary(args, results: dict) -> None:
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         print(f"{mode:22s} {r['train_img_s']:12.2f} {r['warmup_s'][0]:10.1f} {r['peak_memory_mb']:10.1f} "
               f"{r['param_mb']:10.1f} {r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f} "
-              f"{r['train_flops_per_image'] / 1e9:10.3f} {mfu}")
+              f"{r['train_flops_per_image'] / 1e9:10.3f} {mfu}"
+              + (f"  ({r['graph_breaks']} graph breaks)" if r.get("graph_breaks") else ""))
     inf = results.get("inference")
     if inf:
         print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "
@@ -289,6 +320,10 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the training modes")
     ap.add_argument("--no-inference", action="store_true", help="training figures only")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, profile this many steps of each training mode: the kernels that took the "
+                         "device's time and its busy share, in the mode's log (--log-dir)")
+    ap.add_argument("--log-dir", help="keep each worker's stderr here as MODE.log (compiler warnings, --profile)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -339,15 +374,19 @@ def main(argv=None) -> int:
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
               "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
-              "--windows", str(args.windows)]
+              "--windows", str(args.windows), "--profile", str(args.profile)]
     shared += [flag for flag, on in (("--compile", args.compile), ("--explicit-attn", args.explicit_attn),
                                      ("--grad-checkpointing", args.grad_checkpointing)) if on]
-    results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker")},
+    results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker", "log_dir")},
                "torch": torch.__version__, "timm": importlib.metadata.version("timm"), "training": {}, "failed": {},
                "complete": False}
     for worker in modes * max(1, args.rounds) + ([] if args.no_inference else ["inference"]):
         res = subprocess.run([sys.executable, os.path.abspath(__file__), *shared, "--worker", worker],
                              capture_output=True, text=True)
+        if args.log_dir:
+            os.makedirs(args.log_dir, exist_ok=True)
+            with open(os.path.join(args.log_dir, f"{worker}.log"), "a") as f:
+                f.write(res.stderr)
         if res.returncode != 0:  # the other modes still run
             results["failed"][worker] = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1][:300]
             print(f"benchmark: error: {worker} failed: {results['failed'][worker]}", file=sys.stderr)

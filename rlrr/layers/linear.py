@@ -108,8 +108,12 @@ def _cpu_scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) ->
 
 
 def _autocast_on(device_type: str) -> bool:
-    # devices without autocast (meta: shapes only) have no autocast state to ask for
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    # Devices without autocast (meta: shapes only) have no autocast state to ask for. Not asked while
+    # torch.compile traces: torch 2.11's dynamo breaks the graph at is_autocast_available (every RLRR layer
+    # split its block in three, seen on an H200), and compiled code runs on real devices.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

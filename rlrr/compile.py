@@ -7,7 +7,10 @@
   compile costs one block's time whatever the depth (docs/benchmarks.md; blocks that differ only in
   their drop-path rate hold it as a tensor to stay identical, DropAtRate), and names, state dicts and
   DDP's per-parameter gradient hooks stay as they are. The patch embedding, final norm and head run
-  eagerly (a few kernels). ``model``: the whole model as one graph.
+  eagerly (a few kernels). ``model``: the whole model as one graph. Under CUDA graphs each block's graph
+  is replayed on its own, and each replay costs host time: at ViT-B/16's batch 8 on an H200 the step
+  took 15.1 ms against full fine-tuning's 5.5 ms in one graph (docs/benchmarks.md); whether ``model``
+  closes that gap is not yet measured on a GPU.
 - ``cuda_graphs`` null: compiled steps are replayed as CUDA graphs (torch.compile's "reduce-overhead")
   in a one-process DDP-engine run on CUDA, where the per-layer launches dominate small per-GPU batches.
   Not by default across processes: PyTorch's CUDA-graph trees and DDP's gradient hooks have open

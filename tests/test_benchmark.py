@@ -39,6 +39,9 @@ def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path, monkeypatch):
         assert r["ddp_allreduce_bytes"] == 4 * r["trainable_params"]  # fp32 gradients of trainable parameters
         assert r["train_flops_per_image"] > 0 and r["mfu"] is None  # no GPU peak to divide by on CPU
         assert r["graph_breaks"] == 0  # eager
+        # each round's process: its phases, and the start, imports and exit around them
+        assert len(r["process_s"]) == 2 and set(r["phase_s"]) == {"build", "warmup_and_windows", "profile", "count"}
+        assert min(r["phase_s"].values()) >= 0 and r["process_s"][0] > sum(r["phase_s"].values())
     assert data["config"]["model"] == "test_vit" and "GFLOP/img" in res.stdout
     # --log-dir keeps each worker's stderr: --profile's table of the ops that took the time (one per round),
     # the failed mode's error
@@ -95,7 +98,8 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads((tmp_path / "acceptance.json").read_text())
     steps = {s["step"]: s for s in data["steps"]}
-    same_model = {"bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt", "bench-vit-h-64"}
+    same_model = {"bench-vit-b-64", "bench-vit-b-64-paths", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt",
+                  "bench-vit-h-64"}
     assert set(steps) == {"fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8", "bench-vit-b-64-ckpt",
                           "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
                           "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
@@ -176,9 +180,9 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     assert data["complete"] and not data["benchmarks"] and not data["training"] and data["scaling_md"] is None
     assert steps["fused-kernels"] == {"step": "fused-kernels", "ok": False, "seconds": 0.0,
                                       "not_run": "the time budget ran out"}
-    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 20
+    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 21
     order = [s["step"] for s in data["steps"]]  # the most telling first
-    assert order[:4] == ["fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8"]
+    assert order[:4] == ["bench-vit-b-8", "fused-kernels", "graphs-accumulate", "device-decode"]
     assert order.index("make-shards") == 4
     md = (out / "acceptance.md").read_text()
     assert "| bench-vit-b-8 | not run: the time budget ran out | 0.0 |" in md and "Incomplete" not in md
@@ -205,13 +209,13 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     against its step; what was not measured says so instead of passing or failing."""
     tool = tool_module("gpu_acceptance.py")
 
-    def r(img_s=1.0, mb=1.0, mfu=None):
-        return {"train_img_s": img_s, "peak_memory_mb": mb, "mfu": mfu}
+    def r(img_s=1.0, mb=1.0, mfu=None, breaks=0):
+        return {"train_img_s": img_s, "peak_memory_mb": mb, "mfu": mfu, "graph_breaks": breaks}
     benches = {
         "bench-vit-b-8": {"training": {"rlrr+cudagraphs-blocks": r(1000), "full+compiled": r(400),
                                        "full+cudagraphs": r(1300), "rlrr+torch": r(134)}},
         "bench-vit-b-64": {"training": {"rlrr+cudagraphs-blocks": r(2500, 4000), "full+compiled": r(2400, 5000)}},
-        "bench-vit-h-16": {"training": {"full+compiled": r(mfu=0.5), "rlrr+fused": r(mfu=0.3)}},
+        "bench-vit-h-16": {"training": {"full+compiled": r(mfu=0.5, breaks=5), "rlrr+fused": r(mfu=0.3, breaks=2)}},
         "bench-vit-h-64": {"training": {"rlrr+compiled-blocks": r(mfu=0.42)}},
     }
     loops = {"train-loop": {"ratio": 0.85, "bench_mode": "rlrr+cudagraphs-blocks"}}
@@ -226,6 +230,8 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     assert rows[f"bench-vit-h-16: {default} / full+compiled (peak memory)"] == (None, "<= 0.6", None)
     assert rows["ViT-H/14: best RLRR MFU (bench-vit-h-64 rlrr+compiled-blocks)"] == (0.42, ">= 0.4", True)
     assert rows[f"train-loop: the run's img/s / its benchmark step ({default})"] == (0.85, ">= 0.9", False)
-    assert len(rows) == 2 * 4 + 2 + 1 + 1
-    assert tool.targets({}, {}, dry=False)[-1] == {"target": "ViT-H/14: best RLRR MFU (not measured)", "value": None,
-                                                   "goal": ">= 0.4", "ok": None}
+    assert rows["graph breaks in RLRR's steps, all benchmarks"] == (2, "<= 0", False)  # full fine-tuning's not counted
+    assert len(rows) == 2 * 4 + 2 + 1 + 1 + 1
+    assert tool.targets({}, {}, dry=False)[-2:] == [
+        {"target": "ViT-H/14: best RLRR MFU (not measured)", "value": None, "goal": ">= 0.4", "ok": None},
+        {"target": "graph breaks in RLRR's steps, all benchmarks", "value": None, "goal": "<= 0", "ok": None}]

@@ -200,6 +200,7 @@ def measure_training(args, mode) -> dict:
     method, path = parse_mode(mode, args.compile)
     device = torch.device(args.device)
     base_mb = status_mb() if device.type == "cpu" else 0.0
+    marks = [time.perf_counter()]  # phase boundaries: where a mode's seconds go besides the timed windows
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with device:  # built and initialised where it runs: ViT-H's random init takes seconds on a CPU
@@ -215,6 +216,7 @@ def measure_training(args, mode) -> dict:
     dtype = AMP_DTYPES.get(args.precision)
 
     net = _maybe_compiled(model, path)
+    marks.append(time.perf_counter())
 
     def step():
         if path.startswith("cudagraphs"):  # a new training step: the last one's graph outputs are not read again
@@ -232,12 +234,17 @@ def measure_training(args, mode) -> dict:
     # each break splits a compiled graph, and the code between its pieces runs eagerly (0 when not compiled)
     graph_breaks = sum(counters["graph_break"].values())
     peak = peak_memory_mb(device) - base_mb
+    marks.append(time.perf_counter())
     if args.profile:
         print(_profiled(step, args.profile, device), file=sys.stderr)
+    marks.append(time.perf_counter())
     flops, ddp_bytes = _counted(model, x[:1], y[:1], dtype)
+    marks.append(time.perf_counter())
+    phases = dict(zip(("build", "warmup_and_windows", "profile", "count"), (b - a for a, b in zip(marks, marks[1:]))))
     return {"mode": mode, "window_img_s": rates, "warmup_s": [warmup_s[mode]], "peak_memory_mb": round(peak, 1),
             "train_flops_per_image": int(flops), "trainable_params": sum(p.numel() for p in params),
             "ddp_allreduce_bytes": ddp_bytes, "graph_breaks": graph_breaks,
+            "phase_s": {k: round(v, 2) for k, v in phases.items()},
             "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}
 
 
@@ -381,8 +388,10 @@ def main(argv=None) -> int:
                "torch": torch.__version__, "timm": importlib.metadata.version("timm"), "training": {}, "failed": {},
                "complete": False}
     for worker in modes * max(1, args.rounds) + ([] if args.no_inference else ["inference"]):
+        started = time.perf_counter()
         res = subprocess.run([sys.executable, os.path.abspath(__file__), *shared, "--worker", worker],
                              capture_output=True, text=True)
+        process_s = round(time.perf_counter() - started, 2)  # the phases plus start, imports and exit
         if args.log_dir:
             os.makedirs(args.log_dir, exist_ok=True)
             with open(os.path.join(args.log_dir, f"{worker}.log"), "a") as f:
@@ -391,7 +400,7 @@ def main(argv=None) -> int:
             results["failed"][worker] = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1][:300]
             print(f"benchmark: error: {worker} failed: {results['failed'][worker]}", file=sys.stderr)
         else:
-            add_result(results, worker, json.loads(res.stdout.strip().splitlines()[-1]))
+            add_result(results, worker, {**json.loads(res.stdout.strip().splitlines()[-1]), "process_s": [process_s]})
         summarize(args, results)
         if args.json:  # after every mode: a run cut short keeps what it measured
             write_json_atomic(args.json, results)
@@ -409,6 +418,7 @@ def add_result(results: dict, worker: str, data: dict) -> None:
     elif worker in train:  # a later round: pool its windows, keep the larger peak
         train[worker]["window_img_s"] += data["window_img_s"]
         train[worker]["warmup_s"] += data["warmup_s"]  # each round's, in order (later rounds: compile cache filled)
+        train[worker]["process_s"] += data["process_s"]
         train[worker]["peak_memory_mb"] = max(train[worker]["peak_memory_mb"], data["peak_memory_mb"])
     else:
         train[worker] = data

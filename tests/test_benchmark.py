@@ -103,9 +103,10 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert set(steps) == {"fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8", "bench-vit-b-64-ckpt",
                           "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
                           "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
-                          "train-loop-stream-device-decode"} | same_model
+                          "train-loop-stream-device-decode", "train-loop-b8", "train-loop-b8-whole"} | same_model
     assert data["complete"] and all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
+    assert steps["train-loop-b8-whole"]["skipped"] == "dry run: the same eager run as train-loop"
     assert all(steps[name]["skipped"] == "--skip" for name in skip)
     assert "train-ddp-bf16" not in data["training"]
     benches = data["benchmarks"]
@@ -180,7 +181,7 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     assert data["complete"] and not data["benchmarks"] and not data["training"] and data["scaling_md"] is None
     assert steps["fused-kernels"] == {"step": "fused-kernels", "ok": False, "seconds": 0.0,
                                       "not_run": "the time budget ran out"}
-    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 21
+    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 23
     order = [s["step"] for s in data["steps"]]  # the most telling first
     assert order[:4] == ["bench-vit-b-8", "fused-kernels", "graphs-accumulate", "device-decode"]
     assert order.index("make-shards") == 4
@@ -235,3 +236,23 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     assert tool.targets({}, {}, dry=False)[-2:] == [
         {"target": "ViT-H/14: best RLRR MFU (not measured)", "value": None, "goal": ">= 0.4", "ok": None},
         {"target": "graph breaks in RLRR's steps, all benchmarks", "value": None, "goal": "<= 0", "ok": None}]
+
+
+def test_each_training_loop_is_set_beside_the_step_of_its_own_batch_and_path():
+    """train-loop (batch 64, by blocks) beside bench-vit-b-64's default step; train-loop-b8-whole (batch 8,
+    train.compile_scope: model) beside bench-vit-b-8's whole-model graph; a run whose step was not measured
+    is left out, not compared with another path."""
+    tool = tool_module("gpu_acceptance.py")
+    runs = tool.loop_runs(dry=False)
+    assert runs["train-loop-b8-whole"] == (["data.in_memory=true", "train.compile_scope=model"], "bench-vit-b-8", 8,
+                                           "rlrr+cudagraphs")
+    assert runs["train-loop-stream"][1:] == ("bench-vit-b-64", 64, "rlrr+cudagraphs-blocks")
+    benches = {"bench-vit-b-64": {"training": {"rlrr+cudagraphs-blocks": {"train_img_s": 3000.0}}},
+               "bench-vit-b-8": {"training": {"rlrr+cudagraphs": {"train_img_s": 1200.0}}}}
+    training = {name: {"img_per_s": img_s} for name, img_s in
+                (("train-loop", 2850.0), ("train-loop-b8-whole", 1080.0), ("train-loop-b8", 500.0))}
+    loops = tool.loop_vs_benchmark(training, benches, dry=False)
+    assert loops == {"train-loop": {"loop_img_s": 2850.0, "bench_img_s": 3000.0, "bench_mode": "rlrr+cudagraphs-blocks",
+                                    "ratio": 0.95},
+                     "train-loop-b8-whole": {"loop_img_s": 1080.0, "bench_img_s": 1200.0,
+                                             "bench_mode": "rlrr+cudagraphs", "ratio": 0.9}}

@@ -22,7 +22,8 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
   20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2;
 - train-loop*: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, streamed shards decoded by
   the loader workers, and streamed shards decoded on the GPU (data.decode: device), each run's img/s set
-  beside bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark").
+  beside bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark"); at batch 8 in
+  memory, compiled by blocks and whole (train-loop-b8, train-loop-b8-whole), beside bench-vit-b-8's.
 "targets" (and a table in acceptance.md) sets the figures beside the GPU-speed goals: RLRR's default path at
 least as fast as full fine-tuning's best compiled step and twice RLRR's eager step, its peak memory against
 full fine-tuning's, the best RLRR MFU on ViT-H/14, each training loop against its step (TARGET_MODES).
@@ -145,36 +146,45 @@ def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, l
     runs = [("train-ddp-bf16", ["train.precision=bf16"]),
             ("train-ddp-fp16", ["train.precision=fp16"]),
             ("train-zero2-bf16", ["train.precision=bf16", "train.engine=deepspeed", "train.zero_stage=2"]),
-            # the loop at the step's speed, evaluated once at the end (bench-vit-b-64's model), from each loader
-            *[(name, ["train.precision=bf16", f"train.batch_size={LOOP_REFERENCE[dry][1]}", "data.train_split=big",
-                      "train.epochs=3", "train.eval_every=3", "train.save_every_epochs=3", "train.log_every=4",
-                      *loader]) for name, loader in loop_loaders(dry).items()]]
+            # the loop at the step's speed, evaluated once at the end (its benchmark's model), from each loader
+            *[(name, ["train.precision=bf16", f"train.batch_size={batch}", "data.train_split=big", "train.epochs=3",
+                      "train.eval_every=3", "train.save_every_epochs=3", "train.log_every=4", *overrides])
+              for name, (overrides, _, batch, _) in loop_runs(dry).items()]]
     return make, runs
 
 
-def loop_loaders(dry: bool) -> dict[str, list[str]]:
-    """The train-loop runs, one per loader: in memory, streamed with the workers decoding, streamed with
-    the training process decoding on its device (nvJPEG on a GPU)."""
+def loop_runs(dry: bool) -> dict[str, tuple[list[str], str, int, str]]:
+    """The train-loop runs: name -> (overrides, the bench step it is set beside, its batch, the mode of that
+    step the run takes). At ViT-B/16 64, one per loader: in memory, streamed with the workers decoding,
+    streamed with the training process decoding on its device (nvJPEG on a GPU); each takes a one-process
+    run's default path (compiled by blocks with CUDA graphs on a GPU, eager on CPU). At 8, in memory, by
+    blocks and as one graph (train.compile_scope: model), where the per-block graphs' host time is the
+    question (a dry run skips those two: DRY_SKIPPED_LOOPS)."""
     workers = f"data.workers={1 if dry else 8}"
-    return {"train-loop": ["data.in_memory=true"],
-            "train-loop-stream": ["data.in_memory=false", workers],
-            "train-loop-stream-device-decode": ["data.in_memory=false", workers, "data.decode=device"]}
+    b64 = b8 = ("bench-vit-b-8", DRY_BATCH, "rlrr")
+    if not dry:
+        b64, b8 = ("bench-vit-b-64", 64, "rlrr+cudagraphs-blocks"), ("bench-vit-b-8", 8, "rlrr+cudagraphs-blocks")
+    return {"train-loop": (["data.in_memory=true"], *b64),
+            "train-loop-stream": (["data.in_memory=false", workers], *b64),
+            "train-loop-stream-device-decode": (["data.in_memory=false", workers, "data.decode=device"], *b64),
+            "train-loop-b8": (["data.in_memory=true"], *b8),
+            "train-loop-b8-whole": (["data.in_memory=true", "train.compile_scope=model"], *b8[:2],
+                                    "rlrr" if dry else "rlrr+cudagraphs")}
 
 
-# dry run? -> (the bench step train-loop is set beside, its batch, the mode a one-process run takes by default
-# there: compiled by blocks with CUDA graphs on a GPU, eager on CPU)
-LOOP_REFERENCE = {False: ("bench-vit-b-64", 64, "rlrr+cudagraphs-blocks"), True: ("bench-vit-b-8", DRY_BATCH, "rlrr")}
+DRY_SKIPPED_LOOPS = ("train-loop-b8", "train-loop-b8-whole")  # eager on CPU, one tiny model: train-loop again
 
 
 def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> dict:
-    """Each train-loop run's img/s over the step of the path it takes (LOOP_REFERENCE)."""
-    name, _, mode = LOOP_REFERENCE[dry]
-    bench = benches.get(name, {}).get("training", {})
-    if mode not in bench:
-        return {}
-    step = bench[mode]["train_img_s"]
-    return {run: {"loop_img_s": training[run]["img_per_s"], "bench_img_s": step, "bench_mode": mode,
-                  "ratio": round(training[run]["img_per_s"] / step, 3)} for run in loop_loaders(dry) if run in training}
+    """Each train-loop run's img/s over the step of the path it takes (loop_runs)."""
+    out = {}
+    for run, (_, name, _, mode) in loop_runs(dry).items():
+        bench = benches.get(name, {}).get("training", {})
+        if run in training and mode in bench:
+            step = bench[mode]["train_img_s"]
+            out[run] = {"loop_img_s": training[run]["img_per_s"], "bench_img_s": step, "bench_mode": mode,
+                        "ratio": round(training[run]["img_per_s"] / step, 3)}
+    return out
 
 
 # The GPU-speed targets, read off the benchmarks: RLRR's default one-process path against full fine-tuning's best
@@ -397,9 +407,10 @@ def run_all(jobs: list[tuple[str, list[str], int]], acceptance: Acceptance, at_o
 # On an H200 (2026-12-04) the first three took about 3 minutes each and the three correctness steps 133 s.
 BEFORE_SHARDS = ["bench-vit-b-8", "bench-vit-b-64", "bench-vit-h-16", "fused-kernels", "graphs-accumulate",
                  "device-decode", "bench-vit-l-32"]
-AFTER_SHARDS = ["train-loop", "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop-stream",
-                "train-loop-stream-device-decode", "bench-vit-b-64-paths", "bench-vit-h-64", "bench-vit-b-64-ckpt",
-                "bench-vit-h-16-ckpt", "bench-vit-h-frozen-bf16", "scaling", "loaders"]
+AFTER_SHARDS = ["train-loop", "train-loop-b8-whole", "train-loop-b8", "train-ddp-bf16", "train-ddp-fp16",
+                "train-zero2-bf16", "train-loop-stream", "train-loop-stream-device-decode", "bench-vit-b-64-paths",
+                "bench-vit-h-64", "bench-vit-b-64-ckpt", "bench-vit-h-16-ckpt", "bench-vit-h-frozen-bf16", "scaling",
+                "loaders"]
 
 
 def parse_args(argv):
@@ -456,6 +467,7 @@ def main(argv=None) -> int:
         skip.update({name: f"dry run: the same tiny model as {', '.join(DRY_RUNS)}"
                      for name, *_ in GPU_BENCHMARKS if name not in DRY_RUNS})
         skip["train-ddp-fp16"] = "fp16 needs CUDA (dry run)"
+        skip.update({name: "dry run: the same eager run as train-loop" for name in DRY_SKIPPED_LOOPS})
     # Triton kernels: compiled for the GPU, or run by the interpreter on CPU in a dry run (read at import)
     os.environ["TRITON_INTERPRET"] = "1" if args.dry_run else "0"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(out, "compile_cache"))  # shared by every step

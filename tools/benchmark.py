@@ -85,12 +85,15 @@ def _model(args, method, path="eager"):
 def _maybe_compiled(model, path):
     """The model to call for ``path``, compiled as training compiles it (rlrr.compile); the compile happens
     in the warm-up calls, which are not timed."""
-    from rlrr.compile import CompilePlan, compile_blocks_in_place
+    from rlrr.compile import CompilePlan, compile_blocks_in_place, mark_nested_regions
     kind, _, scope = path.partition("-")
     if kind not in ("compiled", "cudagraphs"):
         return model
     plan = CompilePlan(compile=True, cuda_graphs=kind == "cudagraphs", cache_dir="", scope=scope or "model")
-    return model if compile_blocks_in_place(model, plan) else torch.compile(model, mode=plan.mode)
+    if compile_blocks_in_place(model, plan):
+        return model
+    mark_nested_regions(model)
+    return torch.compile(model, mode=plan.mode)
 
 
 def _timed(args, steps: dict, device, warmup_s: typing.Optional[dict] = None) -> dict:

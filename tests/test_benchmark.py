@@ -141,6 +141,8 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     md = (tmp_path / "acceptance.md").read_text()
     assert "| train-zero2-bf16 | 20 | 20 |" in md and "| bench-vit-b-64-ckpt | full |" in md and "zero3" in md
     assert "| bench-vit-b-8 | rlrr+fused |" in md and "| train-ddp-fp16 | skipped: fp16 needs CUDA" in md
+    fused = benches["bench-vit-b-8"]["training"]["rlrr+fused"]  # its graph breaks (eager: 0), its process's seconds
+    assert f"| {fused['graph_breaks']} | {sum(fused['process_s'])} |" in md and fused["graph_breaks"] == 0
     assert "| train-loop-stream | skipped: --skip |" in md
     # the targets, from the paths a CPU run takes: measured where the dry run has the step, else "not measured"
     rows = {t["target"]: t for t in data["targets"]}
@@ -201,7 +203,7 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     (out / "bench-vit-b-8.json").write_text(json.dumps({"training": {}, "failed": {"full": "OOM"}, "complete": False}))
     acceptance.add({"step": "bench-vit-b-8", "ok": False, "seconds": 200.0, "error": "exit timed out after 200 s"})
     assert json.loads((out / "acceptance.json").read_text())["benchmarks"]["bench-vit-b-8"]["complete"] is False
-    assert "| bench-vit-b-8 | full | failed: OOM |" in (out / "acceptance.md").read_text()
+    assert "| bench-vit-b-8 | full | failed: OOM | | | | | | |" in (out / "acceptance.md").read_text()
 
 
 def test_gpu_acceptance_sets_each_target_beside_its_figures():

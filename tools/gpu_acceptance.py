@@ -298,14 +298,15 @@ def report(result: dict) -> str:
                                               "or was stopped.", ""]),
              "| step | ok | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {_outcome(s)} | {s['seconds']} |" for s in result["steps"]]
-    lines += ["", "| benchmark | mode | img/s | warm-up (s) | max memory (MB) | GFLOP/img | MFU |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| benchmark | mode | img/s | warm-up (s) | max memory (MB) | GFLOP/img | MFU | graph breaks "
+                  "| process (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, data in result["benchmarks"].items():
         for mode, r in data["training"].items():
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
             lines.append(f"| {name} | {mode} | {r['train_img_s']} | {r['warmup_s'][0]} | {r['peak_memory_mb']:,.0f} "
-                         f"| {r['train_flops_per_image'] / 1e9:.2f} | {mfu} |")
-        lines += [f"| {name} | {mode} | failed: {error} | | | | |" for mode, error in data.get("failed", {}).items()]
+                         f"| {r['train_flops_per_image'] / 1e9:.2f} | {mfu} | {r.get('graph_breaks', 'n/a')} "
+                         f"| {sum(r.get('process_s', [])) or 'n/a'} |")
+        lines += [f"| {name} | {mode} | failed: {error} |{' |' * 6}" for mode, error in data.get("failed", {}).items()]
     lines += ["", "| training run | steps | optimizer updates | img/s | warm-up (s) | compiled | CUDA graphs | "
               "test top-1 |", "|---|---|---|---|---|---|---|---|"]
     for name, r in result["training"].items():

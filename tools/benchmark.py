@@ -96,10 +96,15 @@ def _maybe_compiled(model, path):
     return torch.compile(model, mode=plan.mode)
 
 
+def _synchronizer(device):
+    """What waits for ``device``'s queued work (nothing to wait for on the CPU)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def _timed(args, steps: dict, device, warmup_s: typing.Optional[dict] = None) -> dict:
     """img/s of each of ``steps`` over ``args.windows`` windows of ``args.steps`` calls, after
     ``args.warmup`` calls each (their seconds go to ``warmup_s``); the windows of different steps alternate."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     for name, step in steps.items():
         t0 = time.perf_counter()
         for _ in range(args.warmup):
@@ -123,7 +128,7 @@ def _profiled(step, steps: int, device) -> str:
     """torch.profiler over ``steps`` more steps: the kernels that took the device's time, and how much of
     the wall time the device was busy (a low share: the step waits on Python and launches)."""
     from torch.profiler import ProfilerActivity, profile
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync()
     with profile(activities=activities) as prof:

@@ -161,15 +161,15 @@ def loop_runs(dry: bool) -> dict[str, tuple[list[str], str, int, str]]:
     blocks and as one graph (train.compile_scope: model), where the per-block graphs' host time is the
     question (a dry run skips those two: DRY_SKIPPED_LOOPS)."""
     workers = f"data.workers={1 if dry else 8}"
-    b64 = b8 = ("bench-vit-b-8", DRY_BATCH, "rlrr")
+    b64 = b8 = b8_whole = ("bench-vit-b-8", DRY_BATCH, "rlrr")
     if not dry:
-        b64, b8 = ("bench-vit-b-64", 64, "rlrr+cudagraphs-blocks"), ("bench-vit-b-8", 8, "rlrr+cudagraphs-blocks")
+        b64 = ("bench-vit-b-64", 64, "rlrr+cudagraphs-blocks")
+        b8, b8_whole = ("bench-vit-b-8", 8, "rlrr+cudagraphs-blocks"), ("bench-vit-b-8", 8, "rlrr+cudagraphs")
     return {"train-loop": (["data.in_memory=true"], *b64),
             "train-loop-stream": (["data.in_memory=false", workers], *b64),
             "train-loop-stream-device-decode": (["data.in_memory=false", workers, "data.decode=device"], *b64),
             "train-loop-b8": (["data.in_memory=true"], *b8),
-            "train-loop-b8-whole": (["data.in_memory=true", "train.compile_scope=model"], *b8[:2],
-                                    "rlrr" if dry else "rlrr+cudagraphs")}
+            "train-loop-b8-whole": (["data.in_memory=true", "train.compile_scope=model"], *b8_whole)}
 
 
 DRY_SKIPPED_LOOPS = ("train-loop-b8", "train-loop-b8-whole")  # eager on CPU, one tiny model: train-loop again

@@ -185,8 +185,8 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
                                       "not_run": "the time budget ran out"}
     assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 23
     order = [s["step"] for s in data["steps"]]  # the most telling first
-    assert order[:4] == ["bench-vit-b-8", "fused-kernels", "graphs-accumulate", "device-decode"]
-    assert order.index("make-shards") == 4
+    assert order[:2] == ["bench-vit-b-8", "make-shards"]  # then the batch-8 loops, skipped in a dry run (listed last)
+    assert order.index("fused-kernels") < order.index("train-loop") < order.index("scaling")
     md = (out / "acceptance.md").read_text()
     assert "| bench-vit-b-8 | not run: the time budget ran out | 0.0 |" in md and "Incomplete" not in md
     timm_version = importlib.metadata.version("timm")

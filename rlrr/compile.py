@@ -31,6 +31,10 @@ import torch.nn as nn
 
 from .distributed import DistInfo
 
+# Nested compile regions from this torch on (the one the tests run on). Torch 2.11's dynamo failed to trace a
+# ViT with marked blocks (InternalTorchDynamoError: KeyError: example_value, on an H200, 2026-12-04) and a default
+# compile then ran each block's region as a graph of its own: the per-block path, not one graph.
+NESTED_REGIONS_FROM = (2, 14)
 RECOMPILE_LIMIT = 64  # compiled variants per block class (shapes, train/eval): Swin-B's has up to 16
 
 
@@ -128,10 +132,10 @@ def mark_nested_regions(model: nn.Module) -> int:
     in about 30 s instead of 48-50 s on 2 CPU cores (docs/benchmarks.md). Each block class gets a subclass whose
     forward is the region: marking a method bound to each instance instead lost the gradients of every block
     but the first (torch 2.14). Returns how many blocks were marked (0: no repeated blocks, or a torch without
-    the API)."""
+    the API, or one older than NESTED_REGIONS_FROM)."""
     region = getattr(torch.compiler, "nested_compile_region", None)
     blocks = repeated_blocks(model)
-    if region is None or not blocks:
+    if region is None or not blocks or torch_version() < NESTED_REGIONS_FROM:
         return 0
     rates_as_tensors(blocks)
     marked = {}
@@ -146,6 +150,11 @@ def mark_nested_regions(model: nn.Module) -> int:
                                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
         block.__class__ = marked[cls]
     return len(blocks)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def compile_blocks_in_place(model: nn.Module, plan: CompilePlan, backend: str = "inductor") -> bool:

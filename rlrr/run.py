@@ -90,7 +90,7 @@ class Preemption:
 
     def __init__(self):
         self.requested = False  # on this rank
-        self.on_some_rank = False  # agreed by every rank at the last loss check (rlrr.train.LossCheck)
+        self.on_some_rank = False  # agreed by every rank when a step was booked (rlrr.train.book_step)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -98,8 +98,9 @@ class Preemption:
         self.requested = True
 
     def any_rank(self, info: DistInfo) -> bool:
-        """Every rank gives the same answer at the same step: the ranks agree at each loss check, in the
-        collective that check makes anyway (a signal after it counts at the next step); one process: now."""
+        """Every rank gives the same answer at the same step: the ranks agree on each optimizer step's
+        signals in the small all-reduce that carries its outcome, read when the step is booked (one step
+        later where the engine decides on the device, rlrr.train.StepOutcome); one process: now."""
         return self.on_some_rank if info.enabled else self.requested
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -21,7 +21,7 @@ from .atomic import write_text_atomic
 from .compile import compile_plan, prepare_compile
 from .config import RunConfig
 from .data.transforms import normalize
-from .distributed import init_distributed, peak_memory_mb, sum_over_ranks
+from .distributed import all_reduce_sum, init_distributed, peak_memory_mb, sum_over_ranks
 from .engine import ENGINES
 from .errors import RunStopped
 from .evaluate import evaluate
@@ -120,7 +120,8 @@ def train_one_epoch(run: Run, epoch: int) -> None:
     t, st = run.cfg.train, run.state
     t0, seen, window_finite = time.perf_counter(), 0, True
     timed_from, timed_seen = t0, 0  # img/s counts from the end of this process's warm-up steps (end_warmup)
-    loss_check = LossCheck(run)
+    loss_check = None if run.engine.decides_on_device else LossCheck(run)
+    window = []  # this accumulation window's (loss on the device, batch size)
     skip = st.step_in_epoch * t.grad_accum  # the epoch's batches are deterministic: replay to the position
     with tqdm(total=len(run.train_data), initial=skip, desc=f"epoch {epoch}", disable=not run.info.is_main,
               leave=False, dynamic_ncols=True) as bar:  # closed (its line cleared) on an exception too
@@ -131,22 +132,22 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             last_micro = (i + 1) % t.grad_accum == 0 or i + 1 == len(run.train_data)
             seen += len(labels)
             bar.update(1)
-            if window_finite:  # once a micro-batch of the window is not finite, the window is dropped
+            if window_finite:  # host-checked (DeepSpeed): once a micro-batch is not finite, the window is dropped
                 images = normalize(images.to(run.info.device, non_blocking=True), run.cfg.data.stats)
-                _, window_finite = run.engine.backward(images, labels.to(run.info.device, non_blocking=True),
-                                                       last_micro, loss_check)
-                loss = loss_check.value
-                if window_finite:
-                    st.epoch_seen += len(labels)
-                    st.epoch_loss_sum += loss * len(labels)
+                loss, window_finite = run.engine.backward(images, labels.to(run.info.device, non_blocking=True),
+                                                          last_micro, loss_check)
+                window.append((loss, len(labels)))
+            # the last step's outcome, read now that this micro-batch is queued: the host waits for that step
+            # alone, and the GPU has this one to run meanwhile
+            book_step(run)
             if not last_micro:
                 continue
-            optimizer_step(run, window_finite)
-            window_finite = True
+            optimizer_step(run, window, window_finite, loss_check)
+            window, window_finite = [], True
             if run.warmup_steps:
                 book_step(run)  # waits for the GPU to finish the step: all of it is warm-up
                 timed_from, timed_seen = end_warmup(run, time.perf_counter() - timed_from, seen - timed_seen), seen
-            log_step(run, loss, _rate(run, seen - timed_seen, timed_from))
+            log_step(run, _rate(run, seen - timed_seen, timed_from))
             if stop_requested(run):
                 break
             if t.save_every_steps and st.global_step % t.save_every_steps == 0:
@@ -178,39 +179,55 @@ def end_warmup(run: Run, seconds: float, seen: int) -> float:
 
 
 class LossCheck:
-    """engine.backward's check between forward and backward: is the loss finite on every rank? The host
-    waits for the forward here in any case, so it reads the loss here too (``value``) and books the last
-    optimizer step (book_step), which the GPU finished before this forward. Read later, after the
-    backward or the optimizer step is queued, each value would wait for those as well and leave the GPU
-    idle while the host then queues the next work."""
+    """engine.backward's check between forward and backward, for an engine that decides on the host
+    (DeepSpeed: ZeRO-2 cannot drop gradients once the backward ran): is the loss finite on every rank?
+    The same collective carries each rank's preemption signal."""
 
     def __init__(self, run: Run):
-        self.run, self.value = run, math.nan
+        self.run, self.bad_ranks = run, 0
 
     def __call__(self, loss: torch.Tensor) -> bool:
-        self.value = loss.item()
-        book_step(self.run)
         preempt = self.run.preempt
         # the ranks whose loss is not finite, and those a preemption signal reached (Preemption.any_rank)
-        bad, preempted = sum_over_ranks(self.run.info, [not math.isfinite(self.value), preempt.requested])
-        preempt.on_some_rank = preempted > 0
+        bad, preempted = sum_over_ranks(self.run.info, [not math.isfinite(loss.item()), preempt.requested])
+        preempt.on_some_rank = preempt.on_some_rank or preempted > 0
+        self.bad_ranks = max(self.bad_ranks, bad)
         return bad == 0
 
 
-@dataclasses.dataclass
 class StepOutcome:
-    """An optimizer step's outcome, until book_step reads it."""
-    step: int
-    loss_finite: bool
-    grad_norm: Union[float, torch.Tensor]  # a tensor on the device where the engine decided there
-    applied: Union[bool, torch.Tensor]
+    """An optimizer step's outcome until book_step reads it: its micro-batches' losses, the gradient norm,
+    whether it was applied, and how many ranks saw a non-finite loss or a preemption signal. Packed into
+    one tensor on the device and copied to the host behind the step's work (non-blocking, with an event),
+    so reading it waits for this step alone and not for what the loop has queued since."""
+
+    def __init__(self, run: Run, window: list, grad_norm, applied, loss_check: Optional[LossCheck]):
+        self.step, self.sizes = run.state.global_step, [n for _, n in window]
+        device = run.info.device
+        losses = torch.stack([loss.float() for loss, _ in window]).to(device)
+        if loss_check is None:  # the engine decided on the device: the ranks agree here, in one small all-reduce
+            flags = torch.stack([(~torch.isfinite(losses)).any().float(),
+                                 torch.full((), float(run.preempt.requested), device=device)])
+            all_reduce_sum(run.info, flags)
+        else:  # agreed at each micro-batch's loss check
+            flags = torch.tensor([float(loss_check.bad_ranks), float(run.preempt.on_some_rank)], device=device)
+            loss_check.bad_ranks = 0
+        outcome = [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1) for v in (grad_norm, applied)]
+        self.values = torch.cat([losses, *outcome, flags]).to("cpu", non_blocking=True)
+        self.ready = torch.cuda.Event() if device.type == "cuda" else None
+        if self.ready is not None:
+            self.ready.record()
+
+    def read(self) -> list[float]:
+        """[loss of each micro-batch..., gradient norm, applied, ranks with a non-finite loss, ranks preempted]."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
 
 
-def optimizer_step(run: Run, window_finite: bool) -> None:
-    """One optimizer step at the end of an accumulation window, or none when the window's loss was not
-    finite on some rank. Where the engine decides on the device whether to apply it (a non-finite
-    gradient norm: not), its outcome is booked later (book_step), where the host waits for the GPU anyway."""
-    book_step(run)  # normally done by this window's loss check already
+def optimizer_step(run: Run, window: list, window_finite: bool, loss_check: Optional[LossCheck]) -> None:
+    """One optimizer step at the end of an accumulation window, or none when the loss check found a
+    non-finite loss on some rank. Its outcome is booked later (book_step), where the host waits anyway."""
     st = run.state
     run.scheduler.step_update(st.global_step)
     if window_finite:
@@ -223,27 +240,34 @@ def optimizer_step(run: Run, window_finite: bool) -> None:
         grad_norm, applied = math.nan, False
     st.global_step += 1  # a dropped step still uses up its batches: the replay position stays exact
     st.step_in_epoch += 1
-    run.pending_step = StepOutcome(st.global_step, window_finite, grad_norm, applied)
-    if not isinstance(applied, torch.Tensor):
-        book_step(run)
+    book_step(run)  # the last step's, if a resumed or first window left it (normally booked already)
+    run.pending_step = StepOutcome(run, window, grad_norm, applied, loss_check)
 
 
 def book_step(run: Run) -> None:
-    """Book the last optimizer step's outcome, if not yet booked: log its gradient norm, and count a
-    dropped step (train.nonfinite: stop the run when asked). Reads the outcome from the device if it is there."""
+    """Book the last optimizer step's outcome, if not yet booked: the epoch's loss sums, the loss and
+    gradient norm for TensorBoard, the ranks' preemption signals, and a dropped step (train.nonfinite:
+    stop the run when asked)."""
     out, run.pending_step = run.pending_step, None
     if out is None:
         return
     st, t = run.state, run.cfg.train
-    grad_norm, applied = float(out.grad_norm), bool(out.applied)
+    *losses, grad_norm, applied, bad_ranks, preempted = out.read()
+    finite = [(loss, n) for loss, n in zip(losses, out.sizes) if math.isfinite(loss)]
+    st.epoch_seen += sum(n for _, n in finite)
+    st.epoch_loss_sum += sum(loss * n for loss, n in finite)
+    run.preempt.on_some_rank = run.preempt.on_some_rank or preempted > 0
     if run.writer and out.step % t.log_every == 0:
+        if finite:
+            run.writer.add_scalar("train/loss", sum(loss * n for loss, n in finite) / sum(n for _, n in finite),
+                                  out.step)
         run.writer.add_scalar("train/grad_norm", grad_norm, out.step)
     if applied:
         st.nonfinite_in_a_row = 0
         return
     st.nonfinite_skipped += 1
     st.nonfinite_in_a_row += 1
-    what = "loss" if not out.loss_finite else "gradient norm"
+    what = "loss" if bad_ranks else "gradient norm"
     log.warning(f"step {out.step}: non-finite {what}; the step was dropped on every rank "
                 f"({st.nonfinite_skipped} dropped so far)")
     if run.writer:
@@ -254,19 +278,18 @@ def book_step(run: Run) -> None:
                          "checkpoint holds the last finite state")
 
 
-def log_step(run: Run, loss: float, img_per_s: float) -> None:
+def log_step(run: Run, img_per_s: float) -> None:
     step = run.state.global_step
-    if run.writer and step % run.cfg.train.log_every == 0:  # the gradient norm: book_step
-        run.writer.add_scalar("train/loss", loss, step)
+    if run.writer and step % run.cfg.train.log_every == 0:  # the loss and gradient norm: book_step
         run.writer.add_scalar("train/lr", run.engine.optimizer.param_groups[0]["lr"], step)
         run.writer.add_scalar("train/img_per_s", img_per_s, step)
 
 
 def stop_requested(run: Run) -> bool:
-    """A preemption signal on any rank, or train.max_steps reached: save a checkpoint and stop."""
+    """A preemption signal on any rank (agreed when a step was booked: every rank stops after the same
+    step), or train.max_steps reached: save a checkpoint and stop."""
     max_steps = run.cfg.train.max_steps
-    preempted = run.preempt.any_rank(run.info)  # every rank stops at the same step
-    if preempted:
+    if run.preempt.any_rank(run.info):
         stop_with_checkpoint(run, StopReason.PREEMPTED)
     elif max_steps and run.state.global_step >= max_steps:
         stop_with_checkpoint(run, StopReason.MAX_STEPS)

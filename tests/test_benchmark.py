@@ -258,3 +258,20 @@ def test_each_training_loop_is_set_beside_the_step_of_its_own_batch_and_path():
                                     "ratio": 0.95},
                      "train-loop-b8-whole": {"loop_img_s": 1080.0, "bench_img_s": 1200.0,
                                              "bench_mode": "rlrr+cudagraphs", "ratio": 0.9}}
+
+
+def test_gpu_acceptance_modes_replace_a_bench_steps_modes_and_a_bad_one_is_named(capsys):
+    """--modes STEP=MODES (a rerun of what one step measures): that step's modes change, its other options
+    and the other steps stay; an unknown step or a malformed item ends the command with one line."""
+    tool = tool_module("gpu_acceptance.py")
+    plain, changed = (dict(tool.benchmarks(False, modes)) for modes in ({}, {"bench-vit-b-8": "rlrr+cudagraphs"}))
+    assert changed["bench-vit-b-8"][-3:] == ["--no-inference", "--modes", "rlrr+cudagraphs"]
+    assert changed["bench-vit-b-8"][:-1] == plain["bench-vit-b-8"][:-1]
+    assert plain["bench-vit-b-8"][-1] != "rlrr+cudagraphs"
+    assert {k: v for k, v in changed.items() if k != "bench-vit-b-8"} == \
+        {k: v for k, v in plain.items() if k != "bench-vit-b-8"}
+    assert dict(tool.benchmarks(True, {"bench-vit-b-8": "rlrr"}))["bench-vit-b-8"][-2:] == ["--modes", "rlrr"]
+    assert tool.main(["--dry-run", "--modes", "bench-vit-z=rlrr"]) == 2
+    assert "--modes: no bench step ['bench-vit-z']" in capsys.readouterr().err
+    assert tool.main(["--dry-run", "--modes", "bench-vit-b-8"]) == 2
+    assert "expected STEP=MODES" in capsys.readouterr().err

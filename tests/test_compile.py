@@ -391,3 +391,20 @@ def test_the_whole_model_compiles_its_blocks_as_nested_regions_with_every_gradie
     assert torch.equal(y_compiled, y_eager) and g_compiled.keys() == g_eager.keys()
     assert all(torch.equal(g_compiled[n], g_eager[n]) for n in g_eager)
     torch._dynamo.reset()
+
+
+def test_a_torch_older_than_the_nested_regions_gate_compiles_the_whole_model_unmarked(monkeypatch):
+    """Torch 2.11's dynamo failed on the marked ViT, and the compile fell back to each block's region by itself:
+    below NESTED_REGIONS_FROM, scope model marks nothing and compiles one plain graph."""
+    import timm
+
+    import rlrr.compile
+    from rlrr import apply_rlrr
+
+    model = apply_rlrr(timm.create_model("test_vit", num_classes=4, img_size=32, depth=2))
+    block_class = type(model.blocks[0])
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert rlrr.compile.torch_version() == (2, 11) < rlrr.compile.NESTED_REGIONS_FROM
+    assert rlrr.compile.mark_nested_regions(model) == 0 and {type(b) for b in model.blocks} == {block_class}
+    monkeypatch.setattr(torch, "__version__", "2.14.1")
+    assert rlrr.compile.mark_nested_regions(model) == 2 and type(model.blocks[0]).nested_region_of is block_class

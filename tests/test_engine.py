@@ -52,17 +52,22 @@ def test_a_non_finite_loss_or_gradient_never_reaches_the_weights():
     model, engine = _engine([])
     before = {n: t.clone() for n, t in engine.trainable_fp32().items()}  # fp32 on the CPU: the parameters themselves
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
-    loss, done = engine.backward(images, labels, last_micro=True, loss_ok=lambda x: False)
-    assert not done and all(p.grad is None for p in model.parameters())  # no backward ran
-    engine.backward(images, labels, last_micro=True)
-    model.head.weight.grad[0, 0] = float("nan")
-    norm, applied = engine.step()  # decided on the device: tensors the loop reads when it waits anyway
-    assert isinstance(applied, torch.Tensor) and not applied and norm != norm  # NaN norm: no update
-    after = engine.trainable_fp32()
-    assert all(torch.equal(before[n], after[n]) for n in before)
-    assert all(p.grad is None for p in model.parameters())  # and the bad gradients are gone
-    assert engine.optimizer_updates() == 0 and all(  # nor did AdamW's moments or step count move
-        not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in engine.optimizer.state.values())
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("inf")  # the loss is not finite: every gradient is made NaN, none of them kept
+    loss, done = engine.backward(bad, labels, last_micro=True, loss_ok=lambda x: pytest.fail("asked the host"))
+    assert done and not torch.isfinite(loss)
+    assert all(torch.isnan(p.grad).all() for p in model.parameters() if p.requires_grad)
+    for finite_loss in (False, True):  # the non-finite loss's gradients, then a finite loss's with one NaN
+        if finite_loss:
+            engine.backward(images, labels, last_micro=True)
+            model.head.weight.grad[0, 0] = float("nan")
+        norm, applied = engine.step()  # decided on the device: tensors the loop reads when it waits anyway
+        assert isinstance(applied, torch.Tensor) and not applied and norm != norm  # NaN norm: no update
+        after = engine.trainable_fp32()
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        assert all(p.grad is None for p in model.parameters())  # and the bad gradients are gone
+        assert engine.optimizer_updates() == 0 and all(  # nor did AdamW's moments or step count move
+            not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in engine.optimizer.state.values())
     engine.backward(images, labels, last_micro=True)
     norm, applied = engine.step()
     assert applied and 0 < norm < float("inf") and engine.optimizer_updates() == 1

@@ -257,15 +257,16 @@ def test_a_nan_gradient_after_a_finite_loss_is_dropped_on_the_device_and_booked(
 
 @pytest.mark.integration
 def test_a_preemption_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_shards, tmp_path):
-    """SIGUSR1 reaches rank 1 alone, during its 5th training loss: both ranks agree on it in that step's
-    loss check and stop after step 5 with one checkpoint (rank 0 logs it: it stopped too)."""
+    """SIGUSR1 reaches rank 1 alone, during its 5th training loss: both ranks agree on it in the small
+    all-reduce that carries step 5's outcome, which the loop reads once step 6 is queued (rlrr.train.
+    StepOutcome), and stop after step 6 with one checkpoint (rank 0 logs it: it stopped too)."""
     cfg = write_config(tmp_path / "p.yaml", tiny_shards, tmp_path / "runs")
     res = _torchrun(cfg, "p", _faulty({"RLRR_FAULT_SIGNAL_AT": "5", "RLRR_FAULT_RANK": "1"}, tmp_path))
     assert res.returncode == 0 and (tmp_path / "fired").exists(), res.stderr[-3000:]
-    assert "stopped at step 5 (epoch 0: a preemption signal (SIGTERM/SIGUSR1) on some rank)" in res.stdout, res.stdout
+    assert "stopped at step 6 (epoch 0: a preemption signal (SIGTERM/SIGUSR1) on some rank)" in res.stdout, res.stdout
     run = tmp_path / "runs" / "p"
-    assert (run / "PREEMPTED").read_text() == "step 5\n" and not (run / "results.json").exists()
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["global_step"] == 5
+    assert (run / "PREEMPTED").read_text() == "step 6\n" and not (run / "results.json").exists()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state"]["global_step"] == 6
 
 
 @pytest.mark.integration

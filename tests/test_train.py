@@ -80,24 +80,27 @@ def test_resume_gives_identical_adapter(shards, tmp_path):
     assert ra["history"] == rb["history"]
 
 
-def test_a_one_process_step_waits_on_the_device_once(shards, tmp_path, monkeypatch):
-    """A host read of a device value (item(), float(), bool()) waits for the GPU to finish the work
-    queued before it, and leaves the GPU idle while the host then queues the next work; a read right
-    after another waits for nothing. rlrr's loop waits once per optimizer step, at the loss check between
-    forward and backward, where it also books the step before (its gradient norm, and whether it was
-    applied, decided on the device). Besides: the first step (its time is warm-up) and each epoch's
-    last step. Work queued is counted as any other op dispatched since the last read."""
+def test_the_loop_reads_each_step_back_once_the_next_one_is_queued(shards, tmp_path, monkeypatch):
+    """A host read of a device value (item(), float(), bool()) waits for the GPU to finish all the work
+    queued before it, and leaves the GPU idle while the host then queues the next work. rlrr's loop (the
+    DDP engine) reads no device value itself: each optimizer step's outcome (its losses, gradient norm,
+    whether it was applied, the ranks' flags) is copied to the host behind the step (StepOutcome), and the
+    loop reads that copy only once the next step's forward and backward are queued, so the GPU has them to
+    run while the host waits for the last step alone. Except: the first step (warm-up, its time is booked
+    apart) and each epoch's last step. Two micro-batches a step: the read follows the next window's
+    first. Work queued is counted as any other op dispatched since the last read."""
     import sys
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import rlrr
     import rlrr.train
+    from rlrr.engine import DDPEngine
 
     library = os.path.dirname(os.path.abspath(rlrr.__file__)) + os.sep
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
     dispatch = tuple(torch_dir + p for p in ("_dynamo" + os.sep, "_compile.py", "utils" + os.sep + "_python_dispatch"))
-    waits, queued = [], [False]
+    waits, queued, events = [], [False], []
 
     class HostReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -112,18 +115,40 @@ def test_a_one_process_step_waits_on_the_device_once(shards, tmp_path, monkeypat
                     queued[0] = False
             return func(*args, **(kwargs or {}))
 
-    one_epoch = rlrr.train.train_one_epoch
+    one_epoch, backward, read = rlrr.train.train_one_epoch, DDPEngine.backward, rlrr.train.StepOutcome.read
 
     def counted(run, epoch):
         queued[0] = True
         with HostReads():
             one_epoch(run, epoch)
+        events.append("epoch end")
+
+    def counted_backward(self, *args, **kwargs):
+        events.append("backward")
+        return backward(self, *args, **kwargs)
+
+    def counted_read(self):
+        events.append(f"read {self.step}")
+        return read(self)
 
     monkeypatch.setattr(rlrr.train, "train_one_epoch", counted)
-    results = main(["--config", write_config(tmp_path / "reads.yaml", shards, tmp_path / "runs")])
-    assert results["steps"] == 12 and results["epochs"] == 2
-    assert waits.count("train.py:__call__") == 12, waits  # LossCheck
-    assert waits.count("train.py:book_step") == 1 + 2 and len(waits) == 15, waits
+    monkeypatch.setattr(DDPEngine, "backward", counted_backward)
+    monkeypatch.setattr(rlrr.train.StepOutcome, "read", counted_read)
+    cfg = write_config(tmp_path / "reads.yaml", shards, tmp_path / "runs", train={"grad_accum": 2})
+    results = main(["--config", cfg])
+    assert results["steps"] == 12 and results["epochs"] == 2 and waits == [], waits
+    # step 1 read at once (warm-up); steps 2-5 after the next window's first backward; step 6 at the epoch's end
+    first = ["backward", "backward", "read 1", *_shifted(2, 6), "read 6", "epoch end"]
+    assert events[:len(first)] == first, events
+    assert events[len(first):] == [*_shifted(7, 12), "read 12", "epoch end"], events  # no warm-up in epoch 2
+
+
+def _shifted(first: int, last: int) -> list:
+    """The events of steps ``first``..``last`` when each is read after the next window's first backward."""
+    out = []
+    for k in range(first, last + 1):
+        out += ["backward"] + ([f"read {k - 1}"] if k > first else []) + ["backward"]
+    return out
 
 
 def test_with_cuda_graphs_the_first_two_steps_are_warm_up(shards, tmp_path, monkeypatch, capsys):

@@ -95,10 +95,10 @@ DRY_MODES = "rlrr,rlrr+torch,rlrr+fused,full,linear"  # the compiled paths cost 
 DRY_MODEL, DRY_BATCH = "test_vit", 4  # every bench step of a dry run
 
 
-def benchmarks(dry: bool) -> list[tuple[str, list[str]]]:
-    """(name, tools/benchmark.py arguments) for each measured configuration. A dry run takes the tiny
-    model on CPU (Triton's interpreter for the kernels), so the steps that differ only in the model or
-    batch would repeat each other: only DRY_RUNS' steps run."""
+def benchmarks(dry: bool, modes: dict = None) -> list[tuple[str, list[str]]]:
+    """(name, tools/benchmark.py arguments) for each measured configuration; ``modes`` (--modes) replaces
+    a step's modes. A dry run takes the tiny model on CPU (Triton's interpreter for the kernels), so the
+    steps that differ only in the model or batch would repeat each other: only DRY_RUNS' steps run."""
     out = []
     for name, model, batch, options in GPU_BENCHMARKS:
         if dry:
@@ -110,6 +110,8 @@ def benchmarks(dry: bool) -> list[tuple[str, list[str]]]:
             size = ["--img-size", "32", "--device", "cpu", "--warmup", "1", "--steps", "1", "--windows", "1"]
         else:
             size = ["--warmup", "3", "--steps", "10", "--windows", "2"]
+        if name in (modes or {}):
+            options = [*options[:options.index("--modes")], "--modes", modes[name]]
         out.append((name, ["--model", model, "--batch-size", str(batch), "--precision", "bf16", "--rounds", "1",
                            *size, *options]))
     return out
@@ -423,6 +425,9 @@ def parse_args(argv):
     ap.add_argument("--budget", type=float, default=math.inf, metavar="SECONDS",
                     help="start no step after this many seconds, and cut the running ones there (they are "
                          "reported as not run; the most telling steps come first)")
+    ap.add_argument("--modes", action="append", default=[], metavar="STEP=MODES",
+                    help="measure these tools/benchmark.py modes in a bench step instead of its own, e.g. "
+                         "bench-vit-b-8=rlrr+cudagraphs,full+cudagraphs")
     ap.add_argument("--skip", action="append", default=[], metavar="STEP",
                     help="leave a step out (reported as skipped), e.g. to rerun only what failed")
     return ap.parse_args(argv)
@@ -432,7 +437,7 @@ def step_commands(args, out: str) -> dict[str, tuple[list[str], int]]:
     """Every step but make-shards and the training runs: name -> (command, timeout)."""
     py = sys.executable
     commands = {name: ([py, "tools/benchmark.py", *bench_args, "--json", os.path.join(out, f"{name}.json")],
-                       args.timeout) for name, bench_args in benchmarks(args.dry_run)}
+                       args.timeout) for name, bench_args in benchmarks(args.dry_run, args.modes)}
     scaling = ["--models", "test_vit" if args.dry_run else "vit_base_patch16_224,vit_huge_patch14_224",
                "--engines", "ddp,zero2,zero3", "--nprocs", "1", "--precision", "bf16", "--out-dir",
                os.path.join(out, "scaling"), "--batch-per-rank", "2" if args.dry_run else "16"]
@@ -454,6 +459,16 @@ def step_commands(args, out: str) -> dict[str, tuple[list[str], int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        args.modes = dict(item.split("=", 1) for item in args.modes)
+    except ValueError:
+        print(f"gpu_acceptance: error: --modes {args.modes}: expected STEP=MODES", file=sys.stderr)
+        return 2
+    unknown = set(args.modes) - {name for name, *_ in GPU_BENCHMARKS}
+    if unknown:
+        print(f"gpu_acceptance: error: --modes: no bench step {sorted(unknown)}; the steps: "
+              f"{', '.join(name for name, *_ in GPU_BENCHMARKS)}", file=sys.stderr)
+        return 2
     deadline = time.monotonic() + args.budget
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_acceptance: error: no CUDA device; use --dry-run to check the steps on CPU", file=sys.stderr)

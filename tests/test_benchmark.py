@@ -109,6 +109,7 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert steps["train-loop-b8-whole"]["skipped"] == "dry run: the same eager run as train-loop"
     assert all(steps[name]["skipped"] == "--skip" for name in skip)
     assert "train-ddp-bf16" not in data["training"]
+    assert (tmp_path / "logs" / "bench-vit-b-8" / "rlrr+fused.log").is_file()  # each mode's stderr, kept
     benches = data["benchmarks"]
     vit_b = benches["bench-vit-b-8"]
     # every RLRR path side by side (the Triton kernels through the interpreter here) with full and the probe

@@ -436,7 +436,8 @@ def parse_args(argv):
 def step_commands(args, out: str) -> dict[str, tuple[list[str], int]]:
     """Every step but make-shards and the training runs: name -> (command, timeout)."""
     py = sys.executable
-    commands = {name: ([py, "tools/benchmark.py", *bench_args, "--json", os.path.join(out, f"{name}.json")],
+    commands = {name: ([py, "tools/benchmark.py", *bench_args, "--json", os.path.join(out, f"{name}.json"),
+                        "--log-dir", os.path.join(out, "logs", name)],  # each mode's stderr, a failed one's trace
                        args.timeout) for name, bench_args in benchmarks(args.dry_run, args.modes)}
     scaling = ["--models", "test_vit" if args.dry_run else "vit_base_patch16_224,vit_huge_patch14_224",
                "--engines", "ddp,zero2,zero3", "--nprocs", "1", "--precision", "bf16", "--out-dir",

@@ -34,9 +34,10 @@ SECONDS`` starts none after that time and cuts the one running, reporting the re
 
     bash tools/gpu_acceptance.sh --out-dir gpu-acceptance --budget 540   # done within 10 minutes
 
-On an H200 (2026-12-04) a benchmark mode took 30-80 s (its own process, 10-61 s of compiling), the
-correctness steps 133 s together: the whole command runs about half an hour, and --budget 540 measures
-ViT-B/16 at 8 and 64 and ViT-H/14 at 16.
+On an H200 (2026-12-04) a benchmark mode took 10-72 s (its own process, up to 61 s of compiling), the
+correctness steps 91-133 s together: the whole command runs about half an hour, and --budget 505 measured
+ViT-B/16 at 8 and 64, the batch-8 training loops, ViT-H/14 at 16 and the correctness steps. ``--modes`` and
+``--skip`` narrow a rerun to what is left.
 
 """
 import argparse

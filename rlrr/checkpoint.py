@@ -26,7 +26,7 @@ log = logging.getLogger("rlrr")
 # keys a resumed run may change: how long it runs and how it logs and saves, not what it trains
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_epochs",
                      "train.save_every_steps", "train.log_every", "data.eval_batch_size_per_rank", "output_dir",
-                     "run_name", "train.compile_cache")
+                     "run_name", "train.compile_cache", "train.profile_steps")
 
 
 class CheckpointStore:

@@ -148,6 +148,7 @@ class TrainConfig:
     save_every_steps: Count = 0  # 0: only at epoch ends
     max_steps: Count = 0  # stop after this many optimizer steps (0: run all epochs); for tests and smoke runs
     log_every: PositiveInt = 10
+    profile_steps: Count = 0  # after the warm-up, profile this many steps on rank 0 (<run>/profile; results.json)
     dist_timeout_s: Annotated[float, Range(10)] = 900.0  # bounds process-group start-up and every collective
     watchdog_s: Annotated[float, Range(0)] = 1200.0  # no batch done for this long: print stacks, exit 1 (0: off)
     compile: Optional[bool] = None  # torch.compile (see compile_scope); null: on CUDA only

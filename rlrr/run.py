@@ -33,6 +33,7 @@ from .distributed import DistInfo, barrier, gather_object, peak_memory_mb, sum_o
 from .engine import Engine
 from .inference import inference_card, write_card
 from .model import build_model, merge_model
+from .profiling import StepProfiler
 
 log = logging.getLogger("rlrr")
 
@@ -128,6 +129,7 @@ class Run:
     writer: Optional[SummaryWriter] = None  # rank 0 only
     epoch_img_per_s: float = 0.0
     pending_step: Optional[object] = None  # the last optimizer step's outcome until booked (rlrr.train.book_step)
+    profiler: Optional[StepProfiler] = None  # train.profile_steps (rlrr.profiling)
     clock: float = field(default_factory=time.perf_counter)  # the last tick (rlrr.run.tick)
     watchdog_armed: float = -math.inf  # when the watchdog was last (re-)armed (rlrr.run.watchdog)
 
@@ -203,9 +205,10 @@ def summarize(run: Run) -> dict:
         "epochs": st.epoch, "steps": st.global_step, "optimizer_updates": run.engine.optimizer_updates(),
         "wall_time_s": round(st.train_time, 1),
         "img_per_s": round((st.images - st.warmup_images) / max(st.train_time - st.warmup_s, 1e-9), 1),
-        "warmup_s": round(st.warmup_s, 1),  # first steps of each process start, compile included
+        "warmup_s": round(st.warmup_s, 1),  # first steps of each process start (compile included), profiled steps
         "run_s": round(st.run_s, 1), "device": run.info.device.type,  # cost: run_s x world_size device-seconds
         "compile": run.compiled.to_dict(),
+        "profile": run.profiler.summary if run.profiler else None,  # train.profile_steps
         "nonfinite_skipped": st.nonfinite_skipped,
         "train_samples_skipped": int(skipped),
         "trainable_params": run.n_trainable, "parameter_elements_per_rank": held,

@@ -9,6 +9,7 @@ evaluate_all, end_epoch (log, checkpoint) -> summarize, write_final (rlrr.run).
 import dataclasses
 import logging
 import math
+import os
 import time
 from typing import Optional
 
@@ -28,6 +29,7 @@ from .evaluate import evaluate
 from .inputs import check_inputs, check_kernels, per_rank_batch, split_loader
 from .model import build_model, store_frozen_weights_in
 from .optim import build_scheduler
+from .profiling import StepProfiler
 from .run import (
     Preemption,
     Run,
@@ -105,7 +107,8 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
                                 t.warmup_lr, t.min_lr)
     run = Run(cfg, info, run_dir, preempt, manifest, model, engine, scheduler, train_data, evals, micro,
               steps_per_epoch, n_trainable, compiled, checkpoint.store_for(cfg, run_dir),
-              warmup_steps=compiled.warmup_steps)
+              warmup_steps=compiled.warmup_steps,
+              profiler=StepProfiler(t.profile_steps, os.path.join(run_dir, "profile"), info.device, info.is_main))
     if resuming:
         run.state = RunState(**checkpoint.load(engine, run.store, info, cfg, allow_config_change))
     open_run_dir(run, resuming)
@@ -147,12 +150,16 @@ def train_one_epoch(run: Run, epoch: int) -> None:
             if run.warmup_steps:
                 book_step(run)  # waits for the GPU to finish the step: all of it is warm-up
                 timed_from, timed_seen = end_warmup(run, time.perf_counter() - timed_from, seen - timed_seen), seen
+            elif profiled := run.profiler.after_step(seen):  # its window just closed: booked apart, as warm-up is
+                timed_from, timed_seen = book_apart(run, *profiled), seen
             log_step(run, _rate(run, seen - timed_seen, timed_from))
             if stop_requested(run):
                 break
             if t.save_every_steps and st.global_step % t.save_every_steps == 0:
                 save_checkpoint(run)
     book_step(run)  # the epoch's last step, which the GPU has then finished
+    if profiled := run.profiler.stop(seen):
+        timed_from, timed_seen = book_apart(run, *profiled), seen
     elapsed = time.perf_counter() - t0
     st.train_time += elapsed
     st.images += seen * run.info.world
@@ -170,11 +177,18 @@ def end_warmup(run: Run, seconds: float, seen: int) -> float:
     the first runs them eagerly). Returns when the next timed part starts."""
     first = run.warmup_steps == run.compiled.warmup_steps
     run.warmup_steps -= 1
-    run.state.warmup_s += seconds
-    run.state.warmup_images += seen * run.info.world
+    book_apart(run, seconds, seen)
     what = f"first step: {seconds:.1f} s{' (compiling)' if run.compiled.compile else ''}" if first else \
         f"second step: {seconds:.1f} s (recording CUDA graphs)"
     log.info(what + ("; img/s counts from here" if not run.warmup_steps else ""))
+    return time.perf_counter()
+
+
+def book_apart(run: Run, seconds: float, seen: int) -> float:
+    """Leave ``seconds`` and ``seen`` samples per rank out of img/s (warm-up and profiled steps); returns
+    when the next timed part starts."""
+    run.state.warmup_s += seconds
+    run.state.warmup_images += seen * run.info.world
     return time.perf_counter()
 
 

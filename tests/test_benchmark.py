@@ -38,7 +38,7 @@ def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path, monkeypatch):
         assert len(r["window_img_s"]) == 4  # 2 windows x 2 rounds, pooled
         assert r["ddp_allreduce_bytes"] == 4 * r["trainable_params"]  # fp32 gradients of trainable parameters
         assert r["train_flops_per_image"] > 0 and r["mfu"] is None  # no GPU peak to divide by on CPU
-        assert r["graph_breaks"] == 0  # eager
+        assert r["graph_breaks"] == 0 and r["cudagraph_skips"] == 0  # eager
         # each round's process: its phases, and the start, imports and exit around them
         assert len(r["process_s"]) == 2 and set(r["phase_s"]) == {"build", "warmup_and_windows", "profile", "count"}
         assert min(r["phase_s"].values()) >= 0 and r["process_s"][0] > sum(r["phase_s"].values())
@@ -136,14 +136,16 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     for name, ratio in data["loop_vs_benchmark"].items():
         loop = runs[name]
         assert loop["steps"] == 48 and loop["compile"]["compile"] is False and loop["warmup_s"] >= 0
+        assert loop["profile"]["steps"] == 5  # train.profile_steps, booked apart from its img/s
         assert ratio == {"loop_img_s": loop["img_per_s"], "bench_mode": "rlrr", "bench_img_s": speed["rlrr"],
                          "ratio": round(loop["img_per_s"] / speed["rlrr"], 3)}
     assert "train-loop-stream-device-decode: " in (tmp_path / "acceptance.md").read_text()
     md = (tmp_path / "acceptance.md").read_text()
+    assert f"| {runs['train-loop']['test_acc1_final']} | 5 steps profiled: " in md
     assert "| train-zero2-bf16 | 20 | 20 |" in md and "| bench-vit-b-64-ckpt | full |" in md and "zero3" in md
     assert "| bench-vit-b-8 | rlrr+fused |" in md and "| train-ddp-fp16 | skipped: fp16 needs CUDA" in md
     fused = benches["bench-vit-b-8"]["training"]["rlrr+fused"]  # its graph breaks (eager: 0), its process's seconds
-    assert f"| {fused['graph_breaks']} | {sum(fused['process_s'])} |" in md and fused["graph_breaks"] == 0
+    assert f"| {fused['graph_breaks']} | 0 | {sum(fused['process_s'])} |" in md and fused["graph_breaks"] == 0
     assert "| train-loop-stream | skipped: --skip |" in md
     # the targets, from the paths a CPU run takes: measured where the dry run has the step, else "not measured"
     rows = {t["target"]: t for t in data["targets"]}
@@ -204,7 +206,7 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     (out / "bench-vit-b-8.json").write_text(json.dumps({"training": {}, "failed": {"full": "OOM"}, "complete": False}))
     acceptance.add({"step": "bench-vit-b-8", "ok": False, "seconds": 200.0, "error": "exit timed out after 200 s"})
     assert json.loads((out / "acceptance.json").read_text())["benchmarks"]["bench-vit-b-8"]["complete"] is False
-    assert "| bench-vit-b-8 | full | failed: OOM | | | | | | |" in (out / "acceptance.md").read_text()
+    assert "| bench-vit-b-8 | full | failed: OOM | | | | | | | |" in (out / "acceptance.md").read_text()
 
 
 def test_gpu_acceptance_sets_each_target_beside_its_figures():
@@ -213,11 +215,13 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     against its step; what was not measured says so instead of passing or failing."""
     tool = tool_module("gpu_acceptance.py")
 
-    def r(img_s=1.0, mb=1.0, mfu=None, breaks=0):
-        return {"train_img_s": img_s, "peak_memory_mb": mb, "mfu": mfu, "graph_breaks": breaks}
+    def r(img_s=1.0, mb=1.0, mfu=None, breaks=0, skips=0):
+        return {"train_img_s": img_s, "peak_memory_mb": mb, "mfu": mfu, "graph_breaks": breaks,
+                "cudagraph_skips": skips}
     benches = {
         "bench-vit-b-8": {"training": {"rlrr+cudagraphs-blocks": r(1000), "full+compiled": r(400),
-                                       "full+cudagraphs": r(1300), "rlrr+torch": r(134)}},
+                                       "full+cudagraphs": r(1300, skips=4), "rlrr+torch": r(134),
+                                       "rlrr+cudagraphs": r(1100, skips=1)}},
         "bench-vit-b-64": {"training": {"rlrr+cudagraphs-blocks": r(2500, 4000), "full+compiled": r(2400, 5000)}},
         "bench-vit-h-16": {"training": {"full+compiled": r(mfu=0.5, breaks=5), "rlrr+fused": r(mfu=0.3, breaks=2)}},
         "bench-vit-h-64": {"training": {"rlrr+compiled-blocks": r(mfu=0.42)}},
@@ -235,10 +239,13 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     assert rows["ViT-H/14: best RLRR MFU (bench-vit-h-64 rlrr+compiled-blocks)"] == (0.42, ">= 0.4", True)
     assert rows[f"train-loop: the run's img/s / its benchmark step ({default})"] == (0.85, ">= 0.9", False)
     assert rows["graph breaks in RLRR's steps, all benchmarks"] == (2, "<= 0", False)  # full fine-tuning's not counted
-    assert len(rows) == 2 * 4 + 2 + 1 + 1 + 1
-    assert tool.targets({}, {}, dry=False)[-2:] == [
+    skipped = "graphs not recorded as CUDA graphs in RLRR's cudagraphs steps"
+    assert rows[skipped] == (1, "<= 0", False)  # full fine-tuning's not counted
+    assert len(rows) == 2 * 4 + 2 + 1 + 1 + 1 + 1
+    assert tool.targets({}, {}, dry=False)[-3:] == [
         {"target": "ViT-H/14: best RLRR MFU (not measured)", "value": None, "goal": ">= 0.4", "ok": None},
-        {"target": "graph breaks in RLRR's steps, all benchmarks", "value": None, "goal": "<= 0", "ok": None}]
+        {"target": "graph breaks in RLRR's steps, all benchmarks", "value": None, "goal": "<= 0", "ok": None},
+        {"target": skipped, "value": None, "goal": "<= 0", "ok": None}]
 
 
 def test_each_training_loop_is_set_beside_the_step_of_its_own_batch_and_path():
@@ -266,7 +273,7 @@ def test_gpu_acceptance_modes_replace_a_bench_steps_modes_and_a_bad_one_is_named
     and the other steps stay; an unknown step or a malformed item ends the command with one line."""
     tool = tool_module("gpu_acceptance.py")
     plain, changed = (dict(tool.benchmarks(False, modes)) for modes in ({}, {"bench-vit-b-8": "rlrr+cudagraphs"}))
-    assert changed["bench-vit-b-8"][-3:] == ["--no-inference", "--modes", "rlrr+cudagraphs"]
+    assert changed["bench-vit-b-8"][-2:] == ["--modes", "rlrr+cudagraphs"]
     assert changed["bench-vit-b-8"][:-1] == plain["bench-vit-b-8"][:-1]
     assert plain["bench-vit-b-8"][-1] != "rlrr+cudagraphs"
     assert {k: v for k, v in changed.items() if k != "bench-vit-b-8"} == \

@@ -151,6 +151,29 @@ def _shifted(first: int, last: int) -> list:
     return out
 
 
+def test_profile_steps_profiles_timed_steps_and_books_them_apart(shards, tmp_path, capsys):
+    """train.profile_steps: after the warm-up step, that many optimizer steps run under torch.profiler
+    (a table and a trace in <run>/profile, a summary in the log and results.json), booked apart from
+    img/s as the warm-up is. A window the epoch's end reaches first closes there, with the steps it had."""
+    import gzip
+
+    for steps, counted in ((3, 3), (10, 4)):  # 6 steps an epoch: the window opens after step 2
+        runs = tmp_path / f"runs{steps}"
+        results = main(["--config", write_config(tmp_path / f"p{steps}.yaml", shards, runs,
+                                                 train={"profile_steps": steps})])
+        profile = results["profile"]
+        assert profile["steps"] == counted and profile["wall_ms"] > 0 and set(profile) == {"steps", "wall_ms"}
+        folder = runs / f"p{steps}" / "profile"
+        table = (folder / "profile.txt").read_text()
+        assert table.startswith(f"{counted} steps profiled: ") and "host (self CPU time)" in table
+        assert "traceEvents" in json.loads(gzip.open(folder / "trace.json.gz").read())
+        assert f"{counted} steps profiled: " in capsys.readouterr().out
+        saved = torch.load(runs / f"p{steps}" / "checkpoints" / "last.pt", weights_only=True)["state"]
+        assert saved["warmup_images"] == (1 + counted) * 4 and saved["images"] == 12 * 4  # batch 4
+        timed = (saved["images"] - saved["warmup_images"]) / (saved["train_time"] - saved["warmup_s"])
+        assert results["img_per_s"] == round(timed, 1)
+
+
 def test_with_cuda_graphs_the_first_two_steps_are_warm_up(shards, tmp_path, monkeypatch, capsys):
     """A run that replays CUDA graphs runs each graph eagerly at the first step and records it at the
     second: both steps are booked as warm-up, apart from img/s (here an eager run on the CPU, told so)."""

@@ -125,27 +125,18 @@ def _timed(args, steps: dict, device, warmup_s: typing.Optional[dict] = None) ->
 
 
 def _profiled(step, steps: int, device) -> str:
-    """torch.profiler over ``steps`` more steps: the kernels that took the device's time, and how much of
-    the wall time the device was busy (a low share: the step waits on Python and launches)."""
-    from torch.profiler import ProfilerActivity, profile
+    """torch.profiler over ``steps`` more steps (rlrr.profiling): the time per step, the device's busy share
+    (a low one: the step waits on Python and launches), and the ops and kernels that took the time."""
+    from rlrr.profiling import describe, start_profiler, summary, tables
     sync = _synchronizer(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync()
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        wall_us = (time.perf_counter() - t0) * 1e6 / steps
-    events = prof.key_averages()
-    if device.type != "cuda":
-        return events.table(sort_by="self_cpu_time_total", row_limit=25)
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_us = sum(e.self_device_time_total for e in kernels) / steps
-    launches = sum(e.count for e in kernels) / steps
-    return (f"profile: {wall_us / 1e3:.2f} ms per step, device busy {busy_us / 1e3:.2f} ms "
-            f"({100 * busy_us / wall_us:.0f}%), {launches:.0f} kernels per step\n"
-            + events.table(sort_by="self_device_time_total", row_limit=30))
+    prof, t0 = start_profiler(device), time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall_s = time.perf_counter() - t0
+    prof.stop()
+    return describe(summary(prof, steps, wall_s, device)) + "\n" + tables(prof, device)
 
 
 def _ddp_allreduce_bytes(model, x, y) -> int:
@@ -241,6 +232,9 @@ def measure_training(args, mode) -> dict:
     rates = _timed(args, {mode: step}, device, warmup_s)[mode]
     # each break splits a compiled graph, and the code between its pieces runs eagerly (0 when not compiled)
     graph_breaks = sum(counters["graph_break"].values())
+    # a compiled graph that inductor could not record as a CUDA graph runs its kernels launch by launch (the
+    # reason is logged with TORCH_LOGS=perf_hints)
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"]
     peak = peak_memory_mb(device) - base_mb
     marks.append(time.perf_counter())
     if args.profile:
@@ -251,7 +245,7 @@ def measure_training(args, mode) -> dict:
     phases = dict(zip(("build", "warmup_and_windows", "profile", "count"), (b - a for a, b in zip(marks, marks[1:]))))
     return {"mode": mode, "window_img_s": rates, "warmup_s": [warmup_s[mode]], "peak_memory_mb": round(peak, 1),
             "train_flops_per_image": int(flops), "trainable_params": sum(p.numel() for p in params),
-            "ddp_allreduce_bytes": ddp_bytes, "graph_breaks": graph_breaks,
+            "ddp_allreduce_bytes": ddp_bytes, "graph_breaks": graph_breaks, "cudagraph_skips": cudagraph_skips,
             "phase_s": {k: round(v, 2) for k, v in phases.items()},
             "param_mb": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)}
 
@@ -296,7 +290,8 @@ def print_summary(args, results: dict) -> None:
         print(f"{mode:22s} {r['train_img_s']:12.2f} {r['warmup_s'][0]:10.1f} {r['peak_memory_mb']:10.1f} "
               f"{r['param_mb']:10.1f} {r['trainable_params']:12,d} {r['ddp_allreduce_bytes'] / 1e6:12.2f} "
               f"{r['train_flops_per_image'] / 1e9:10.3f} {mfu}"
-              + (f"  ({r['graph_breaks']} graph breaks)" if r.get("graph_breaks") else ""))
+              + (f"  ({r['graph_breaks']} graph breaks)" if r.get("graph_breaks") else "")
+              + (f"  ({r['cudagraph_skips']} graphs not recorded as CUDA graphs)" if r.get("cudagraph_skips") else ""))
     inf = results.get("inference")
     if inf:
         print(f"inference img/s: adapted {inf['infer_adapted_img_s']:.2f}, merged {inf['infer_merged_img_s']:.2f}, "

@@ -124,7 +124,9 @@ class DDPEngine:
         AdamW's state as they are (the same on every rank: the gradients were all-reduced), decided on
         the device, so the host queues the next batch while the GPU still runs this step."""
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.clip if self.clip else float("inf"))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None])
+        if self.clip:  # without clipping, no pass over the gradients (a multiply by 1)
+            torch.nn.utils.clip_grads_with_norm_(self.trainable, self.clip, norm)
         applied = torch.isfinite(norm)
         if self.scaler.is_enabled():  # fp16: the scaler skips on its own inf check and rescales
             self.scaler.step(self.optimizer)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlrr.checkpoint import CheckpointStore
 from rlrr.config import ConfigError, load_config
@@ -92,11 +93,42 @@ def test_the_fp16_gradient_scaler_skips_an_overflowed_step_through_the_fused_ada
     assert engine.scaler.get_scale() == 128.0 and not hasattr(engine.optimizer, "found_inf")
 
 
-def test_clipping_bounds_the_update_and_checkpoint_round_trips(tmp_path):
-    model, engine = _engine(["train.clip_grad=0.001"])
-    engine.backward(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]), last_micro=True)
-    norm, applied = engine.step()
-    assert norm > 0.001 and applied  # the norm before clipping is reported
+class OpsSeen(TorchDispatchMode):
+    """The aten ops dispatched inside, by name."""
+
+    def __enter__(self):
+        self.names = set()
+        super().__enter__()
+        return self.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_clipping_bounds_the_gradients_and_checkpoint_round_trips(tmp_path):
+    """train.clip_grad scales the gradients AdamW steps with to that norm and reports the norm before;
+    without it the gradients reach AdamW as the backward left them."""
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+
+    def total_norm(grads):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+
+    for clip in (None, 0.001):
+        model, engine = _engine([f"train.clip_grad={clip}"] if clip else [])
+        engine.backward(images, labels, last_micro=True)
+        left = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        stepped = {}
+        engine.optimizer.register_step_pre_hook(lambda *_: stepped.update(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        with OpsSeen() as ops:
+            norm, applied = engine.step()
+        assert applied and stepped.keys() == left.keys()
+        torch.testing.assert_close(norm, total_norm(left))
+        if clip is None:  # not even a multiply by 1: no pass over the gradients
+            assert all(torch.equal(stepped[n], left[n]) for n in left) and "aten._foreach_mul_.Tensor" not in ops
+        else:  # to the bound (torch's coefficient: bound / (norm + 1e-6))
+            assert norm > 0.001 and abs(total_norm(stepped).item() - 0.001) < 1e-6
     store = CheckpointStore(str(tmp_path), sharded=False)
     engine.save(store, {"state": {"global_step": 1}})
     trained = engine.trainable_fp32()

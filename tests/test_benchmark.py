@@ -88,10 +88,10 @@ def test_bench_scaling_reports_each_cell_per_rank_and_a_failed_cell_as_failed(tm
 def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     """The GPU script's steps, tiny and on CPU: every step runs (fp16 is skipped: it needs CUDA) and
     the JSON and the table are complete. Without a GPU and without --dry-run it refuses."""
-    # --skip leaves out what this suite runs anyway: DDP bf16 through torchrun (tests/test_train.py), the
+    # --skip leaves out what this suite runs anyway: the
     # fused kernels', the device decoder's and the CUDA-graph accumulation tests (tests/test_fused.py,
     # test_loader.py, test_engine.py) and a loop streamed with the workers decoding (as train-zero2-bf16 is)
-    skip = ["train-ddp-bf16", "fused-kernels", "device-decode", "graphs-accumulate", "train-loop-stream"]
+    skip = ["fused-kernels", "device-decode", "graphs-accumulate", "train-loop-stream"]
     res = subprocess.run(["bash", str(ROOT / "tools" / "gpu_acceptance.sh"), "--dry-run", "--jobs", "2", "--out-dir",
                           str(tmp_path), *[arg for step in skip for arg in ("--skip", step)]],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
@@ -103,12 +103,20 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert set(steps) == {"fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8", "bench-vit-b-64-ckpt",
                           "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
                           "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
-                          "train-loop-stream-device-decode", "train-loop-b8", "train-loop-b8-whole"} | same_model
+                          "train-loop-stream-device-decode", "train-loop-b8", "train-loop-b8-whole",
+                          "train-resume"} | same_model
     assert data["complete"] and all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
     assert steps["train-loop-b8-whole"]["skipped"] == "dry run: the same eager run as train-loop"
     assert all(steps[name]["skipped"] == "--skip" for name in skip)
-    assert "train-ddp-bf16" not in data["training"]
+    # stopped after step 10 with a checkpoint, resumed in a new process: the uninterrupted run's adapter
+    assert data["training"]["train-resume"]["steps"] == data["training"]["train-ddp-bf16"]["steps"] == 20
+    assert data["resume"] == {"max_abs_diff": 0.0, "bitwise": True}
+    resume_log = (tmp_path / "logs" / "train-resume.log").read_text()
+    assert "stopped at step 10 (epoch 1: train.max_steps reached)" in resume_log
+    assert "train-resume at epoch 1 step 10 (last.pt)" in resume_log
+    assert "| train-resume: its adapter against train-ddp-bf16's, the same run uninterrupted (max abs difference) " \
+           "| 0.0 | <= 0.0 | yes |" in (tmp_path / "acceptance.md").read_text()
     assert (tmp_path / "logs" / "bench-vit-b-8" / "rlrr+fused.log").is_file()  # each mode's stderr, kept
     benches = data["benchmarks"]
     vit_b = benches["bench-vit-b-8"]
@@ -186,7 +194,7 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     assert data["complete"] and not data["benchmarks"] and not data["training"] and data["scaling_md"] is None
     assert steps["fused-kernels"] == {"step": "fused-kernels", "ok": False, "seconds": 0.0,
                                       "not_run": "the time budget ran out"}
-    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 23
+    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 24
     order = [s["step"] for s in data["steps"]]  # the most telling first
     assert order[:2] == ["bench-vit-b-8", "make-shards"]  # then the batch-8 loops, skipped in a dry run (listed last)
     assert order.index("fused-kernels") < order.index("train-loop") < order.index("scaling")
@@ -227,7 +235,9 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
         "bench-vit-h-64": {"training": {"rlrr+compiled-blocks": r(mfu=0.42)}},
     }
     loops = {"train-loop": {"ratio": 0.85, "bench_mode": "rlrr+cudagraphs-blocks"}}
-    rows = {t["target"]: (t["value"], t["goal"], t["ok"]) for t in tool.targets(benches, loops, dry=False)}
+    resume = {"max_abs_diff": 3e-7, "bitwise": False}
+    rows = {t["target"]: (t["value"], t["goal"], t["ok"])
+            for t in tool.targets(benches, loops, dry=False, resume=resume)}
     default, fastest = "rlrr+cudagraphs-blocks", "the fastest full fine-tuning measured (img/s)"
     assert rows[f"bench-vit-b-8: {default} / full+cudagraphs, {fastest}"] == (0.769, ">= 1.0", False)  # vs 1,300
     assert rows[f"bench-vit-b-8: {default} / rlrr+torch (img/s)"] == (7.463, ">= 2.0", True)
@@ -241,8 +251,10 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     assert rows["graph breaks in RLRR's steps, all benchmarks"] == (2, "<= 0", False)  # full fine-tuning's not counted
     skipped = "graphs not recorded as CUDA graphs in RLRR's cudagraphs steps"
     assert rows[skipped] == (1, "<= 0", False)  # full fine-tuning's not counted
-    assert len(rows) == 2 * 4 + 2 + 1 + 1 + 1 + 1
-    assert tool.targets({}, {}, dry=False)[-3:] == [
+    resumed = "train-resume: its adapter against train-ddp-bf16's, the same run uninterrupted (max abs difference)"
+    assert rows[resumed] == (3e-7, "<= 0.0", False)  # not bit for bit
+    assert len(rows) == 2 * 4 + 2 + 1 + 1 + 1 + 1 + 1
+    assert tool.targets({}, {}, dry=False)[-4:-1] == [
         {"target": "ViT-H/14: best RLRR MFU (not measured)", "value": None, "goal": ">= 0.4", "ok": None},
         {"target": "graph breaks in RLRR's steps, all benchmarks", "value": None, "goal": "<= 0", "ok": None},
         {"target": skipped, "value": None, "goal": "<= 0", "ok": None}]

@@ -19,7 +19,9 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
 - loaders: tools/bench_data.py --device cuda: the loaders' img/s, streamed shards decoded by the workers
   and by nvJPEG (data.decode: device), in memory on the GPU;
 - train-*: launch/train.py under torchrun (NCCL) with the defaults (compiled by blocks, CUDA graphs in one process),
-  20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2;
+  20 optimizer steps on generated shards: DDP bf16, DDP fp16 with the gradient scaler, DeepSpeed ZeRO-2; and
+  train-resume, DDP bf16 stopped with a checkpoint after step 10 and resumed in a new process, whose adapter
+  must equal train-ddp-bf16's bit for bit;
 - train-loop*: launch/train.py on ViT-B/16 at batch 64 from in-memory shards, streamed shards decoded by
   the loader workers, and streamed shards decoded on the GPU (data.decode: device), each run's img/s set
   beside bench-vit-b-64's step for the path a run takes by default ("loop_vs_benchmark"); at batch 8 in
@@ -47,17 +49,20 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import numpy as np
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
 from rlrr.atomic import write_json_atomic, write_text_atomic
 from rlrr.processes import run_limited
@@ -148,6 +153,7 @@ def training_runs(out_dir: str, dry: bool) -> tuple[list[str], list[tuple[str, l
     with open(os.path.join(out_dir, "train.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
     runs = [("train-ddp-bf16", ["train.precision=bf16"]),
+            ("train-resume", ["train.precision=bf16"]),  # stopped at step 10, resumed (resume_command)
             ("train-ddp-fp16", ["train.precision=fp16"]),
             ("train-zero2-bf16", ["train.precision=bf16", "train.engine=deepspeed", "train.zero_stage=2"]),
             # the loop at the step's speed, evaluated once at the end (its benchmark's model), from each loader
@@ -181,6 +187,31 @@ def loop_runs(dry: bool) -> dict[str, tuple[list[str], str, int, str]]:
 DRY_SKIPPED_LOOPS = ("train-loop-b8", "train-loop-b8-whole")  # eager on CPU, one tiny model: train-loop again
 
 
+RESUME_AT = 10  # train-resume: the first process stops with a checkpoint after this step, the second resumes
+
+
+def resume_command(cmd: list[str]) -> list[str]:
+    """train-resume: ``cmd`` (a torchrun launch/train.py command) stopped after RESUME_AT steps with a
+    checkpoint (train.max_steps, as a preemption stops), then the same run resumed in a new process."""
+    cut = [*cmd, f"train.max_steps={RESUME_AT}"]
+    at = cmd.index("--set")
+    rest = [*cmd[:at], "--resume", "latest", *cmd[at:]]
+    return ["bash", "-c", f"{shlex.join(cut)} && {shlex.join(rest)}"]
+
+
+def resumed_vs_uninterrupted(out: str) -> Optional[dict]:
+    """train-resume's adapter against train-ddp-bf16's (the same run, uninterrupted): the largest
+    difference of any element, and whether they are equal bit for bit; None until both exist."""
+    paths = [os.path.join(out, "runs", name, "adapter.safetensors") for name in ("train-resume", "train-ddp-bf16")]
+    if not all(os.path.exists(p) for p in paths):
+        return None
+    resumed, whole = (load_file(p) for p in paths)
+    if resumed.keys() != whole.keys():
+        return {"max_abs_diff": math.inf, "bitwise": False}
+    diff = max((resumed[k].float() - whole[k].float()).abs().max().item() for k in whole)
+    return {"max_abs_diff": diff, "bitwise": all(torch.equal(resumed[k], whole[k]) for k in whole)}
+
+
 def loop_vs_benchmark(training: dict, benches: dict, dry: bool) -> dict:
     """Each train-loop run's img/s over the step of the path it takes (loop_runs)."""
     out = {}
@@ -204,7 +235,7 @@ SPEED_BENCHES = ["bench-vit-b-8", "bench-vit-b-64", "bench-vit-l-32", "bench-vit
 MEMORY_TARGETS = {"bench-vit-b-64": 0.85, "bench-vit-h-16": 0.6}  # at most this share of full fine-tuning's peak
 
 
-def targets(benches: dict, loops: dict, dry: bool) -> list[dict]:
+def targets(benches: dict, loops: dict, dry: bool, resume: Optional[dict] = None) -> list[dict]:
     """One row per target: what is compared, the measured value, the goal, and whether it is met (value
     and met None: not measured)."""
     default, fulls, eager = TARGET_MODES[dry]
@@ -246,6 +277,9 @@ def targets(benches: dict, loops: dict, dry: bool) -> list[dict]:
     skips = [r["cudagraph_skips"] for b in benches.values() for mode, r in b.get("training", {}).items()
              if mode.startswith("rlrr+cudagraphs") and "cudagraph_skips" in r]
     add("graphs not recorded as CUDA graphs in RLRR's cudagraphs steps", sum(skips) if skips else None, at_most=0)
+    # a run stopped with a checkpoint and resumed ends with the uninterrupted run's adapter (compiled, CUDA graphs)
+    add("train-resume: its adapter against train-ddp-bf16's, the same run uninterrupted (max abs difference)",
+        None if resume is None else resume["max_abs_diff"], at_most=0.0)
     return rows
 
 
@@ -326,6 +360,11 @@ def report(result: dict) -> str:
     for run, loop in result["loop_vs_benchmark"].items():
         lines += ["", f"{run}: {loop['loop_img_s']} img/s, {loop['ratio']}x the benchmark step "
                       f"({loop['bench_mode']}, {loop['bench_img_s']} img/s)"]
+    if result.get("resume"):
+        r = result["resume"]
+        equal = "equal" if r["bitwise"] else "not equal"
+        lines += ["", f"train-resume (stopped after step {RESUME_AT}, resumed in a new process) against "
+                      f"train-ddp-bf16: max abs difference {r['max_abs_diff']:.3g}, {equal} bit for bit"]
     lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {'not measured' if t['value'] is None else t['value']} | {t['goal']} | "
               f"{ {True: 'yes', False: 'NO', None: 'not measured'}[t['ok']]} |" for t in result["targets"]]
@@ -378,7 +417,8 @@ class Acceptance:
         result = {"date": time.strftime("%Y-%m-%d"), "dry_run": self.dry, "complete": complete,
                   "environment": self.environment, "steps": self.steps, "benchmarks": self.benches,
                   "training": self.training, "loop_vs_benchmark": loops,
-                  "targets": targets(self.benches, loops, self.dry),
+                  "resume": resumed_vs_uninterrupted(self.out),
+                  "targets": targets(self.benches, loops, self.dry, resumed_vs_uninterrupted(self.out)),
                   "scaling_md": _read(scaling_md), "input_pipeline": _read(data_json, json.load)}
         write_json_atomic(os.path.join(self.out, "acceptance.json"), result)
         write_text_atomic(os.path.join(self.out, "acceptance.md"), report(result))
@@ -421,9 +461,9 @@ def run_all(jobs: list[tuple[str, list[str], int]], acceptance: Acceptance, at_o
 # a benchmark mode took 30-80 s and the three correctness steps 133 s together.
 ORDER = ["bench-vit-b-8", "make-shards", "train-loop-b8-whole", "train-loop-b8", "bench-vit-b-64", "bench-vit-h-16",
          "fused-kernels", "graphs-accumulate", "device-decode", "bench-vit-l-32", "bench-vit-h-64", "train-loop",
-         "train-ddp-bf16", "train-ddp-fp16", "train-zero2-bf16", "train-loop-stream", "train-loop-stream-device-decode",
-         "bench-vit-b-64-paths", "bench-vit-b-64-ckpt", "bench-vit-h-16-ckpt", "bench-vit-h-frozen-bf16", "scaling",
-         "loaders"]
+         "train-ddp-bf16", "train-resume", "train-ddp-fp16", "train-zero2-bf16", "train-loop-stream",
+         "train-loop-stream-device-decode", "bench-vit-b-64-paths", "bench-vit-b-64-ckpt", "bench-vit-h-16-ckpt",
+         "bench-vit-h-frozen-bf16", "scaling", "loaders"]
 
 
 def parse_args(argv):
@@ -503,9 +543,9 @@ def main(argv=None) -> int:
     make, runs = training_runs(out, args.dry_run)
     commands["make-shards"] = (make, args.timeout)
     for name, overrides in runs:
-        commands[name] = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-                           "launch/train.py", "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}",
-                           *overrides], args.timeout)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "launch/train.py",
+               "--config", os.path.join(out, "train.yaml"), "--set", f"run_name={name}", *overrides]
+        commands[name] = (resume_command(cmd) if name == "train-resume" else cmd, args.timeout)
     for name in set(commands) - set(skip):  # what an earlier call left in this folder for the steps to run
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out, f"{name}.json"))

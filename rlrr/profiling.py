@@ -16,6 +16,11 @@ from .atomic import write_text_atomic
 log = logging.getLogger("rlrr")
 
 
+def synchronizer(device: torch.device):
+    """What waits for ``device``'s queued work (nothing to wait for on the CPU)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
 def start_profiler(device: torch.device) -> profile:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
@@ -62,6 +67,7 @@ class StepProfiler:
         self.steps, self.out_dir, self.device = steps if enabled else 0, out_dir, device
         self.prof, self.counted, self.started, self.seen = None, 0, 0.0, 0
         self.summary: Optional[dict] = None
+        self._sync = synchronizer(device)
 
     def after_step(self, seen: int) -> Optional[tuple[float, int]]:
         """Call after each timed optimizer step with the samples this rank has seen in the epoch: opens
@@ -94,7 +100,3 @@ class StepProfiler:
         self.prof.export_chrome_trace(os.path.join(self.out_dir, "trace.json.gz"))
         log.info(f"{describe(self.summary)}; {self.out_dir}")
         return window
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

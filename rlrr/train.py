@@ -268,13 +268,13 @@ def book_step(run: Run) -> None:
     st, t = run.state, run.cfg.train
     *losses, grad_norm, applied, bad_ranks, preempted = out.read()
     finite = [(loss, n) for loss, n in zip(losses, out.sizes) if math.isfinite(loss)]
-    st.epoch_seen += sum(n for _, n in finite)
-    st.epoch_loss_sum += sum(loss * n for loss, n in finite)
+    loss_sum, seen = sum(loss * n for loss, n in finite), sum(n for _, n in finite)
+    st.epoch_seen += seen
+    st.epoch_loss_sum += loss_sum
     run.preempt.on_some_rank = run.preempt.on_some_rank or preempted > 0
     if run.writer and out.step % t.log_every == 0:
-        if finite:
-            run.writer.add_scalar("train/loss", sum(loss * n for loss, n in finite) / sum(n for _, n in finite),
-                                  out.step)
+        if seen:
+            run.writer.add_scalar("train/loss", loss_sum / seen, out.step)
         run.writer.add_scalar("train/grad_norm", grad_norm, out.step)
     if applied:
         st.nonfinite_in_a_row = 0

@@ -45,6 +45,7 @@ import torch
 from rlrr.atomic import write_json_atomic
 from rlrr.config import FrozenDtype, ModelConfig, Precision
 from rlrr.distributed import peak_memory_mb, status_mb
+from rlrr.profiling import describe, start_profiler, summary, synchronizer, tables
 from rlrr.startup import long_lived_imports
 
 METHODS = ("rlrr", "full", "linear", "lora")
@@ -96,15 +97,10 @@ def _maybe_compiled(model, path):
     return torch.compile(model, mode=plan.mode)
 
 
-def _synchronizer(device):
-    """What waits for ``device``'s queued work (nothing to wait for on the CPU)."""
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 def _timed(args, steps: dict, device, warmup_s: typing.Optional[dict] = None) -> dict:
     """img/s of each of ``steps`` over ``args.windows`` windows of ``args.steps`` calls, after
     ``args.warmup`` calls each (their seconds go to ``warmup_s``); the windows of different steps alternate."""
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     for name, step in steps.items():
         t0 = time.perf_counter()
         for _ in range(args.warmup):
@@ -127,8 +123,7 @@ def _timed(args, steps: dict, device, warmup_s: typing.Optional[dict] = None) ->
 def _profiled(step, steps: int, device) -> str:
     """torch.profiler over ``steps`` more steps (rlrr.profiling): the time per step, the device's busy share
     (a low one: the step waits on Python and launches), and the ops and kernels that took the time."""
-    from rlrr.profiling import describe, start_profiler, summary, tables
-    sync = _synchronizer(device)
+    sync = synchronizer(device)
     sync()
     prof, t0 = start_profiler(device), time.perf_counter()
     for _ in range(steps):

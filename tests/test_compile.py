@@ -297,9 +297,10 @@ def test_inductor_generates_for_a_gpu_the_same_matmuls_and_a_bounded_weight_pass
     """What inductor writes for one compiled block's training step on sm_90, generated on this CPU. RLRR's
     graphs make the library calls full fine-tuning's do (the forward matmul, dX and dW' per linear, and
     attention), nothing more. Its kernels' bytes over a weight (the part that does not grow with the batch:
-    2x one batch's bytes less 2x's) are at most 20 per element: building W' (4 read, 2 written) and, in
-    backward, two reductions each reading dW' (bf16) and W (fp32) with W' rebuilt on the way (2 + 2 x 6);
-    biases, scales and norms add what they add to full fine-tuning's, whose weight pass is the bf16 cast
+    2x one batch's bytes less 2x's) are at most 21 per element: building W' (4 read, 2 written) and, in
+    backward, two reductions each reading dW' (bf16) and W (fp32) with W' rebuilt on the way (2 + 2 x 6),
+    20 in all, and under one more for the scale vectors and the split reductions' fp32 partial sums (0.5
+    here); biases and norms add what they add to full fine-tuning's, whose weight pass is the bf16 cast
     forward (6) and the fp32 gradient backward (6). Writing dW' * W out in fp32 for batched products would
     add 12 per element."""
     small, large = _inductor_kernels(tmp_path, 2, "rlrr,full"), _inductor_kernels(tmp_path, 4, "rlrr,full")
@@ -317,7 +318,7 @@ def test_inductor_generates_for_a_gpu_the_same_matmuls_and_a_bounded_weight_pass
     weights = 3 * dim * dim + dim * dim + 2 * dim * hidden
     vectors = weight_pass("full") - 12 * weights  # biases and norms
     assert 0 <= vectors < weights  # under a byte per weight element
-    assert weight_pass("rlrr") <= 20 * weights + vectors, (weight_pass("rlrr"), weights)
+    assert weight_pass("rlrr") <= 21 * weights + vectors, (weight_pass("rlrr"), weights)
     assert rlrr["step_bytes"] < full["step_bytes"]  # AdamW over every weight outweighs the scale reductions
 
 

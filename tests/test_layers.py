@@ -209,6 +209,25 @@ def test_no_rescaled_weight_is_kept_for_backward():
     assert sum(t.numel() == 96 * 80 and t.data_ptr() != layer.weight.data_ptr() for t in saved) >= 1
 
 
+@pytest.mark.parametrize("groups,rank", [(1, 1), (3, 1), (3, 2)])
+def test_compiled_layers_keep_no_rescaled_weight_for_backward(groups, rank):
+    """Compiled, too: inductor's pipeline under bf16 autocast (its partitioner, which merges equal parts of the
+    forward and the backward and then picks what to keep) keeps the inputs and the layers' own tensors. The
+    backward rebuilds W' from W: had the two W' been merged into one node, the partitioner would keep the
+    first layer's bf16 W' (a weight's worth of memory per layer; the last layer's it rebuilt either way)."""
+    from tests.helpers import tool_module
+
+    out_f, in_f = 96, 80
+    torch.manual_seed(0)
+    net = nn.Sequential(RLRRLinear(nn.Linear(in_f, out_f), in_groups=groups, rank=rank), nn.GELU(),
+                        RLRRLinear(nn.Linear(out_f, in_f)))
+    x = torch.randn(2, 5, in_f, requires_grad=True)
+    graphs = {kind: gm for kind, gm, _ in tool_module("inductor_kernels.py").training_graphs(net, x, torch.bfloat16)}
+    saved = [n for n in graphs["forward"].graph.find_nodes(op="output")[0].args[0][1:] if isinstance(n, torch.fx.Node)]
+    weights = [(n.name, n.op, str(n.meta["val"].dtype)) for n in saved if n.meta["val"].numel() >= out_f * in_f]
+    assert len(weights) == 2 and all(op == "placeholder" for _, op, _ in weights), weights  # the two W
+
+
 def test_trainable_base_weight_is_refused():
     layer = RLRRLinear(_linear())
     layer.weight.requires_grad_(True)

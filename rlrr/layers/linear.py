@@ -155,7 +155,8 @@ class RescaledLinearFn(torch.autograd.Function):
         grad_y = grad_y.to(dtype)
         grad_x = grad_s_in = grad_s_out = grad_f = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_y @ _weight_in(dtype, weight, scale_in, scale_out, ctx.form, ctx.fused)).to(ctx.x_dtype)
+            grad_x = (grad_y @ _weight_in(dtype, weight, scale_in, scale_out, ctx.form, ctx.fused, rebuild=True)
+                      ).to(ctx.x_dtype)
         dy = grad_y.reshape(-1, grad_y.shape[-1])
         need_in, need_out = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         if need_in or need_out:
@@ -172,13 +173,15 @@ class RescaledLinearFn(torch.autograd.Function):
         return grad_x, None, None, grad_s_in, grad_s_out, grad_f, None, None
 
 
-def _weight_in(dtype: torch.dtype, weight, scale_in, scale_out, form: Form, fused: bool) -> torch.Tensor:
-    """W' in the compute dtype: one Triton pass (fused), or the reference's passes into a CPU scratch."""
+def _weight_in(dtype: torch.dtype, weight, scale_in, scale_out, form: Form, fused: bool,
+               rebuild: bool = False) -> torch.Tensor:
+    """W' in the compute dtype: one Triton pass (fused), or the reference's passes into a CPU scratch;
+    ``rebuild``: the backward's (rescaled_weight)."""
     if fused:
         from . import fused as kernels
         return kernels.rescaled_weight(weight, scale_in, scale_out, form, dtype)
     scratch = _cpu_scratch(weight.shape, rescale_dtype(weight, scale_in), weight.device)
-    return rescaled_weight(weight, scale_in, scale_out, out=scratch, form=form).to(dtype)
+    return rescaled_weight(weight, scale_in, scale_out, out=scratch, form=form, rebuild=rebuild).to(dtype)
 
 
 def _scale_grads(dy, x_2d, weight, scale_in, scale_out, form: Form, need_in: bool, need_out: bool):

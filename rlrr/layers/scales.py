@@ -47,19 +47,26 @@ def init_scales(scale_in: nn.Parameter, scale_out: nn.Parameter, init: Init, for
 
 
 def rescaled_weight(weight: torch.Tensor, scale_in: torch.Tensor, scale_out: torch.Tensor,
-                    out: Optional[torch.Tensor] = None, form: Form = "residual") -> torch.Tensor:
+                    out: Optional[torch.Tensor] = None, form: Form = "residual", rebuild: bool = False) -> torch.Tensor:
     """W' from W and D = S_out S_in (``form``) as an (out, in) tensor (new, or written into ``out``);
     row g of ``scale_in`` serves the g-th equal chunk of output rows. Two passes: D, then W + W * D
-    in place (faster on CPU than one broadcasting addcmul). Not differentiable."""
+    in place (faster on CPU than one broadcasting addcmul). Not differentiable.
+
+    ``rebuild``: the backward's W', with D's products written S_in first. The values are the same bit for
+    bit (a product commutes exactly), but under torch.compile the graph node differs from the forward's,
+    so AOTAutograd's common-subexpression pass does not merge the two W' into one node that the backward
+    needs, which the partitioner would then keep from forward to backward (a bf16 copy of W' per layer,
+    108 MB on ViT-B/16; docs/benchmarks.md). Rebuilt, W' costs one more pass over W in backward."""
     s_in, s_out = scale_views(scale_in, scale_out)
     groups, rank, in_features = s_in.shape
     w = weight.reshape(groups, -1, in_features)
     d = torch.empty(w.shape, dtype=rescale_dtype(weight, scale_in), device=w.device) if out is None \
         else out.view(w.shape)
     if rank == 1:
-        torch.mul(s_out, s_in, out=d)
+        torch.mul(*((s_in, s_out) if rebuild else (s_out, s_in)), out=d)
     elif torch.compiler.is_compiling():  # a sum over the ranks, which inductor folds into the W' pass
-        torch.sum(s_out.unsqueeze(-1).to(d.dtype) * s_in.unsqueeze(1).to(d.dtype), dim=2, out=d)
+        left, right = s_out.unsqueeze(-1).to(d.dtype), s_in.unsqueeze(1).to(d.dtype)
+        torch.sum(right * left if rebuild else left * right, dim=2, out=d)
     else:  # a library call: D is written out, then read by the form's pass
         torch.bmm(s_out.to(d.dtype), s_in.to(d.dtype), out=d)
     return apply_form(w, d, form, in_place=True).view(weight.shape)

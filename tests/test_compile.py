@@ -302,7 +302,8 @@ def test_inductor_generates_for_a_gpu_the_same_matmuls_and_a_bounded_weight_pass
     20 in all, and under one more for the scale vectors and the split reductions' fp32 partial sums (0.5
     here); biases and norms add what they add to full fine-tuning's, whose weight pass is the bf16 cast
     forward (6) and the fp32 gradient backward (6). Writing dW' * W out in fp32 for batched products would
-    add 12 per element."""
+    add 12 per element. What the forward keeps for the backward beyond W and the input grows with the batch
+    alone: no W' is kept (full fine-tuning keeps its bf16 weights)."""
     small, large = _inductor_kernels(tmp_path, 2, "rlrr,full"), _inductor_kernels(tmp_path, 4, "rlrr,full")
     rlrr, full = small["rlrr"], small["full"]
     for kind in ("forward", "backward"):
@@ -320,6 +321,13 @@ def test_inductor_generates_for_a_gpu_the_same_matmuls_and_a_bounded_weight_pass
     assert 0 <= vectors < weights  # under a byte per weight element
     assert weight_pass("rlrr") <= 21 * weights + vectors, (weight_pass("rlrr"), weights)
     assert rlrr["step_bytes"] < full["step_bytes"]  # AdamW over every weight outweighs the scale reductions
+
+    def kept_over_weights(method):  # what the forward keeps for the backward, beyond the step's inputs
+        batch2, batch4 = (r[method]["saved_bytes"] - r[method]["saved_input_bytes"] for r in (small, large))
+        return 2 * batch2 - batch4
+
+    assert kept_over_weights("full") >= 2 * weights  # a bf16 copy of each weight, for dX
+    assert 0 <= kept_over_weights("rlrr") < weights // 8, (kept_over_weights("rlrr"), weights)  # no W' kept
 
 
 def test_inductor_kernels_refuses_the_interpreter_unknown_architectures_methods_and_dtypes(monkeypatch):

@@ -7,7 +7,9 @@ the code it would run on a GPU: the Triton kernels it writes and the library cal
 attention) it makes. For each method it prints the kernels, the bytes they move by inductor's own
 count (each buffer a kernel reads or writes, once), and the bytes a fused AdamW step moves for the
 block's trainable weights (fp32 weight, gradient and two moments read, three written). Between methods
-with the same matmuls (RLRR and full fine-tuning) those bytes decide the rest of the step.
+with the same matmuls (RLRR and full fine-tuning) those bytes decide the rest of the step. It also prints
+what the forward keeps for the backward (the partitioner's choice), beyond the step's own inputs: per
+block, what a step's activations add to the peak memory.
 
     python tools/inductor_kernels.py                               # ViT-B/16, batch 64, bf16, sm_90
     python tools/inductor_kernels.py --batch-size 8 --methods rlrr,full,lora --json k.json --code-dir k/
@@ -248,6 +250,17 @@ def read_code(code: str) -> dict:
     return {"kernels": kernels, "library_calls": library, "bytes": sum(k["bytes"] for k in kernels)}
 
 
+def saved_for_backward(backward: torch.fx.GraphModule) -> dict:
+    """Bytes the forward keeps for the backward (the backward graph's inputs other than the output's gradients):
+    all of them, and those that are the step's own inputs (the block's parameters and input, which exist anyway
+    in a model; the rest is what the step adds to the peak)."""
+    saved = [n for n in backward.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    sizes = {n.name: n.meta["val"].numel() * n.meta["val"].element_size()
+             if isinstance(n.meta.get("val"), torch.Tensor) else 0 for n in saved}  # symbolic sizes: none (static)
+    return {"saved_bytes": sum(sizes.values()),
+            "saved_input_bytes": sum(b for name, b in sizes.items() if name.startswith("primals"))}
+
+
 def block_report(method: str, args) -> dict:
     """One method's block: each graph's kernels and library calls, and the step's bytes."""
     from rlrr.config import ModelConfig
@@ -270,6 +283,8 @@ def block_report(method: str, args) -> dict:
             with open(os.path.join(args.code_dir, f"{method}_{kind}.py"), "w") as f:
                 f.write(code)
         report["graphs"][kind] = read_code(code)
+        if kind == "backward":
+            report.update(saved_for_backward(gm))
     trainable = sum(p.numel() for p in block.parameters() if p.requires_grad)
     report["trainable"] = trainable
     report["optimizer_bytes"] = trainable * ADAMW_BYTES_PER_WEIGHT
@@ -295,6 +310,10 @@ def print_table(reports: list, args) -> None:
     for r in reports:
         print(f"{r['method']}: {r['step_bytes'] / 1e6:,.1f} MB a step outside the matmuls "
               f"({r['step_bytes'] / base['step_bytes']:.3f}x {base['method']})")
+    for r in reports:
+        if "saved_bytes" in r:
+            print(f"{r['method']}: {(r['saved_bytes'] - r['saved_input_bytes']) / 1e6:,.1f} MB kept for the backward "
+                  f"beyond the step's inputs ({r['saved_input_bytes'] / 1e6:,.1f} MB of those kept too)")
     if args.verbose:
         for r in reports:
             for kind, g in r["graphs"].items():

@@ -95,6 +95,8 @@ GPU_BENCHMARKS = [  # (name, model, batch, benchmark.py options)
      ["--no-inference", "--modes", "rlrr+cudagraphs-blocks,rlrr+cudagraphs"]),
     ("bench-vit-h-frozen-bf16", "vit_huge_patch14_224", 16,
      ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr+cudagraphs-blocks,rlrr+fused"]),
+    ("bench-vit-b-64-frozen-bf16", "vit_base_patch16_224", 64,
+     ["--frozen-dtype", "bf16", "--no-inference", "--modes", "rlrr+cudagraphs-blocks"]),
 ]
 DRY_RUNS = {"bench-vit-b-8": [],  # every mode; the checkpointed step in RLRR's default path and full fine-tuning's
             "bench-vit-b-64-ckpt": ["--grad-checkpointing", "--no-inference", "--modes", "rlrr,full"],
@@ -233,6 +235,8 @@ TARGET_MODES = {False: ("rlrr+cudagraphs-blocks", ("full+compiled", "full+cudagr
 SPEED_TARGET, EAGER_TARGET, MFU_TARGET, LOOP_TARGET = 1.0, 2.0, 0.40, 0.9
 SPEED_BENCHES = ["bench-vit-b-8", "bench-vit-b-64", "bench-vit-l-32", "bench-vit-h-16"]
 MEMORY_TARGETS = {"bench-vit-b-64": 0.85, "bench-vit-h-16": 0.6}  # at most this share of full fine-tuning's peak
+# the same memory targets with the frozen weights stored in bf16 (train.frozen_dtype), against the step's full run
+FROZEN_BF16_BENCHES = {"bench-vit-b-64-frozen-bf16": "bench-vit-b-64", "bench-vit-h-frozen-bf16": "bench-vit-h-16"}
 
 
 def targets(benches: dict, loops: dict, dry: bool, resume: Optional[dict] = None) -> list[dict]:
@@ -246,9 +250,9 @@ def targets(benches: dict, loops: dict, dry: bool, resume: Optional[dict] = None
         ok = None if value is None else value >= at_least if at_least is not None else value <= at_most
         rows.append({"target": target, "value": value, "goal": goal, "ok": ok})
 
-    def ratio(name, num, den, key):
-        t = benches.get(name, {}).get("training", {})
-        return round(t[num][key] / t[den][key], 3) if num in t and den in t else None
+    def ratio(name, num, den, key, den_name=None):
+        t, d = (benches.get(n, {}).get("training", {}) for n in (name, den_name or name))
+        return round(t[num][key] / d[den][key], 3) if num in t and den in d else None
 
     def best_full(name):
         t = benches.get(name, {}).get("training", {})
@@ -262,6 +266,10 @@ def targets(benches: dict, loops: dict, dry: bool, resume: Optional[dict] = None
     for name, limit in MEMORY_TARGETS.items():
         full = best_full(name)
         add(f"{name}: {default} / {full} (peak memory)", ratio(name, default, full, "peak_memory_mb"), at_most=limit)
+    for name, base in FROZEN_BF16_BENCHES.items():
+        full = best_full(base)
+        add(f"{name}: {default}, frozen weights in bf16 / {base}'s {full} (peak memory)",
+            ratio(name, default, full, "peak_memory_mb", base), at_most=MEMORY_TARGETS[base])
     mfus = [(r["mfu"], f"{name} {mode}") for name, b in benches.items() if name.startswith("bench-vit-h-")
             for mode, r in b.get("training", {}).items() if mode.startswith("rlrr") and r.get("mfu") is not None]
     mfu, where = max(mfus, default=(None, "not measured"))
@@ -463,7 +471,7 @@ ORDER = ["bench-vit-b-8", "make-shards", "train-loop-b8-whole", "train-loop-b8",
          "fused-kernels", "graphs-accumulate", "device-decode", "bench-vit-l-32", "bench-vit-h-64", "train-loop",
          "train-ddp-bf16", "train-resume", "train-ddp-fp16", "train-zero2-bf16", "train-loop-stream",
          "train-loop-stream-device-decode", "bench-vit-b-64-paths", "bench-vit-b-64-ckpt", "bench-vit-h-16-ckpt",
-         "bench-vit-h-frozen-bf16", "scaling", "loaders"]
+         "bench-vit-h-frozen-bf16", "bench-vit-b-64-frozen-bf16", "scaling", "loaders"]
 
 
 def parse_args(argv):

@@ -9,8 +9,9 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
 - bench-*: tools/benchmark.py, bf16 autocast: RLRR's default path beside timm full fine-tuning's best
   (compiled, CUDA graphs) and RLRR's eager step for ViT-B/16 at 8 and 64, ViT-L/16 at 32 and ViT-H/14 at 16
   (and RLRR alone at 64); the other paths (full eager, the linear probe, LoRA, RLRR's Triton kernels,
-  compiled by blocks and whole) at ViT-B/16 64 with inference; activation checkpointing, frozen bf16
-  weights: img/s, warm-up seconds (compile), max_memory_allocated, counted FLOPs, MFU, graph breaks;
+  compiled by blocks and whole) at ViT-B/16 64 with inference; activation checkpointing; frozen bf16
+  weights (ViT-H/14 16 and ViT-B/16 64, RLRR's default path, against the memory targets): img/s, warm-up
+  seconds (compile), max_memory_allocated, counted FLOPs, MFU, graph breaks;
 - fused-kernels: tests/test_fused.py on the GPU (rlrr/layers/fused.py's Triton kernels against the formula);
 - device-decode: tests/test_loader.py's data.decode: device tests on the GPU (nvJPEG against the workers' decoder);
 - graphs-accumulate: tests/test_engine.py's gradient accumulation under CUDA graphs on the GPU (no replay overwrites
@@ -28,7 +29,8 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
   memory, compiled by blocks and whole (train-loop-b8, train-loop-b8-whole), beside bench-vit-b-8's.
 "targets" (and a table in acceptance.md) sets the figures beside the GPU-speed goals: RLRR's default path at
 least as fast as full fine-tuning's best compiled step and twice RLRR's eager step, its peak memory against
-full fine-tuning's, the best RLRR MFU on ViT-H/14, each training loop against its step (TARGET_MODES).
+full fine-tuning's (also with frozen bf16 weights), the best RLRR MFU on ViT-H/14, each training loop
+against its step (TARGET_MODES).
 Every step shares one compile cache (<out-dir>/compile_cache). Writes acceptance.json and acceptance.md
 to --out-dir (the step logs too), rewritten after every step ("complete": false until the end), so a
 command cut short still leaves what it measured. The steps run most telling first (ORDER); ``--budget

@@ -1,6 +1,7 @@
 """rlrr.processes: a command cut at its time limit is stopped with every process it started, torchrun's
 workers (in sessions of their own) included. Each check reads the processes' shared output pipe to its
 end, which comes only once no process of them holds it."""
+import contextlib
 import os
 import select
 import subprocess
@@ -48,6 +49,45 @@ def test_a_torchrun_launch_is_stopped_with_its_workers(tmp_path, group):
     stop(proc, group=group)
     assert _read_to_the_end(proc.stdout.fileno()) == b""
     assert (tmp_path / "stopped.0").exists() and (tmp_path / "stopped.1").exists()
+
+
+LOST_SIGNAL_LAUNCHER = """import signal, subprocess, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as torchrun, when SIGTERM lands in a fork hook
+worker = subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], start_new_session=True)
+raise SystemExit(worker.wait())
+"""
+WORKER_WITH_LOADER = """import os, signal, subprocess, sys
+loader = subprocess.Popen([sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGTERM, "
+    "lambda *_: open(os.path.join(sys.argv[1], 'loader-terminated'), 'w').close()); print(os.getpid(), "
+    "flush=True); signal.pause()", sys.argv[1]])
+def stopped(*_):
+    open(os.path.join(sys.argv[1], "stopped"), "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stopped)
+print("ready", flush=True)
+signal.pause()
+"""
+
+
+def test_a_worker_is_told_to_stop_when_its_launcher_loses_the_signal(tmp_path):
+    """A launcher that never passes SIGTERM on (torchrun, when the signal lands in filelock's fork hook: it
+    raises there and is ignored): its worker, in a session of its own, is told directly and runs its
+    handler; the launcher then ends by itself (exit 0, not SIGKILL). The worker's own child (a data loader
+    worker) gets no SIGTERM from outside, only the final SIGKILL."""
+    launcher, worker = tmp_path / "launcher.py", tmp_path / "worker.py"
+    launcher.write_text(LOST_SIGNAL_LAUNCHER)
+    worker.write_text(WORKER_WITH_LOADER)
+    proc = subprocess.Popen([sys.executable, str(launcher), str(worker), str(tmp_path)], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    lines = sorted([proc.stdout.readline(), proc.stdout.readline()])
+    assert lines[1] == b"ready\n", lines
+    loader = int(lines[0])
+    stop(proc, grace=2.0)
+    assert _read_to_the_end(proc.stdout.fileno()) == b""
+    assert proc.returncode == 0 and (tmp_path / "stopped").exists()
+    assert not (tmp_path / "loader-terminated").exists()
+    with contextlib.suppress(FileNotFoundError):  # gone, or killed and not yet reaped by init
+        assert open(f"/proc/{loader}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_a_command_past_its_limit_is_stopped_with_what_it_started(tmp_path):

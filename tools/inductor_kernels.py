@@ -250,13 +250,18 @@ def read_code(code: str) -> dict:
     return {"kernels": kernels, "library_calls": library, "bytes": sum(k["bytes"] for k in kernels)}
 
 
+def saved_nodes(backward: torch.fx.GraphModule) -> list:
+    """What the forward keeps for the backward: the backward graph's inputs other than the output's gradients.
+    Those named primals_* are the step's own inputs (the block's parameters and input)."""
+    return [n for n in backward.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+
+
 def saved_for_backward(backward: torch.fx.GraphModule) -> dict:
-    """Bytes the forward keeps for the backward (the backward graph's inputs other than the output's gradients):
-    all of them, and those that are the step's own inputs (the block's parameters and input, which exist anyway
-    in a model; the rest is what the step adds to the peak)."""
-    saved = [n for n in backward.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    """Bytes the forward keeps for the backward: all of them, and those that are the step's own inputs (which
+    exist anyway in a model; the rest is what the step adds to the peak)."""
     sizes = {n.name: n.meta["val"].numel() * n.meta["val"].element_size()
-             if isinstance(n.meta.get("val"), torch.Tensor) else 0 for n in saved}  # symbolic sizes: none (static)
+             if isinstance(n.meta.get("val"), torch.Tensor) else 0
+             for n in saved_nodes(backward)}  # symbolic sizes: none (static)
     return {"saved_bytes": sum(sizes.values()),
             "saved_input_bytes": sum(b for name, b in sizes.items() if name.startswith("primals"))}
 

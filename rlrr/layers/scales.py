@@ -56,7 +56,7 @@ def rescaled_weight(weight: torch.Tensor, scale_in: torch.Tensor, scale_out: tor
     bit (a product commutes exactly), but under torch.compile the graph node differs from the forward's,
     so AOTAutograd's common-subexpression pass does not merge the two W' into one node that the backward
     needs, which the partitioner would then keep from forward to backward (a bf16 copy of W' per layer,
-    108 MB on ViT-B/16; docs/benchmarks.md). Rebuilt, W' costs one more pass over W in backward."""
+    113 MB on ViT-B/16 at batch 64; docs/benchmarks.md). Rebuilt, W' costs one more pass over W in backward."""
     s_in, s_out = scale_views(scale_in, scale_out)
     groups, rank, in_features = s_in.shape
     w = weight.reshape(groups, -1, in_features)

@@ -27,7 +27,7 @@ def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path, monkeypatch):
     res = run_tool("benchmark.py", "--model", "test_vit", "--img-size", "32", "--batch-size", "2",
                    "--modes", "rlrr+fused,linear", "--warmup", "1", "--steps", "1", "--windows", "2", "--rounds", "2",
                    "--device", "cpu", "--no-inference", "--json", out, "--profile", "1", "--log-dir", tmp_path / "logs",
-                   timeout=300)
+                   "--timm-kwargs", "embed_dim=32,num_heads=1", timeout=300)
     assert res.returncode == 1, res.stderr[-2000:]
     data = json.loads(out.read_text())
     assert set(data["training"]) == {"linear"} and "inference" not in data and data["complete"]
@@ -43,6 +43,9 @@ def test_benchmark_pools_rounds_and_counts_ddp_bytes(tmp_path, monkeypatch):
         assert len(r["process_s"]) == 2 and set(r["phase_s"]) == {"build", "warmup_and_windows", "profile", "count"}
         assert min(r["phase_s"].values()) >= 0 and r["process_s"][0] > sum(r["phase_s"].values())
     assert data["config"]["model"] == "test_vit" and "GFLOP/img" in res.stdout
+    # --timm-kwargs reaches each mode's process: the linear probe's head is (32 + 1) x 100, not (64 + 1) x 100
+    assert data["config"]["timm_kwargs"] == {"embed_dim": 32, "num_heads": 1}
+    assert data["training"]["linear"]["trainable_params"] == 33 * 100
     # --log-dir keeps each worker's stderr: --profile's table of the ops that took the time (one per round),
     # the failed mode's error
     linear_log = (tmp_path / "logs" / "linear.log").read_text()
@@ -56,6 +59,18 @@ def test_benchmark_rejects_bad_options(capsys):
                           (["--frozen-dtype", "bf16"], "--frozen-dtype bf16 needs --precision bf16")):
         assert tool_main("benchmark.py")(args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_benchmark_reads_timm_kwargs_as_yaml_values_and_names_a_bad_one(capsys):
+    parse = tool_module("benchmark.py").parse_args
+    args = parse(["--timm-kwargs", "embed_dim=32,qkv_bias=false,global_pool=avg,mlp_ratio=2.5"])
+    assert args.timm_kwargs == {"embed_dim": 32, "qkv_bias": False, "global_pool": "avg", "mlp_ratio": 2.5}
+    assert parse([]).timm_kwargs == {}
+    for bad in ("embed_dim", "=32", "embed_dim=32,depth"):
+        with pytest.raises(SystemExit) as e:
+            parse(["--timm-kwargs", bad])
+        assert e.value.code == 2
+        assert "expected KEY=VALUE[,KEY=VALUE...], e.g. embed_dim=32,num_heads=1" in capsys.readouterr().err
 
 
 def test_benchmark_skips_cuda_graphs_of_blocks_under_checkpointing(capsys):

@@ -41,6 +41,7 @@ import time
 import typing
 
 import torch
+import yaml
 
 from rlrr.atomic import write_json_atomic
 from rlrr.config import FrozenDtype, ModelConfig, Precision
@@ -74,7 +75,7 @@ def _model(args, method, path="eager"):
     kernel = {"fused": "triton", "torch": "torch"}.get(path, "auto")
     cfg = ModelConfig(name=args.model, img_size=args.img_size, method="full" if method in ("lora", "plain") else method,
                       fused_attn=not args.explicit_attn, kernel=kernel,
-                      grad_checkpointing=args.grad_checkpointing and method != "plain")
+                      grad_checkpointing=args.grad_checkpointing and method != "plain", timm_kwargs=args.timm_kwargs)
     model = build_model(cfg, args.num_classes)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -303,6 +304,9 @@ def parse_args(argv):
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-classes", type=int, default=100)
+    ap.add_argument("--timm-kwargs", type=timm_kwargs, default={}, metavar="KEY=VALUE,...",
+                    help="more arguments for timm.create_model (model.timm_kwargs), e.g. embed_dim=32,num_heads=1: "
+                         "a model's structure with little of its arithmetic, to measure what a step costs the host")
     ap.add_argument("--precision", choices=typing.get_args(Precision), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", help=f"training modes to measure, METHOD[+PATH] with METHOD in {','.join(METHODS)} "
@@ -331,6 +335,16 @@ def parse_args(argv):
     ap.add_argument("--log-dir", help="keep each worker's stderr here as MODE.log (compiler warnings, --profile)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
+
+
+def timm_kwargs(text: str) -> dict:
+    """``KEY=VALUE,...`` as a dict, each value read as YAML (numbers, booleans, strings)."""
+    items = [item.partition("=") for item in text.split(",") if item]
+    bad = [key + eq + value for key, eq, value in items if not key or not eq]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"{bad[0]!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. embed_dim=32,num_heads=1")
+    return {key: yaml.safe_load(value) for key, _, value in items}
 
 
 def _valid_mode(mode: str) -> bool:
@@ -379,7 +393,8 @@ def main(argv=None) -> int:
     shared = ["--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size),
               "--num-classes", str(args.num_classes), "--precision", args.precision, "--device", args.device,
               "--frozen-dtype", args.frozen_dtype, "--warmup", str(args.warmup), "--steps", str(args.steps),
-              "--windows", str(args.windows), "--profile", str(args.profile)]
+              "--windows", str(args.windows), "--profile", str(args.profile),
+              "--timm-kwargs", ",".join(f"{k}={json.dumps(v)}" for k, v in args.timm_kwargs.items())]
     shared += [flag for flag, on in (("--compile", args.compile), ("--explicit-attn", args.explicit_attn),
                                      ("--grad-checkpointing", args.grad_checkpointing)) if on]
     results = {"config": {k: v for k, v in vars(args).items() if k not in ("json", "worker", "log_dir")},

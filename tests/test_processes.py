@@ -1,11 +1,11 @@
 """rlrr.processes: a command cut at its time limit is stopped with every process it started, torchrun's
 workers (in sessions of their own) included. Each check reads the processes' shared output pipe to its
 end, which comes only once no process of them holds it."""
-import contextlib
 import os
 import select
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,8 +86,22 @@ def test_a_worker_is_told_to_stop_when_its_launcher_loses_the_signal(tmp_path):
     assert _read_to_the_end(proc.stdout.fileno()) == b""
     assert proc.returncode == 0 and (tmp_path / "stopped").exists()
     assert not (tmp_path / "loader-terminated").exists()
-    with contextlib.suppress(FileNotFoundError):  # gone, or killed and not yet reaped by init
-        assert open(f"/proc/{loader}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    assert _exits(loader), "the loader was never killed"
+
+
+def _exits(pid: int, within: float = 30.0) -> bool:
+    """Whether pid ends (gone, or a zombie not yet reaped by init) within the time. A killed process closes
+    its files before it becomes a zombie, so it can still read as running just after its pipe closes."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def test_a_command_past_its_limit_is_stopped_with_what_it_started(tmp_path):

@@ -2,16 +2,20 @@
 
 - ``compile`` null: torch.compile on CUDA (inductor fuses RLRR's per-layer passes and the norms around
   the matmuls), eager on CPU (inductor's C++ build costs more there than it saves).
-- ``compile_scope`` blocks (the default): each repeated block (ViT's blocks; Swin's and ResNet's blocks
+- ``compile_scope`` auto (the default): the whole model where the steps replay as CUDA graphs, each
+  repeated block otherwise. ``blocks``: each repeated block (ViT's blocks; Swin's and ResNet's blocks
   within a stage) is compiled on its own, in place. Identical blocks share one compiled graph, so the
   compile costs one block's time whatever the depth (docs/benchmarks.md; blocks that differ only in
   their drop-path rate hold it as a tensor to stay identical, DropAtRate), and names, state dicts and
   DDP's per-parameter gradient hooks stay as they are. The patch embedding, final norm and head run
   eagerly (a few kernels). ``model``: the whole model as one graph, its repeated blocks nested compile
-  regions (mark_nested_regions; DDP engine and benchmark). Under CUDA graphs each block's graph
-  is replayed on its own, and each replay costs host time: at ViT-B/16's batch 8 on an H200 the step
-  ran at 530-980 img/s against full fine-tuning's 1,460-1,620 in one graph; the whole model as one
-  graph ran at 1,068 (600 by blocks, same run) but compiled in 51 s against 16 s (docs/benchmarks.md).
+  regions (mark_nested_regions; DDP engine and benchmark). Under CUDA graphs each block's graph is
+  replayed on its own, and each replay costs host time (dynamo's guards, AOTAutograd's wrappers, the
+  graph tree's checks: about 0.25 ms a block on a 2-core CPU, before the graph trees): at ViT-B/16's
+  batch 8 on an H200 the whole model as one graph ran at 1,068 img/s against 600 by blocks in the
+  same run. It takes longer to compile (51 s against 16 s there, on torch 2.11 without nested
+  regions; about twice the blocks' time with them), once per process start, cached for restarts
+  (docs/benchmarks.md). Without CUDA graphs the blocks' host time overlaps the device's work.
 - ``cuda_graphs`` null: compiled steps are replayed as CUDA graphs (torch.compile's "reduce-overhead")
   in a one-process DDP-engine run on CUDA, where the per-layer launches dominate small per-GPU batches.
   Not by default across processes: PyTorch's CUDA-graph trees and DDP's gradient hooks have open
@@ -46,7 +50,7 @@ class CompilePlan:
     cuda_graphs: bool
     cache_dir: str
     notes: list = field(default_factory=list)  # one line per setting that fell back, and why
-    scope: str = "blocks"  # train.compile_scope
+    scope: str = "blocks"  # train.compile_scope, "auto" resolved: "blocks" or "model"
 
     @property
     def mode(self):
@@ -74,9 +78,11 @@ def compile_plan(cfg, info: DistInfo) -> CompilePlan:
         compiled = False
     auto_graphs = compiled and cuda and t.engine == "ddp" and info.world == 1
     graphs = auto_graphs if t.cuda_graphs is None else t.cuda_graphs
+    # "auto" is whole where it can replay its steps as graphs (one replay a pass, not one a block)
+    graphs_scope = "model" if t.compile_scope == "auto" else t.compile_scope
     why_not = ("it needs CUDA" if not cuda else "it needs train.compile" if not compiled else
                "not with the DeepSpeed engine (its step runs outside the compiled graph)" if t.engine == "deepspeed"
-               else graphs_blocked(t.compile_scope, cfg.model.grad_checkpointing))
+               else graphs_blocked(graphs_scope, cfg.model.grad_checkpointing))
     if graphs and why_not:
         notes.append(f"train.cuda_graphs = {_shown(t.cuda_graphs)}: {why_not}; off")
         graphs = False
@@ -84,7 +90,8 @@ def compile_plan(cfg, info: DistInfo) -> CompilePlan:
         notes.append(f"train.cuda_graphs = null: off with DDP across {info.world} processes "
                      "(pytorch/pytorch#128218); set it to true to try")
     cache = t.compile_cache or os.path.join(cfg.output_dir, "compile_cache")
-    return CompilePlan(compiled, graphs, os.path.abspath(cache), notes, t.compile_scope)
+    scope = t.compile_scope if t.compile_scope != "auto" else graphs_scope if graphs else "blocks"
+    return CompilePlan(compiled, graphs, os.path.abspath(cache), notes, scope)
 
 
 def graphs_blocked(scope: str, grad_checkpointing: bool):

@@ -38,7 +38,7 @@ FrozenDtype = Literal["fp32", "bf16"]
 EngineName = Literal["ddp", "deepspeed"]  # rlrr.engine.ENGINES holds one class per name
 ZeroStage = Literal[0, 1, 2, 3]
 NonFinite = Literal["skip", "stop"]
-CompileScope = Literal["blocks", "model"]  # rlrr.compile.compile_blocks_in_place
+CompileScope = Literal["auto", "blocks", "model"]  # rlrr.compile.compile_plan
 
 
 @dataclass
@@ -153,7 +153,7 @@ class TrainConfig:
     watchdog_s: Annotated[float, Range(0)] = 1200.0  # no batch done for this long: print stacks, exit 1 (0: off)
     compile: Optional[bool] = None  # torch.compile (see compile_scope); null: on CUDA only
     cuda_graphs: Optional[bool] = None  # replay compiled steps as CUDA graphs; null: see rlrr/compile.py
-    compile_scope: CompileScope = "blocks"  # each repeated block compiled on its own, or the whole model
+    compile_scope: CompileScope = "auto"  # the whole model where steps replay as CUDA graphs, else each block
     compile_cache: Optional[str] = None  # inductor/Triton cache; null: <output_dir>/compile_cache, shared by restarts
 
 

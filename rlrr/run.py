@@ -160,7 +160,7 @@ def open_run_dir(run: Run, resumed: bool) -> None:
     log.info(f"run {run.dir}: {cfg.model.name} ({cfg.model.method}), {run.n_trainable:,} trainable "
              f"parameters, world {run.info.world}, global batch {t.batch_size} ({run.micro} x {run.info.world} x "
              f"{t.grad_accum}), {run.steps_per_epoch} steps/epoch; torch.compile "
-             f"{'by ' + run.compiled.scope if run.compiled.compile else 'off'}, "
+             f"{('whole' if run.compiled.scope == 'model' else 'by blocks') if run.compiled.compile else 'off'}, "
              f"CUDA graphs {'on' if run.compiled.cuda_graphs else 'off'}")
     for note in run.compiled.notes:
         log.info(note)

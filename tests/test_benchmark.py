@@ -118,11 +118,11 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert set(steps) == {"fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8", "bench-vit-b-64-ckpt",
                           "bench-vit-h-frozen-bf16", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
                           "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
-                          "train-loop-stream-device-decode", "train-loop-b8", "train-loop-b8-whole",
+                          "train-loop-stream-device-decode", "train-loop-b8", "train-loop-b8-blocks",
                           "train-resume"} | same_model
     assert data["complete"] and all(s["ok"] for s in steps.values()) and steps["train-ddp-fp16"]["skipped"]
     assert all(steps[name]["skipped"].startswith("dry run: the same tiny model") for name in same_model)
-    assert steps["train-loop-b8-whole"]["skipped"] == "dry run: the same eager run as train-loop"
+    assert steps["train-loop-b8-blocks"]["skipped"] == "dry run: the same eager run as train-loop"
     assert all(steps[name]["skipped"] == "--skip" for name in skip)
     # stopped after step 10 with a checkpoint, resumed in a new process: the uninterrupted run's adapter
     assert data["training"]["train-resume"]["steps"] == data["training"]["train-ddp-bf16"]["steps"] == 20
@@ -242,19 +242,20 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
         return {"train_img_s": img_s, "peak_memory_mb": mb, "mfu": mfu, "graph_breaks": breaks,
                 "cudagraph_skips": skips}
     benches = {
-        "bench-vit-b-8": {"training": {"rlrr+cudagraphs-blocks": r(1000), "full+compiled": r(400),
+        "bench-vit-b-8": {"training": {"rlrr+cudagraphs": r(1000), "full+compiled": r(400),
                                        "full+cudagraphs": r(1300, skips=4), "rlrr+torch": r(134),
-                                       "rlrr+cudagraphs": r(1100, skips=1)}},
-        "bench-vit-b-64": {"training": {"rlrr+cudagraphs-blocks": r(2500, 4000), "full+compiled": r(2400, 5000)}},
+                                       "rlrr+cudagraphs-blocks": r(600, skips=1)}},
+        "bench-vit-b-64": {"training": {"rlrr+cudagraphs": r(2500, 4000), "full+compiled": r(2400, 5000),
+                                        "rlrr+cudagraphs-blocks": r(2600, 3000)}},  # not the default: not read
         "bench-vit-h-16": {"training": {"full+compiled": r(mfu=0.5, breaks=5), "rlrr+fused": r(mfu=0.3, breaks=2)}},
         "bench-vit-h-64": {"training": {"rlrr+compiled-blocks": r(mfu=0.42)}},
-        "bench-vit-b-64-frozen-bf16": {"training": {"rlrr+cudagraphs-blocks": r(2400, 3600)}},
+        "bench-vit-b-64-frozen-bf16": {"training": {"rlrr+cudagraphs": r(2400, 3600)}},
     }
-    loops = {"train-loop": {"ratio": 0.85, "bench_mode": "rlrr+cudagraphs-blocks"}}
+    loops = {"train-loop": {"ratio": 0.85, "bench_mode": "rlrr+cudagraphs"}}
     resume = {"max_abs_diff": 3e-7, "bitwise": False}
     rows = {t["target"]: (t["value"], t["goal"], t["ok"])
             for t in tool.targets(benches, loops, dry=False, resume=resume)}
-    default, fastest = "rlrr+cudagraphs-blocks", "the fastest full fine-tuning measured (img/s)"
+    default, fastest = "rlrr+cudagraphs", "the fastest full fine-tuning measured (img/s)"
     assert rows[f"bench-vit-b-8: {default} / full+cudagraphs, {fastest}"] == (0.769, ">= 1.0", False)  # vs 1,300
     assert rows[f"bench-vit-b-8: {default} / rlrr+torch (img/s)"] == (7.463, ">= 2.0", True)
     assert rows[f"bench-vit-b-64: {default} / full+compiled, {fastest}"] == (1.042, ">= 1.0", True)
@@ -281,23 +282,23 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
 
 
 def test_each_training_loop_is_set_beside_the_step_of_its_own_batch_and_path():
-    """train-loop (batch 64, by blocks) beside bench-vit-b-64's default step; train-loop-b8-whole (batch 8,
-    train.compile_scope: model) beside bench-vit-b-8's whole-model graph; a run whose step was not measured
-    is left out, not compared with another path."""
+    """train-loop (batch 64, the default: the whole model as CUDA graphs) beside bench-vit-b-64's default step;
+    train-loop-b8-blocks (batch 8, train.compile_scope: blocks) beside bench-vit-b-8's per-block graphs; a run
+    whose step was not measured is left out, not compared with another path."""
     tool = tool_module("gpu_acceptance.py")
     runs = tool.loop_runs(dry=False)
-    assert runs["train-loop-b8-whole"] == (["data.in_memory=true", "train.compile_scope=model"], "bench-vit-b-8", 8,
-                                           "rlrr+cudagraphs")
-    assert runs["train-loop-stream"][1:] == ("bench-vit-b-64", 64, "rlrr+cudagraphs-blocks")
-    benches = {"bench-vit-b-64": {"training": {"rlrr+cudagraphs-blocks": {"train_img_s": 3000.0}}},
-               "bench-vit-b-8": {"training": {"rlrr+cudagraphs": {"train_img_s": 1200.0}}}}
+    assert runs["train-loop-b8-blocks"] == (["data.in_memory=true", "train.compile_scope=blocks"], "bench-vit-b-8",
+                                            8, "rlrr+cudagraphs-blocks")
+    assert runs["train-loop-stream"][1:] == ("bench-vit-b-64", 64, "rlrr+cudagraphs")
+    benches = {"bench-vit-b-64": {"training": {"rlrr+cudagraphs": {"train_img_s": 3000.0}}},
+               "bench-vit-b-8": {"training": {"rlrr+cudagraphs-blocks": {"train_img_s": 1200.0}}}}
     training = {name: {"img_per_s": img_s} for name, img_s in
-                (("train-loop", 2850.0), ("train-loop-b8-whole", 1080.0), ("train-loop-b8", 500.0))}
+                (("train-loop", 2850.0), ("train-loop-b8-blocks", 1080.0), ("train-loop-b8", 500.0))}
     loops = tool.loop_vs_benchmark(training, benches, dry=False)
-    assert loops == {"train-loop": {"loop_img_s": 2850.0, "bench_img_s": 3000.0, "bench_mode": "rlrr+cudagraphs-blocks",
+    assert loops == {"train-loop": {"loop_img_s": 2850.0, "bench_img_s": 3000.0, "bench_mode": "rlrr+cudagraphs",
                                     "ratio": 0.95},
-                     "train-loop-b8-whole": {"loop_img_s": 1080.0, "bench_img_s": 1200.0,
-                                             "bench_mode": "rlrr+cudagraphs", "ratio": 0.9}}
+                     "train-loop-b8-blocks": {"loop_img_s": 1080.0, "bench_img_s": 1200.0,
+                                              "bench_mode": "rlrr+cudagraphs-blocks", "ratio": 0.9}}
 
 
 def test_gpu_acceptance_modes_replace_a_bench_steps_modes_and_a_bad_one_is_named(capsys):

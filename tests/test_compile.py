@@ -28,33 +28,38 @@ def _plan(device, world=1, *overrides):
     return compile_plan(cfg, DistInfo(world=world, device=device))
 
 
-@pytest.mark.parametrize("device,world,overrides,compiled,graphs,note", [
-    (CPU, 1, [], False, False, None),  # the defaults: eager on CPU ...
-    (CUDA, 1, [], True, True, None),  # ... compiled with CUDA graphs on one GPU ...
-    (CUDA, 8, [], True, False, "train.cuda_graphs = null: off with DDP across 8 processes"),  # ... not across 8
-    (CUDA, 8, ["train.cuda_graphs=true"], True, True, None),  # unless asked
-    (CPU, 1, ["train.compile=true"], True, False, None),
-    (CPU, 1, ["train.compile=true", "train.cuda_graphs=true"], True, False,
+@pytest.mark.parametrize("device,world,overrides,compiled,graphs,scope,note", [
+    (CPU, 1, [], False, False, "blocks", None),  # the defaults: eager on CPU ...
+    (CUDA, 1, [], True, True, "model", None),  # ... the whole model compiled with CUDA graphs on one GPU ...
+    # ... by blocks without the graphs across 8 (their host time overlaps the device's work)
+    (CUDA, 8, [], True, False, "blocks", "train.cuda_graphs = null: off with DDP across 8 processes"),
+    (CUDA, 8, ["train.cuda_graphs=true"], True, True, "model", None),  # unless asked
+    (CUDA, 1, ["train.compile_scope=blocks"], True, True, "blocks", None),  # a scope asked for is kept
+    (CUDA, 8, ["train.compile_scope=model"], True, False, "model", "train.cuda_graphs = null: off with DDP"),
+    (CPU, 1, ["train.compile=true"], True, False, "blocks", None),
+    (CPU, 1, ["train.compile=true", "train.cuda_graphs=true"], True, False, "blocks",
      "train.cuda_graphs = true: it needs CUDA; off"),
-    (CUDA, 1, ["train.compile=false", "train.cuda_graphs=true"], False, False,
+    (CUDA, 1, ["train.compile=false", "train.cuda_graphs=true"], False, False, "blocks",
      "train.cuda_graphs = true: it needs train.compile; off"),
-    # activation checkpointing around compiled blocks: no CUDA graphs (pytorch/pytorch#154306) unless compiled whole
-    (CUDA, 1, ["model.grad_checkpointing=true"], True, False,
+    # activation checkpointing around compiled blocks: no CUDA graphs (pytorch/pytorch#154306); compiled whole
+    # (what auto picks for the graphs) the checkpointing is inside the graph
+    (CUDA, 1, ["model.grad_checkpointing=true"], True, True, "model", None),
+    (CUDA, 1, ["model.grad_checkpointing=true", "train.compile_scope=blocks"], True, False, "blocks",
      "train.cuda_graphs = null: not with model.grad_checkpointing around compiled blocks"),
-    (CUDA, 1, ["model.grad_checkpointing=true", "train.cuda_graphs=true"], True, False,
-     "train.cuda_graphs = true: not with model.grad_checkpointing around compiled blocks"),
-    (CUDA, 1, ["model.grad_checkpointing=true", "train.compile_scope=model"], True, True, None),
-    (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=2"], True, False, None),
-    (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=2", "train.cuda_graphs=true"], True, False,
+    (CUDA, 1, ["model.grad_checkpointing=true", "train.cuda_graphs=true", "train.compile_scope=blocks"], True,
+     False, "blocks", "train.cuda_graphs = true: not with model.grad_checkpointing around compiled blocks"),
+    (CUDA, 1, ["model.grad_checkpointing=true", "train.compile_scope=model"], True, True, "model", None),
+    (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=2"], True, False, "blocks", None),
+    (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=2", "train.cuda_graphs=true"], True, False, "blocks",
      "train.cuda_graphs = true: not with the DeepSpeed engine"),
-    (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=3"], False, False,
+    (CUDA, 2, ["train.engine=deepspeed", "train.zero_stage=3"], False, False, "blocks",
      "train.compile = null: not under DeepSpeed ZeRO-3"),
-    (CPU, 2, ["train.engine=deepspeed", "train.zero_stage=3", "train.compile=true"], False, False,
+    (CPU, 2, ["train.engine=deepspeed", "train.zero_stage=3", "train.compile=true"], False, False, "blocks",
      "train.compile = true: not under DeepSpeed ZeRO-3"),
 ])
-def test_compile_plan(device, world, overrides, compiled, graphs, note):
+def test_compile_plan(device, world, overrides, compiled, graphs, scope, note):
     plan = _plan(device, world, *overrides)
-    assert (plan.compile, plan.cuda_graphs) == (compiled, graphs)
+    assert (plan.compile, plan.cuda_graphs, plan.scope) == (compiled, graphs, scope)
     assert plan.mode == ("reduce-overhead" if graphs else None)
     if note is None:
         assert plan.notes == []

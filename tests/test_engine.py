@@ -250,15 +250,18 @@ def test_zero3_keeps_only_a_few_blocks_gathered_unless_the_json_says_otherwise(t
     assert "stage3_max_live_parameters" not in zero2["zero_optimization"]
 
 
-GRAPH_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # tools/gpu_acceptance.sh runs cuda
+# (device, train.compile_scope): tools/gpu_acceptance.sh runs cuda, compiled whole (a one-process run's default) and
+# by blocks; on CPU nothing compiles, so one scope
+GRAPH_CASES = [("cpu", "blocks")] + ([("cuda", "model"), ("cuda", "blocks")] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device", GRAPH_DEVICES)
-def test_under_cuda_graphs_accumulation_keeps_its_gradients_out_of_the_graphs_memory(device):
+@pytest.mark.parametrize("device,scope", GRAPH_CASES)
+def test_under_cuda_graphs_accumulation_keeps_its_gradients_out_of_the_graphs_memory(device, scope):
     """grad_accum = 3 with CUDA graphs: after each micro-batch but the last, no parameter holds as .grad the
     tensor its backward produced (on a GPU, memory of the graph pool that the next replay overwrites), and
     after a step and a second window the gradients equal those of the same engine without CUDA graphs. On
-    CPU the engine takes its CUDA-graph path uncompiled; on a GPU, blocks compiled with and without graphs."""
+    CPU the engine takes its CUDA-graph path uncompiled; on a GPU, the model compiled (whole or by blocks)
+    with and without graphs."""
     from rlrr.compile import CompilePlan
     dev = torch.device(device)
     grads = []
@@ -268,7 +271,7 @@ def test_under_cuda_graphs_accumulation_keeps_its_gradients_out_of_the_graphs_me
         model = build_model(cfg.model, num_classes=3, seed=0)
         with torch.no_grad():
             model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
-        plan = CompilePlan(compile=dev.type == "cuda", cuda_graphs=graphs, cache_dir="-")
+        plan = CompilePlan(compile=dev.type == "cuda", cuda_graphs=graphs, cache_dir="-", scope=scope)
         engine = DDPEngine(model, cfg, DistInfo(device=dev), plan)
         produced = {}
 

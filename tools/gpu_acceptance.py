@@ -510,7 +510,7 @@ def step_commands(args, out: str) -> dict[str, tuple[list[str], int]]:
     commands["fused-kernels"] = ([*pytest, "tests/test_fused.py"], args.timeout)
     # data.decode: device, nvJPEG against the workers' decoder
     commands["device-decode"] = ([*pytest, "tests/test_loader.py", "-k", "decoded_on_the_device"], args.timeout)
-    # train.grad_accum under CUDA graphs: compiled blocks with and without graphs sum the same gradients
+    # train.grad_accum under CUDA graphs: compiled (whole and by blocks) with and without graphs, the same gradients
     commands["graphs-accumulate"] = ([*pytest, "tests/test_engine.py", "-k", "under_cuda_graphs"], args.timeout)
     size = ["64", "--workers", "1", "--epochs", "1", "--batch-size", "16", "--device", "cpu"] if args.dry_run else \
         ["2000", "--workers", "8", "--batch-size", "64", "--device", "cuda"]

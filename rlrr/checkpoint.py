@@ -17,16 +17,18 @@ import numpy as np
 import torch
 
 from .atomic import fsync_path, write_atomic, write_text_atomic
-from .config import ConfigError, RunConfig, flat_dict
+from .config import ConfigError, RunConfig, flat_dict, frozen_storage
 from .distributed import DistInfo, broadcast_object, sum_over_ranks
 from .world import restart_attempt
 
 log = logging.getLogger("rlrr")
 
 # keys a resumed run may change: how long it runs and how it logs and saves, not what it trains
+# train.compile_scope: where the compiled graphs begin and end, not what they compute (a checkpoint from before its
+# "auto" default says "blocks")
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.eval_every", "train.save_every_epochs",
                      "train.save_every_steps", "train.log_every", "data.eval_batch_size_per_rank", "output_dir",
-                     "run_name", "train.compile_cache", "train.profile_steps")
+                     "run_name", "train.compile_cache", "train.profile_steps", "train.compile_scope")
 
 
 class CheckpointStore:
@@ -148,7 +150,7 @@ def load(engine, store: CheckpointStore, info: DistInfo, cfg: RunConfig, allow_c
 def check_config_unchanged(saved: Optional[dict], cfg: RunConfig, allow: bool) -> None:
     if saved is None:
         return
-    old, new = flat_dict(saved), flat_dict(cfg.to_dict())
+    old, new = (_as_trained(flat_dict(c)) for c in (saved, cfg.to_dict()))
     changed = [f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
     if changed and not allow:
@@ -156,6 +158,16 @@ def check_config_unchanged(saved: Optional[dict], cfg: RunConfig, allow: bool) -
                           "pass --allow-config-change to resume anyway")
     if changed:
         log.warning(f"resume with a changed config: {', '.join(changed)}")
+
+
+def _as_trained(flat: dict) -> dict:
+    """``flat`` with train.frozen_dtype resolved to the storage it gives: "auto" and what it resolves to are one
+    setting (a checkpoint from before that default says "fp32")."""
+    t = {k.removeprefix("train."): v for k, v in flat.items() if k.startswith("train.")}
+    if "frozen_dtype" in t:
+        flat = {**flat, "train.frozen_dtype": frozen_storage(t["frozen_dtype"], t.get("precision", "fp32"),
+                                                             t.get("engine", "ddp"))}
+    return flat
 
 
 def rng_state() -> dict:

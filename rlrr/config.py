@@ -34,12 +34,22 @@ from .layers.variants import LINEAR_TARGETS, Form, Init, Kernel, Sides, variant_
 Method = Literal["rlrr", "linear", "full", "bitfit", "ssf", "lora"]  # rlrr.model.METHODS: one builder per name
 DropPathMode = Literal["dropout", "stochastic_depth"]
 Precision = Literal["fp32", "bf16", "fp16"]
-FrozenDtype = Literal["fp32", "bf16"]
+FrozenDtype = Literal["auto", "fp32", "bf16"]  # frozen_storage resolves "auto"
 EngineName = Literal["ddp", "deepspeed"]  # rlrr.engine.ENGINES holds one class per name
 ZeroStage = Literal[0, 1, 2, 3]
 NonFinite = Literal["skip", "stop"]
 CompileScope = Literal["auto", "blocks", "model"]  # rlrr.compile.compile_plan
 
+
+
+def frozen_storage(frozen_dtype: str, precision: str, engine: str = "ddp") -> str:
+    """train.frozen_dtype resolved to "fp32" or "bf16". "auto" stores the frozen linear weights in bf16 where the
+    matmuls run in bf16 (train.precision bf16) under the DDP engine: autocast would cast W' to bf16 anyway, W' is
+    still formed in fp32 from the stored W, and the weights take half the memory (DeepSpeed's bf16 holds the
+    whole module in bf16 itself). fp32 otherwise."""
+    if frozen_dtype != "auto":
+        return frozen_dtype
+    return "bf16" if precision == "bf16" and engine == "ddp" else "fp32"
 
 @dataclass
 class LoraConfig:
@@ -138,7 +148,7 @@ class TrainConfig:
     nonfinite: NonFinite = "skip"  # a non-finite loss or gradient: drop the step (skip) or stop the run
     nonfinite_max_in_a_row: PositiveInt = 10  # skip: stop after more than this many dropped steps in a row
     precision: Precision = "fp32"
-    frozen_dtype: FrozenDtype = "fp32"  # how frozen linear weights are stored (bf16 needs precision bf16)
+    frozen_dtype: FrozenDtype = "auto"  # how frozen linear weights are stored: bf16 with bf16 matmuls (DDP), else fp32
     engine: EngineName = "ddp"
     zero_stage: ZeroStage = 2
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON's tuning knobs; it may not contradict this config

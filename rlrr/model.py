@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .adapter import apply_rlrr, is_adapted, merge_rlrr, zero_trainable_head
 from .baselines import LoraOptions, apply_bitfit, apply_lora, apply_ssf, merge_lora
-from .config import Method, ModelConfig, RLRRConfig
+from .config import Method, ModelConfig, RLRRConfig, frozen_storage
 from .layers import Kernel, RLRRLinear
 from .pretrained import load_pretrained
 
@@ -136,6 +136,14 @@ def set_kernel(model: nn.Module, kernel: Kernel) -> int:
 
 
 @torch.no_grad()
+def store_frozen_weights_as_configured(model: nn.Module, train_cfg) -> int:
+    """store_frozen_weights_in(bf16) where the run's train.frozen_dtype resolves to bf16 (config.frozen_storage:
+    by default, a bf16 run under DDP); the bytes saved, 0 where the weights stay as they are."""
+    if frozen_storage(train_cfg.frozen_dtype, train_cfg.precision, train_cfg.engine) != "bf16":
+        return 0
+    return store_frozen_weights_in(model, torch.bfloat16)
+
+
 def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
     """Keep every frozen linear weight matrix (RLRR's base weights; the backbone's under a linear
     probe) in ``dtype``, in place, and return the bytes saved. Only for bf16 training: those matmuls

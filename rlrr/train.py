@@ -27,7 +27,7 @@ from .engine import ENGINES
 from .errors import RunStopped
 from .evaluate import evaluate
 from .inputs import check_inputs, check_kernels, per_rank_batch, split_loader
-from .model import build_model, store_frozen_weights_in
+from .model import build_model, store_frozen_weights_as_configured
 from .optim import build_scheduler
 from .profiling import StepProfiler
 from .run import (
@@ -90,9 +90,9 @@ def setup_run(cfg: RunConfig, resume: Optional[str] = None, allow_config_change:
     micro = per_rank_batch(cfg, info)
     torch.manual_seed(t.seed + info.rank)  # per-rank streams (dropout); the model is seeded alike on all ranks
     model = build_model(cfg.model, manifest.num_classes, seed=t.seed)
-    if t.frozen_dtype == "bf16":  # before the engine moves it: the GPU never holds the fp32 copy
-        saved = store_frozen_weights_in(model, torch.bfloat16)
-        log.info(f"frozen linear weights stored in bf16: {saved / 2**20:.0f} MB saved")
+    saved = store_frozen_weights_as_configured(model, t)  # before the engine moves it: the GPU never holds fp32
+    if saved:  # none under fp32 storage, or full fine-tuning
+        log.info(f"frozen linear weights stored in bf16: {saved / 2**20:,.1f} MB saved")
     train_data = split_loader(cfg, manifest, info, cfg.data.train_split, micro)
     evals = {"test": split_loader(cfg, manifest, info, cfg.data.test_split)}
     if cfg.data.val_split:

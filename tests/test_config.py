@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from rlrr.config import ConfigError, RunConfig, load_config, save_config
+from rlrr.config import ConfigError, RunConfig, frozen_storage, load_config, save_config
 from rlrr.config_types import check_value, choices
 
 from helpers import ROOT
@@ -77,6 +77,17 @@ def test_choices_come_from_the_field_types():
     with pytest.raises(ConfigError, match="s: k = 1: expected one of True"):
         check_value(1, Literal[True], "k", "s")
 
+
+
+@pytest.mark.parametrize("frozen,precision,engine,stored", [
+    ("auto", "bf16", "ddp", "bf16"),  # the default: bf16 matmuls, the weights in bf16
+    ("auto", "fp32", "ddp", "fp32"), ("auto", "fp16", "ddp", "fp32"),
+    ("auto", "bf16", "deepspeed", "fp32"),  # DeepSpeed's bf16 casts the whole module itself
+    ("fp32", "bf16", "ddp", "fp32"), ("bf16", "bf16", "deepspeed", "bf16"),  # asked for: kept
+])
+def test_frozen_weights_are_stored_in_bf16_by_default_only_with_bf16_matmuls(frozen, precision, engine, stored):
+    assert frozen_storage(frozen, precision, engine) == stored
+    assert load_config(None, ["data.shards=x"]).train.frozen_dtype == "auto"
 
 # docs/method.md, section 6: task -> (classes, lr, weight decay, drop path, flip)
 VTAB = {"cifar": (100, 3e-3, 5e-5, 0.1, False), "caltech101": (102, 1e-3, 5e-5, 0.1, False),

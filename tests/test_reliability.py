@@ -67,11 +67,15 @@ def test_nothing_readable_left_is_one_clear_error(tiny_shards, tmp_path):
 
 def test_resume_refuses_a_changed_config_unless_told(tiny_shards, tmp_path):
     cfg = write_config(tmp_path / "chg.yaml", tiny_shards, tmp_path / "runs")
-    main(["--config", cfg, "--set", "train.max_steps=3"])
+    # as a checkpoint from before the "auto" defaults says: the same training as "auto" here (fp32, eager)
+    main(["--config", cfg, "--set", "train.max_steps=3", "train.frozen_dtype=fp32", "train.compile_scope=blocks"])
     with pytest.raises(ConfigError, match=r"resume: the config changed since the checkpoint: "
                                           r"model.drop_path \(0.1 -> 0.0\), train.lr \(0.01 -> 0.02\); "
                                           r"pass --allow-config-change"):
         main(["--config", cfg, "--resume", "latest", "--set", "train.lr=0.02", "model.drop_path=0.0"])
+    # bf16 storage is a change: "auto" with bf16 matmuls (fp32 from the checkpoint)
+    with pytest.raises(ConfigError, match=r"train.frozen_dtype \('fp32' -> 'bf16'\), train.precision \('fp32' -> "):
+        main(["--config", cfg, "--resume", "latest", "--set", "train.precision=bf16"])
     # run length and logging may change; with the flag anything may
     assert main(["--config", cfg, "--resume", "latest", "--set", "train.max_steps=4", "train.log_every=2"]) == \
         {"stopped_at_step": 4}

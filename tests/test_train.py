@@ -270,14 +270,16 @@ def test_bf16_frozen_weights_train_exactly_like_their_fp32_copy(shards, tmp_path
                 m.weight.copy_(m.weight.bfloat16().float())
     save_file(backbone.state_dict(), str(tmp_path / "rounded.safetensors"))
     results = {}
-    for frozen in ("fp32", "bf16"):
+    for frozen in ("fp32", "bf16", "auto"):  # auto, the default: bf16 in a bf16 run
         cfg = write_config(tmp_path / f"frozen_{frozen}.yaml", shards, tmp_path / "runs",
                            model={"pretrained": str(tmp_path / "rounded.safetensors")},
                            train={"epochs": 1, "precision": "bf16", "frozen_dtype": frozen})
         results[frozen] = main(["--config", cfg])
-        assert ("frozen linear weights stored in bf16" in capsys.readouterr().out) == (frozen == "bf16")
-    assert_same_tensors(run_adapter(tmp_path / "runs" / "frozen_fp32"), run_adapter(tmp_path / "runs" / "frozen_bf16"))
-    assert results["bf16"]["test_acc1_final"] == results["fp32"]["test_acc1_final"]
+        assert ("frozen linear weights stored in bf16" in capsys.readouterr().out) == (frozen != "fp32")
+    for frozen in ("bf16", "auto"):
+        runs = tmp_path / "runs"
+        assert_same_tensors(run_adapter(runs / "frozen_fp32"), run_adapter(runs / f"frozen_{frozen}"))
+        assert results[frozen]["test_acc1_final"] == results["fp32"]["test_acc1_final"]
     merged = load_file(str(tmp_path / "runs" / "frozen_bf16" / "merged.safetensors"))
     assert merged["blocks.0.attn.qkv.weight"].dtype == torch.float32
 

@@ -61,7 +61,7 @@ def worker(args) -> int:
         from rlrr.config import load_config
         from rlrr.distributed import gather_object, init_distributed
         from rlrr.engine import ENGINES
-        from rlrr.model import build_model
+        from rlrr.model import build_model, store_frozen_weights_as_configured
 
     engine_name, stage = ENGINE_CHOICES[args.engine]
     info = init_distributed(always=True)
@@ -75,6 +75,7 @@ def worker(args) -> int:
                       + ([f"train.deepspeed_config={args.deepspeed_config}"] if args.deepspeed_config else []))
     torch.manual_seed(info.rank)
     model = build_model(cfg.model, args.num_classes, seed=0)  # the engine places it, as in training
+    store_frozen_weights_as_configured(model, cfg.train)  # bf16 under DDP in bf16, as training stores them
     engine = ENGINES[engine_name](model, cfg, info)
     setup_peak = _peak_mb(info.device) - base
     _reset_peak(info.device)

@@ -46,7 +46,7 @@ import torch
 import yaml
 
 from rlrr.atomic import write_json_atomic
-from rlrr.config import FrozenDtype, ModelConfig, Precision
+from rlrr.config import FrozenDtype, ModelConfig, Precision, frozen_storage
 from rlrr.distributed import peak_memory_mb, status_mb
 from rlrr.profiling import describe, start_profiler, summary, synchronizer, tables
 from rlrr.startup import long_lived_imports
@@ -137,8 +137,9 @@ def _profiled(step, steps: int, device) -> str:
     return describe(summary(prof, steps, wall_s, device)) + "\n" + tables(prof, device)
 
 
-def _ddp_allreduce_bytes(model, x, y) -> int:
-    """Bytes DDP all-reduces for one backward of ``model`` (gradients of trainable parameters)."""
+def _ddp_allreduce_bytes(model, x, y, dtype) -> int:
+    """Bytes DDP all-reduces for one backward of ``model`` (gradients of trainable parameters), under the
+    step's autocast (frozen weights stored in bf16 need it, as in training)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     counted = []
@@ -154,7 +155,9 @@ def _ddp_allreduce_bytes(model, x, y) -> int:
         try:
             ddp = DistributedDataParallel(model)
             ddp.register_comm_hook(None, count)
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+                loss = torch.nn.functional.cross_entropy(ddp(x), y)
+            loss.backward()
         finally:
             dist.destroy_process_group()
     model.zero_grad(set_to_none=True)
@@ -176,7 +179,7 @@ def _counted(model, x, y, dtype) -> tuple[float, int]:
     """(FLOPs per image, DDP bytes per step) of ``model`` run eagerly, blocks compiled in place included: the
     counter sees every matmul, and a one-image batch compiles no graph of its own."""
     with torch.compiler.set_stance("force_eager"):
-        return _train_flops_per_image(model, x, y, dtype), _ddp_allreduce_bytes(model, x, y)
+        return _train_flops_per_image(model, x, y, dtype), _ddp_allreduce_bytes(model, x, y, dtype)
 
 
 # dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) of the GPUs the MFU column knows
@@ -317,8 +320,9 @@ def parse_args(argv):
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile every mode without a +PATH, and the inference models, by blocks "
                          "(train.compile without CUDA graphs, with its default train.compile_scope)")
-    ap.add_argument("--frozen-dtype", choices=typing.get_args(FrozenDtype), default="fp32",
-                    help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 needs --precision bf16)")
+    ap.add_argument("--frozen-dtype", choices=typing.get_args(FrozenDtype), default="auto",
+                    help="store frozen linear weights in this dtype (train.frozen_dtype; auto: bf16 with --precision "
+                         "bf16, as training; bf16 needs --precision bf16)")
     ap.add_argument("--explicit-attn", action="store_true",
                     help="explicit softmax attention instead of SDPA everywhere (model.fused_attn=false)")
     ap.add_argument("--grad-checkpointing", action="store_true",
@@ -359,6 +363,10 @@ def _valid_mode(mode: str) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.frozen_dtype == "bf16" and args.precision != "bf16":
+        print("benchmark: error: --frozen-dtype bf16 needs --precision bf16", file=sys.stderr)
+        return 2
+    args.frozen_dtype = frozen_storage(args.frozen_dtype, args.precision)
     torch.manual_seed(0)
     if args.worker:  # one measurement in this fresh process, printed as the last line
         # the training stack (timm, torchvision, torch._dynamo) in the measuring process only, before its RSS
@@ -368,9 +376,6 @@ def main(argv=None) -> int:
         result = measure_inference(args) if args.worker == "inference" else measure_training(args, args.worker)
         print(json.dumps(result))
         return 0
-    if args.frozen_dtype == "bf16" and args.precision != "bf16":
-        print("benchmark: error: --frozen-dtype bf16 needs --precision bf16", file=sys.stderr)
-        return 2
     default = GPU_MODES if args.device.startswith("cuda") else CPU_MODES
     modes = [m for m in (args.modes.split(",") if args.modes else default) if m]
     unknown = [m for m in modes if not _valid_mode(m)]

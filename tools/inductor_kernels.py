@@ -329,7 +329,7 @@ def print_table(reports: list, args) -> None:
 
 @tool_main("inductor_kernels")
 def main(argv=None) -> int:
-    from rlrr.config import Precision
+    from rlrr.config import Precision, frozen_storage
     from rlrr.model import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -338,8 +338,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--precision", choices=typing.get_args(Precision), default="bf16")
-    parser.add_argument("--frozen-dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="store frozen linear weights in this dtype (train.frozen_dtype; bf16 with bf16 only)")
+    parser.add_argument("--frozen-dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="store frozen linear weights in this dtype (train.frozen_dtype; auto: bf16 with bf16, "
+                             "as training; bf16 with bf16 only)")
     parser.add_argument("--methods", default="rlrr,full", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--arch", type=int, default=90, help="compute capability: " +
                         ", ".join(f"{a} {n}" for a, (n, _) in ARCHS.items()))
@@ -355,6 +356,7 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     if args.frozen_dtype == "bf16" and args.precision != "bf16":
         raise UsageError("--frozen-dtype bf16 needs --precision bf16")
+    args.frozen_dtype = frozen_storage(args.frozen_dtype, args.precision)
     if args.arch not in ARCHS:
         raise UsageError(f"--arch {args.arch}: expected one of {', '.join(map(str, ARCHS))}")
     unknown = [m for m in methods if m not in METHODS]

@@ -41,7 +41,6 @@ NonFinite = Literal["skip", "stop"]
 CompileScope = Literal["auto", "blocks", "model"]  # rlrr.compile.compile_plan
 
 
-
 def frozen_storage(frozen_dtype: str, precision: str, engine: str = "ddp") -> str:
     """train.frozen_dtype resolved to "fp32" or "bf16". "auto" stores the frozen linear weights in bf16 where the
     matmuls run in bf16 (train.precision bf16) under the DDP engine: autocast would cast W' to bf16 anyway, W' is
@@ -50,6 +49,7 @@ def frozen_storage(frozen_dtype: str, precision: str, engine: str = "ddp") -> st
     if frozen_dtype != "auto":
         return frozen_dtype
     return "bf16" if precision == "bf16" and engine == "ddp" else "fp32"
+
 
 @dataclass
 class LoraConfig:

@@ -1,8 +1,10 @@
 """What torch.compile generates for one block's training step on an NVIDIA GPU, on a machine without one.
 
-Training compiles each repeated block on its own (train.compile_scope: blocks). This tool builds the
-model as training does, takes its first repeated block, and lets inductor turn that block's forward and
-backward (the graphs AOTAutograd hands inductor, partitioned and decomposed as in a training step) into
+Training compiles each repeated block on its own (train.compile_scope: blocks, across processes) or the
+whole model with the blocks as nested regions (one process, CUDA graphs; a whole graph may also fuse
+across the blocks' edges). This tool builds the model as training does, takes one repeated block (the
+last, by default), and lets inductor turn that block's forward and backward (the graphs AOTAutograd
+hands inductor, partitioned and decomposed as in a training step) into
 the code it would run on a GPU: the Triton kernels it writes and the library calls (cuBLAS matmuls,
 attention) it makes. For each method it prints the kernels, the bytes they move by inductor's own
 count (each buffer a kernel reads or writes, once), and the bytes a fused AdamW step moves for the

@@ -8,14 +8,14 @@
   compile costs one block's time whatever the depth (docs/benchmarks.md; blocks that differ only in
   their drop-path rate hold it as a tensor to stay identical, DropAtRate), and names, state dicts and
   DDP's per-parameter gradient hooks stay as they are. The patch embedding, final norm and head run
-  eagerly (a few kernels). ``model``: the whole model as one graph, its repeated blocks nested compile
-  regions (mark_nested_regions; DDP engine and benchmark). Under CUDA graphs each block's graph is
+  eagerly (a few kernels). ``model``: the whole model as one graph (DDP engine and benchmark; not with
+  its blocks marked as nested compile regions: on torch 2.14 with inductor those regions gave wrong
+  gradients from the second step on, docs/benchmarks.md). Under CUDA graphs each block's graph is
   replayed on its own, and each replay costs host time (dynamo's guards, AOTAutograd's wrappers, the
-  graph tree's checks: about 0.25 ms a block on a 2-core CPU, before the graph trees): at ViT-B/16's
+  graph tree's checks: 0.25-0.35 ms a block on a 2-core CPU, before the graph trees): at ViT-B/16's
   batch 8 on an H200 the whole model as one graph ran at 1,068 img/s against 600 by blocks in the
-  same run. It takes longer to compile (51 s against 16 s there, on torch 2.11 without nested
-  regions; about twice the blocks' time with them), once per process start, cached for restarts
-  (docs/benchmarks.md). Without CUDA graphs the blocks' host time overlaps the device's work.
+  same run. It takes longer to compile (51 s against 16 s there), once per process start, cached for
+  restarts (docs/benchmarks.md). Without CUDA graphs the blocks' host time overlaps the device's work.
 - ``cuda_graphs`` null: compiled steps are replayed as CUDA graphs (torch.compile's "reduce-overhead")
   in a one-process DDP-engine run on CUDA, where the per-layer launches dominate small per-GPU batches.
   Not by default across processes: PyTorch's CUDA-graph trees and DDP's gradient hooks have open
@@ -35,12 +35,6 @@ import torch.nn as nn
 
 from .distributed import DistInfo
 
-# Nested compile regions from this torch on. Torch 2.11's dynamo fails on marked blocks that hold an autograd.Function
-# (RLRRLinear's): InternalTorchDynamoError: KeyError: example_value, where it compares one block's subgraph with the
-# last (seen on an H200, and with torch 2.11.0+cu130 on CPU; full fine-tuning's blocks compile). A default compile
-# then ran each block's region as a graph of its own. Torch 2.12 and 2.13 pass tests/test_compile.py with the
-# regions (CPU, 2026-12-05), as does 2.14, which the test suite runs on.
-NESTED_REGIONS_FROM = (2, 12)
 RECOMPILE_LIMIT = 64  # compiled variants per block class (shapes, train/eval): Swin-B's has up to 16
 
 
@@ -132,38 +126,6 @@ def repeated_blocks(module: nn.Module) -> list:
         elif isinstance(child, (nn.Sequential, nn.ModuleList)) and len(kids) > 1 and len({type(k) for k in kids}) == 1:
             found += kids
     return found
-
-
-def mark_nested_regions(model: nn.Module) -> int:
-    """Scope "model": mark ``model``'s repeated blocks as nested compile regions (torch.compiler.
-    nested_compile_region), their drop-path rates made tensors. The model stays one graph, with one region's
-    host time per call, while the compiler traces a block once and reuses it for the others: ViT-Ti/16 compiled
-    in about 30 s instead of 48-50 s on 2 CPU cores (docs/benchmarks.md). Each block class gets a subclass whose
-    forward is the region: marking a method bound to each instance instead lost the gradients of every block
-    but the first (torch 2.14). Returns how many blocks were marked (0: no repeated blocks, or a torch without
-    the API, or one older than NESTED_REGIONS_FROM)."""
-    region = getattr(torch.compiler, "nested_compile_region", None)
-    blocks = repeated_blocks(model)
-    if region is None or not blocks or torch_version() < NESTED_REGIONS_FROM:
-        return 0
-    rates_as_tensors(blocks)
-    marked = {}
-    for block in blocks:
-        cls = type(block)
-        if cls.__dict__.get("nested_region_of") is not None:  # marked already
-            continue
-        if cls not in marked:
-            def forward(self, *args, _forward=cls.forward, **kwargs):  # a new function: the class's stays unmarked
-                return _forward(self, *args, **kwargs)
-            marked[cls] = type(cls.__name__, (cls,), {"forward": region(forward), "nested_region_of": cls,
-                                                      "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        block.__class__ = marked[cls]
-    return len(blocks)
-
-
-def torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
 
 
 def compile_blocks_in_place(model: nn.Module, plan: CompilePlan, backend: str = "inductor") -> bool:

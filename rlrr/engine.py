@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .adapter import statistics_buffers, trainable_parameters
 from .checkpoint import CheckpointStore
-from .compile import CompilePlan, compile_blocks_in_place, mark_nested_regions
+from .compile import CompilePlan, compile_blocks_in_place
 from .config import ConfigError, EngineName
 from .distributed import DistInfo, barrier
 from .optim import build_optimizer, param_groups
@@ -79,7 +79,6 @@ class DDPEngine:
         self.static_shapes = bool(compiled and (compiled.compile or compiled.cuda_graphs))
         self.cuda_graphs = bool(compiled and compiled.cuda_graphs)
         if compiled and compiled.compile and not by_blocks:  # around DDP: its optimizer splits the graph at buckets
-            mark_nested_regions(model)
             self.net = torch.compile(self.net, mode=compiled.mode)
         self.grad_accum = t.grad_accum
 
@@ -254,7 +253,7 @@ class DeepSpeedEngine:
         self.static_shapes = bool(compiled and compiled.compile)  # as DDPEngine's (no CUDA graphs here)
         # by blocks: in place, on the device DeepSpeed moved the module to; its hooks stay where they are
         if compiled and compiled.compile and not compile_blocks_in_place(self.engine.module, compiled):
-            self.engine.compile()  # whole, unmarked: nested regions under DeepSpeed's hooks are untried
+            self.engine.compile()  # the whole model
 
     def forward(self, images):
         # bf16/fp16 engines hold the module in that dtype; inputs follow, logits come back in fp32

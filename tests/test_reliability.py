@@ -115,26 +115,28 @@ def test_killed_while_writing_a_checkpoint_restarts_and_equals_an_uninterrupted_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("drop_path", [0.0, 0.2])
-def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(tiny_shards, tmp_path, drop_path):
-    """train.compile=true (inductor's C++ backend here, compiled by blocks): the compiled run trains like the
-    eager one; a compiled run SIGKILLed while writing its third checkpoint and restarted by torchrun ends
-    with the uninterrupted compiled run's adapter bit for bit, and compiles no graph anew (the output_dir's
-    compile cache, filled by the first run). Both compiled runs start the same way (torchrun, one process),
-    as a requeued job does. With a drop-path schedule (DropAtRate's random numbers, drawn in the compiled
-    graphs) too; compiled and eager graphs draw different random numbers, so only the run without
-    dropout is compared with the eager one."""
+@pytest.mark.parametrize("drop_path,scope", [(0.0, "blocks"), (0.2, "model"), (0.0, "model"), (0.2, "blocks")])
+def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(tiny_shards, tmp_path, drop_path,
+                                                                                scope):
+    """train.compile=true (inductor's C++ backend here; by blocks, as a CPU run and runs across processes
+    compile, and whole, as a one-process GPU run does): the compiled run trains like the eager one; a compiled
+    run SIGKILLed while writing its third checkpoint and restarted by torchrun ends with the uninterrupted
+    compiled run's adapter bit for bit, and compiles no graph anew (the output_dir's compile cache, filled by
+    the first run). Both compiled runs start the same way (torchrun, one process), as a requeued job does.
+    With a drop-path schedule (DropAtRate's random numbers, drawn in the compiled graphs) too, compiled whole;
+    compiled and eager graphs draw different random numbers, so only the run without dropout is compared
+    with the eager one."""
     runs = tmp_path / "runs"
     cfg = write_config(tmp_path / "c.yaml", tiny_shards, runs,
                        model={"drop_path": drop_path, "timm_kwargs": {"depth": 2}}, train={"save_every_steps": 4})
-    compiled = [*train_cmd("--config", cfg, "--set", "train.compile=true", nproc=1)]
+    compiled = [*train_cmd("--config", cfg, "--set", "train.compile=true", f"train.compile_scope={scope}", nproc=1)]
     compiled.insert(compiled.index("--standalone") + 1, "--max-restarts=1")
     res = subprocess.run(compiled + ["run_name=straight"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "first step:" in res.stdout and "(compiling)" in res.stdout, res.stderr[-3000:]
     straight = json.loads((runs / "straight" / "results.json").read_text())
     comp = run_adapter(runs / "straight")
     if not drop_path:
-        _compiled_trains_like_eager(cfg, comp, straight, runs)
+        _compiled_trains_like_eager(cfg, comp, straight, runs, scope)
     cache = runs / "compile_cache"
 
     def graphs():
@@ -148,9 +150,11 @@ def test_compiled_run_killed_and_restarted_equals_an_uninterrupted_compiled_run(
     assert "resumed" in res.stdout and "(compiling)" in res.stdout, res.stdout[-2000:]
     assert_same_tensors(run_adapter(runs / "killed"), comp)
     assert graphs() == compiled_graphs
+    assert straight["compile"]["scope"] == scope
+    assert f"torch.compile {'whole' if scope == 'model' else 'by blocks'}, CUDA graphs off" in res.stdout
 
 
-def _compiled_trains_like_eager(cfg, comp: dict, straight: dict, runs) -> None:
+def _compiled_trains_like_eager(cfg, comp: dict, straight: dict, runs, scope: str) -> None:
     eager = main(["--config", cfg, "--set", "run_name=eager", "train.compile=false"])
     plain = run_adapter(runs / "eager")
     assert comp.keys() == plain.keys()
@@ -164,7 +168,7 @@ def _compiled_trains_like_eager(cfg, comp: dict, straight: dict, runs) -> None:
         torch.testing.assert_close(got, plain[k], rtol=1e-4, atol=1e-4, msg=k)
     assert straight["test_acc1_final"] == eager["test_acc1_final"]
     cache = runs / "compile_cache"
-    assert straight["compile"] == {"compile": True, "cuda_graphs": False, "scope": "blocks", "cache_dir": str(cache)}
+    assert straight["compile"] == {"compile": True, "cuda_graphs": False, "scope": scope, "cache_dir": str(cache)}
     assert eager["compile"]["compile"] is False and straight["warmup_s"] > 0
 
 

@@ -89,14 +89,13 @@ def _model(args, method, path="eager"):
 def _maybe_compiled(model, path):
     """The model to call for ``path``, compiled as training compiles it (rlrr.compile); the compile happens
     in the warm-up calls, which are not timed."""
-    from rlrr.compile import CompilePlan, compile_blocks_in_place, mark_nested_regions
+    from rlrr.compile import CompilePlan, compile_blocks_in_place
     kind, _, scope = path.partition("-")
     if kind not in ("compiled", "cudagraphs"):
         return model
     plan = CompilePlan(compile=True, cuda_graphs=kind == "cudagraphs", cache_dir="", scope=scope or "model")
     if compile_blocks_in_place(model, plan):
         return model
-    mark_nested_regions(model)
     return torch.compile(model, mode=plan.mode)
 
 

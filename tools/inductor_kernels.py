@@ -1,17 +1,16 @@
 """What torch.compile generates for one block's training step on an NVIDIA GPU, on a machine without one.
 
 Training compiles each repeated block on its own (train.compile_scope: blocks, across processes) or the
-whole model with the blocks as nested regions (one process, CUDA graphs; a whole graph may also fuse
-across the blocks' edges). This tool builds the model as training does, takes one repeated block (the
-last, by default), and lets inductor turn that block's forward and backward (the graphs AOTAutograd
-hands inductor, partitioned and decomposed as in a training step) into
-the code it would run on a GPU: the Triton kernels it writes and the library calls (cuBLAS matmuls,
-attention) it makes. For each method it prints the kernels, the bytes they move by inductor's own
-count (each buffer a kernel reads or writes, once), and the bytes a fused AdamW step moves for the
-block's trainable weights (fp32 weight, gradient and two moments read, three written). Between methods
-with the same matmuls (RLRR and full fine-tuning) those bytes decide the rest of the step. It also prints
-what the forward keeps for the backward (the partitioner's choice), beyond the step's own inputs: per
-block, what a step's activations add to the peak memory.
+whole model (one process, CUDA graphs; a whole graph may also fuse across the blocks' edges). This tool
+builds the model as training does, takes one repeated block (the last, by default), and lets inductor
+turn that block's forward and backward (the graphs AOTAutograd hands inductor, partitioned and
+decomposed as in a training step) into the code it would run on a GPU: the Triton kernels it writes and
+the library calls (cuBLAS matmuls, attention) it makes. For each method it prints the kernels, the bytes
+they move by inductor's own count (each buffer a kernel reads or writes, once), and the bytes a fused
+AdamW step moves for the block's trainable weights (fp32 weight, gradient and two moments read, three
+written). Between methods with the same matmuls (RLRR and full fine-tuning) those bytes decide the rest
+of the step. It also prints what the forward keeps for the backward (the partitioner's choice), beyond
+the step's own inputs: per block, what a step's activations add to the peak memory.
 
     python tools/inductor_kernels.py                               # ViT-B/16, batch 64, bf16, sm_90
     python tools/inductor_kernels.py --batch-size 8 --methods rlrr,full,lora --json k.json --code-dir k/

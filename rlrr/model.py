@@ -135,7 +135,6 @@ def set_kernel(model: nn.Module, kernel: Kernel) -> int:
     return len(layers)
 
 
-@torch.no_grad()
 def store_frozen_weights_as_configured(model: nn.Module, train_cfg) -> int:
     """store_frozen_weights_in(bf16) where the run's train.frozen_dtype resolves to bf16 (config.frozen_storage:
     by default, a bf16 run under DDP); the bytes saved, 0 where the weights stay as they are."""
@@ -144,6 +143,7 @@ def store_frozen_weights_as_configured(model: nn.Module, train_cfg) -> int:
     return store_frozen_weights_in(model, torch.bfloat16)
 
 
+@torch.no_grad()
 def store_frozen_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
     """Keep every frozen linear weight matrix (RLRR's base weights; the backbone's under a linear
     probe) in ``dtype``, in place, and return the bytes saved. Only for bf16 training: those matmuls

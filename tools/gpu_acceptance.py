@@ -474,7 +474,8 @@ def parse_args(argv):
     ap.add_argument("--out-dir", default="gpu-acceptance")
     ap.add_argument("--dry-run", action="store_true", help="the same steps with a tiny model on CPU")
     ap.add_argument("--jobs", type=int, default=1, help="steps at once (dry run only: figures need one at a time)")
-    ap.add_argument("--timeout", type=int, default=200, help="seconds per step")
+    ap.add_argument("--timeout", type=int, default=400,
+                    help="seconds per step (a bench step compiles the whole model for each of its modes)")
     ap.add_argument("--budget", type=float, default=math.inf, metavar="SECONDS",
                     help="start no step after this many seconds, and cut the running ones there (they are "
                          "reported as not run; the most telling steps come first)")

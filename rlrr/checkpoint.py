@@ -163,11 +163,11 @@ def check_config_unchanged(saved: Optional[dict], cfg: RunConfig, allow: bool) -
 def _as_trained(flat: dict) -> dict:
     """``flat`` with train.frozen_dtype resolved to the storage it gives: "auto" and what it resolves to are one
     setting (a checkpoint from before that default says "fp32")."""
-    t = {k.removeprefix("train."): v for k, v in flat.items() if k.startswith("train.")}
-    if "frozen_dtype" in t:
-        flat = {**flat, "train.frozen_dtype": frozen_storage(t["frozen_dtype"], t.get("precision", "fp32"),
-                                                             t.get("engine", "ddp"))}
-    return flat
+    if "train.frozen_dtype" not in flat:
+        return flat
+    stored = frozen_storage(flat["train.frozen_dtype"], flat.get("train.precision", "fp32"),
+                            flat.get("train.engine", "ddp"))
+    return {**flat, "train.frozen_dtype": stored}
 
 
 def rng_state() -> dict:

@@ -78,7 +78,6 @@ def test_choices_come_from_the_field_types():
         check_value(1, Literal[True], "k", "s")
 
 
-
 @pytest.mark.parametrize("frozen,precision,engine,stored", [
     ("auto", "bf16", "ddp", "bf16"),  # the default: bf16 matmuls, the weights in bf16
     ("auto", "fp32", "ddp", "fp32"), ("auto", "fp16", "ddp", "fp32"),
@@ -88,6 +87,7 @@ def test_choices_come_from_the_field_types():
 def test_frozen_weights_are_stored_in_bf16_by_default_only_with_bf16_matmuls(frozen, precision, engine, stored):
     assert frozen_storage(frozen, precision, engine) == stored
     assert load_config(None, ["data.shards=x"]).train.frozen_dtype == "auto"
+
 
 # docs/method.md, section 6: task -> (classes, lr, weight decay, drop path, flip)
 VTAB = {"cifar": (100, 3e-3, 5e-5, 0.1, False), "caltech101": (102, 1e-3, 5e-5, 0.1, False),

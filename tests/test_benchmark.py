@@ -115,7 +115,8 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     steps = {s["step"]: s for s in data["steps"]}
     same_model = {"bench-vit-b-64", "bench-vit-b-64-paths", "bench-vit-l-32", "bench-vit-h-16", "bench-vit-h-16-ckpt",
                   "bench-vit-h-64"}
-    assert set(steps) == {"fused-kernels", "device-decode", "graphs-accumulate", "bench-vit-b-8", "bench-vit-b-64-ckpt",
+    assert set(steps) == {"fused-kernels", "device-decode", "graphs-accumulate", "compiled-gradients",
+                          "bench-vit-b-8", "bench-vit-b-64-ckpt",
                           "bench-vit-h-frozen-fp32", "scaling", "make-shards", "train-ddp-bf16", "train-ddp-fp16",
                           "train-zero2-bf16", "train-loop", "train-loop-stream", "loaders",
                           "train-loop-stream-device-decode", "train-loop-b8", "train-loop-b8-blocks",
@@ -181,6 +182,10 @@ def test_gpu_acceptance_dry_run_takes_every_step_on_cpu(tmp_path):
     assert rows["train-loop: the run's img/s / its benchmark step (rlrr)"]["value"] == data["loop_vs_benchmark"][
         "train-loop"]["ratio"]
     assert "## Targets" in md and f"| bench-vit-l-32: rlrr / full, {fastest} | not measured | >= 1.0 |" in md
+    # tools/check_gradients.py: the Triton kernels (interpreted) against eager float64, within the bf16 bound
+    gradients = rows["compiled-gradients: RLRR's compiled and fused gradients, the largest error over its bound"]
+    checked = json.loads((tmp_path / "compiled-gradients.json").read_text())["methods"]["rlrr"]["paths"]["fused"]
+    assert gradients["value"] == checked["worst_ratio"] and 0 < gradients["value"] <= 1 and gradients["ok"]
     pipeline = data["input_pipeline"]  # tools/bench_data.py: the loaders, decoding in workers and on the device
     assert pipeline["device"] == "cpu" and pipeline["shards_streaming_device_decode_img_s"] > 0
     assert f"| shards_streaming_device_decode | {pipeline['shards_streaming_device_decode_img_s']:,} |" in md
@@ -210,7 +215,7 @@ def test_gpu_acceptance_budget_reports_the_steps_it_did_not_run(tmp_path, monkey
     assert data["complete"] and not data["benchmarks"] and not data["training"] and data["scaling_md"] is None
     assert steps["fused-kernels"] == {"step": "fused-kernels", "ok": False, "seconds": 0.0,
                                       "not_run": "the time budget ran out"}
-    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 24
+    assert all("not_run" in s for s in steps.values() if "skipped" not in s) and len(steps) == 25
     order = [s["step"] for s in data["steps"]]  # the most telling first
     assert order[:2] == ["bench-vit-b-8", "make-shards"]  # then the batch-8 loops, skipped in a dry run (listed last)
     assert order.index("fused-kernels") < order.index("train-loop") < order.index("scaling")
@@ -255,7 +260,7 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     loops = {"train-loop": {"ratio": 0.85, "bench_mode": "rlrr+cudagraphs"}}
     resume = {"max_abs_diff": 3e-7, "bitwise": False}
     rows = {t["target"]: (t["value"], t["goal"], t["ok"])
-            for t in tool.targets(benches, loops, dry=False, resume=resume)}
+            for t in tool.targets(benches, loops, dry=False, resume=resume, gradients=0.31)}
     default, fastest = "rlrr+cudagraphs", "the fastest full fine-tuning measured (img/s)"
     assert rows[f"bench-vit-b-8: {default} / full+cudagraphs, {fastest}"] == (0.769, ">= 1.0", False)  # vs 1,300
     assert rows[f"bench-vit-b-8: {default} / rlrr+torch (img/s)"] == (7.463, ">= 2.0", True)
@@ -271,8 +276,10 @@ def test_gpu_acceptance_sets_each_target_beside_its_figures():
     assert rows[skipped] == (1, "<= 0", False)  # full fine-tuning's not counted
     resumed = "train-resume: its adapter against train-ddp-bf16's, the same run uninterrupted (max abs difference)"
     assert rows[resumed] == (3e-7, "<= 0.0", False)  # not bit for bit
-    assert len(rows) == 2 * 4 + 2 + 1 + 1 + 1 + 1 + 1
-    assert tool.targets({}, {}, dry=False)[-4:-1] == [
+    gradients = "compiled-gradients: RLRR's compiled and fused gradients, the largest error over its bound"
+    assert rows[gradients] == (0.31, "<= 1.0", True)
+    assert len(rows) == 2 * 4 + 2 + 1 + 1 + 1 + 1 + 1 + 1
+    assert tool.targets({}, {}, dry=False)[-5:-2] == [
         {"target": "ViT-H/14: best RLRR MFU (not measured)", "value": None, "goal": ">= 0.4", "ok": None},
         {"target": "graph breaks in RLRR's steps, all benchmarks", "value": None, "goal": "<= 0", "ok": None},
         {"target": skipped, "value": None, "goal": "<= 0", "ok": None}]

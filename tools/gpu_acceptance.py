@@ -16,6 +16,8 @@ Steps (each a fresh process; a step that breaks is named and the command exits 1
 - device-decode: tests/test_loader.py's data.decode: device tests on the GPU (nvJPEG against the workers' decoder);
 - graphs-accumulate: tests/test_engine.py's gradient accumulation under CUDA graphs on the GPU (no replay overwrites
   the window's first gradients);
+- compiled-gradients: tools/check_gradients.py at ViT-B/16's batch 64: RLRR's compiled (whole with CUDA graphs, by
+  blocks) and fused training steps against an eager float64 step, every trainable tensor, three steps;
 - scaling: tools/bench_scaling.py, DDP (NCCL, world 1), DeepSpeed ZeRO-2 and ZeRO-3, bf16;
 - loaders: tools/bench_data.py --device cuda: the loaders' img/s, streamed shards decoded by the workers
   and by nvJPEG (data.decode: device), in memory on the GPU;
@@ -238,7 +240,19 @@ SPEED_BENCHES = ["bench-vit-b-8", "bench-vit-b-64", "bench-vit-l-32", "bench-vit
 MEMORY_TARGETS = {"bench-vit-b-64": 0.85, "bench-vit-h-16": 0.6}  # at most this share of full fine-tuning's peak
 
 
-def targets(benches: dict, loops: dict, dry: bool, resume: Optional[dict] = None) -> list[dict]:
+def gradient_check(out: str) -> Optional[float]:
+    """compiled-gradients: the largest error of any checked path over its bound (tools/check_gradients.py; inf
+    where a path failed), None until it ran."""
+    data = _read(os.path.join(out, "compiled-gradients.json"), json.load)
+    if data is None:
+        return None
+    ratios = [p["worst_ratio"] for m in data["methods"].values() for p in m["paths"].values()]
+    failed = any(m["failed"] for m in data["methods"].values())
+    return math.inf if failed or not ratios else max(ratios)
+
+
+def targets(benches: dict, loops: dict, dry: bool, resume: Optional[dict] = None,
+            gradients: Optional[float] = None) -> list[dict]:
     """One row per target: what is compared, the measured value, the goal, and whether it is met (value
     and met None: not measured)."""
     default, fulls, eager = TARGET_MODES[dry]
@@ -283,6 +297,9 @@ def targets(benches: dict, loops: dict, dry: bool, resume: Optional[dict] = None
     # a run stopped with a checkpoint and resumed ends with the uninterrupted run's adapter (compiled, CUDA graphs)
     add("train-resume: its adapter against train-ddp-bf16's, the same run uninterrupted (max abs difference)",
         None if resume is None else resume["max_abs_diff"], at_most=0.0)
+    # the compiled and fused steps' gradients against eager float64's, over the bound eager bf16's own error sets
+    add("compiled-gradients: RLRR's compiled and fused gradients, the largest error over its bound", gradients,
+        at_most=1.0)
     return rows
 
 
@@ -421,7 +438,7 @@ class Acceptance:
         result = {"date": time.strftime("%Y-%m-%d"), "dry_run": self.dry, "complete": complete,
                   "environment": self.environment, "steps": self.steps, "benchmarks": self.benches,
                   "training": self.training, "loop_vs_benchmark": loops,
-                  "resume": resume, "targets": targets(self.benches, loops, self.dry, resume),
+                  "resume": resume, "targets": targets(self.benches, loops, self.dry, resume, gradient_check(self.out)),
                   "scaling_md": _read(scaling_md), "input_pipeline": _read(data_json, json.load)}
         write_json_atomic(os.path.join(self.out, "acceptance.json"), result)
         write_text_atomic(os.path.join(self.out, "acceptance.md"), report(result))
@@ -458,15 +475,15 @@ def run_all(jobs: list[tuple[str, list[str], int]], acceptance: Acceptance, at_o
 
 # What a run cut short by --budget should have measured first: ViT-B/16 at 8 (where the graphs' host time is the
 # question) and its training loop, ViT-B/16 at 64 and ViT-H/14 at 16 (the figures the acceptance is judged on),
-# the kernels' and the graphs' correctness on the device, ViT-L/16 at 32 and ViT-H/14 at 64, the training loop
-# beside its step (and at 8 by blocks), the engines under torchrun, then the rest (a step not listed runs last).
-# make-shards comes before the training runs, which read its shards. On an H200 (2026-12-04) a benchmark mode
-# took 10-72 s and the three correctness steps 91-133 s together.
-ORDER = ["bench-vit-b-8", "make-shards", "train-loop-b8", "bench-vit-b-64", "bench-vit-h-16",
-         "fused-kernels", "graphs-accumulate", "device-decode", "bench-vit-l-32", "bench-vit-h-64", "train-loop",
-         "train-loop-b8-blocks", "train-ddp-bf16", "train-resume", "train-ddp-fp16", "train-zero2-bf16",
-         "train-loop-stream", "train-loop-stream-device-decode", "bench-vit-b-64-paths", "bench-vit-b-64-ckpt",
-         "bench-vit-h-16-ckpt", "bench-vit-h-frozen-fp32", "scaling", "loaders"]
+# the kernels', the graphs' and the compiled gradients' correctness on the device, ViT-L/16 at 32 and ViT-H/14 at
+# 64, the training loop beside its step (and at 8 by blocks), the engines under torchrun, then the rest (a step
+# not listed runs last). make-shards comes before the training runs, which read its shards. On an H200
+# (2026-12-04) a benchmark mode took 10-72 s and the three correctness steps then 91-133 s together.
+ORDER = ["bench-vit-b-8", "make-shards", "train-loop-b8", "bench-vit-b-64", "bench-vit-h-16", "fused-kernels",
+         "graphs-accumulate", "compiled-gradients", "device-decode", "bench-vit-l-32", "bench-vit-h-64",
+         "train-loop", "train-loop-b8-blocks", "train-ddp-bf16", "train-resume", "train-ddp-fp16",
+         "train-zero2-bf16", "train-loop-stream", "train-loop-stream-device-decode", "bench-vit-b-64-paths",
+         "bench-vit-b-64-ckpt", "bench-vit-h-16-ckpt", "bench-vit-h-frozen-fp32", "scaling", "loaders"]
 
 
 def parse_args(argv):
@@ -505,6 +522,13 @@ def step_commands(args, out: str) -> dict[str, tuple[list[str], int]]:
     commands["device-decode"] = ([*pytest, "tests/test_loader.py", "-k", "decoded_on_the_device"], args.timeout)
     # train.grad_accum under CUDA graphs: compiled (whole and by blocks) with and without graphs, the same gradients
     commands["graphs-accumulate"] = ([*pytest, "tests/test_engine.py", "-k", "under_cuda_graphs"], args.timeout)
+    # the compiled and fused paths' gradients at a real size (a dry run: the Triton kernels through the interpreter)
+    grads = ["--set", "model.name=test_vit", "--set", "model.img_size=32", "--set", "model.timm_kwargs={depth: 2}",
+             "--batch-size", "4", "--steps", "2", "--device", "cpu", "--paths", "fused"] if args.dry_run else \
+        ["--set", "model.name=vit_base_patch16_224", "--batch-size", "64",
+         "--paths", "cudagraphs,compiled-blocks,fused"]
+    commands["compiled-gradients"] = ([py, "tools/check_gradients.py", *grads, "--json",
+                                       os.path.join(out, "compiled-gradients.json")], args.timeout)
     size = ["64", "--workers", "1", "--epochs", "1", "--batch-size", "16", "--device", "cpu"] if args.dry_run else \
         ["2000", "--workers", "8", "--batch-size", "64", "--device", "cuda"]
     commands["loaders"] = ([py, "tools/bench_data.py", "--json", os.path.join(out, "loaders.json"), "--images", *size],

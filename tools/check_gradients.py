@@ -9,9 +9,9 @@
 The unit tests compare compiled and eager gradients on tiny models, where the compiler's kernels are
 small; at ViT-B/16's 12,608 tokens a batch of 64 they split their reductions, fuse reductions of
 different orders (the LayerNorm, SSF and scale gradients all sum over tokens or rows) and, as CUDA
-graphs, reuse memory from step to step. Silent errors in exactly those places have shipped in torch
-releases, so this runs the training engine (rlrr.engine.DDPEngine, as launch/train.py builds it, frozen
-weights stored as the config says) on each path for ``--steps`` steps of random batches, and compares
+graphs, reuse memory from step to step. Silent wrong gradients from reductions of this kind have
+shipped in torch releases, so this runs the training engine (rlrr.engine.DDPEngine, as launch/train.py
+builds it, frozen weights stored as the config says) on each path for ``--steps`` steps of random batches, and compares
 every trainable tensor's gradient with an eager float64 step of the same model from the same weights
 (drop path off: its random draws differ between paths). After each step every path takes the
 reference's AdamW update, so each step is compared on its own, and the second and later steps show a

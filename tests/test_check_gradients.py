@@ -36,8 +36,9 @@ def test_unknown_path_is_a_one_line_error():
 
 @pytest.mark.integration  # builds inductor's C++ kernels
 def test_compiled_whole_model_matches_eager_and_a_path_that_cannot_run_fails_the_check(tmp_path, monkeypatch):
-    """The real engine, compiled whole on CPU, two steps of a 2-block ViT: within its bound, one graph, no
-    break; the Triton path off CUDA (no interpreter) fails with its reason, and the command exits 1."""
+    """The real engine, compiled whole on CPU, two steps of a 2-block ViT and an evaluation forward: within
+    its bound, one graph, no break; the Triton path off CUDA (no interpreter) fails with its reason, and the
+    command exits 1."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = tmp_path / "grads.json"
     res = run_tool("check_gradients.py", "--set", "model.name=test_vit", "--set", "model.img_size=32",
@@ -49,6 +50,8 @@ def test_compiled_whole_model_matches_eager_and_a_path_that_cannot_run_fails_the
     compiled = rlrr["paths"]["compiled"]
     assert compiled["over_bound"] == [] and 0 < compiled["worst_ratio"] <= 1
     assert compiled["graphs"] == 1 and compiled["graph_breaks"] == 0
+    # the evaluation forward (eval mode, no autograd: a graph of its own) within the same bound
+    assert 0 < compiled["eval_error"] <= 8 * compiled["floor_eval_error"] + 2 ** -7
     assert rlrr["plans"]["compiled"]["compile"] and rlrr["plans"]["compiled"]["scope"] == "model"
     assert 0 < rlrr["floor"]["worst_error"] < 0.1  # bf16 autocast against float64
     assert "triton" in rlrr["failed"]["fused"] and not data["ok"]

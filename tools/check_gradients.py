@@ -11,11 +11,11 @@ small; at ViT-B/16's 12,608 tokens a batch of 64 they split their reductions, fu
 different orders (the LayerNorm, SSF and scale gradients all sum over tokens or rows) and, as CUDA
 graphs, reuse memory from step to step. Silent wrong gradients from reductions of this kind have
 shipped in torch releases, so this runs the training engine (rlrr.engine.DDPEngine, as launch/train.py
-builds it, frozen weights stored as the config says) on each path for ``--steps`` steps of random batches, and compares
-every trainable tensor's gradient with an eager float64 step of the same model from the same weights
-(drop path off: its random draws differ between paths). After each step every path takes the
-reference's AdamW update, so each step is compared on its own, and the second and later steps show a
-graph that reads last step's memory.
+builds it, frozen weights stored as the config says) on each path for ``--steps`` steps of random
+batches, and compares every trainable tensor's gradient with an eager float64 step of the same model
+from the same weights (drop path off: its random draws differ between paths), then the evaluation
+forward's logits. After each step every path takes the reference's AdamW update, so each step is
+compared on its own, and the second and later steps show a graph that reads last step's memory.
 
 The bound comes from the arithmetic: the eager step with torch's ops in the same precision (bf16
 autocast, or fp32) has its own error against float64 on each tensor, from its roundings; a compiled or
@@ -119,6 +119,26 @@ def reference(args, method: str, device: torch.device):
     return model, torch.optim.AdamW(params, lr=args.lr, foreach=False)
 
 
+EVAL = "eval logits"  # the evaluation forward's output, checked beside the gradients
+
+
+@torch.no_grad()
+def evaluated(ref, engines: dict, errors: dict, failed: dict, args, device, gen) -> None:
+    """The evaluation forward (eval mode, no autograd: what rlrr.evaluate runs, a graph of its own when
+    compiled) on one more batch, its logits against the reference's as entry EVAL of ``errors``."""
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen, dtype=torch.float64)
+    images = images.to(device)
+    want = ref.eval()(images)
+    for path, engine in list(engines.items()):
+        try:
+            engine.model.eval()
+            errors[path][EVAL] = relative_error(engine.forward(images.float()), want)
+        except Exception as e:
+            failed[path] = f"evaluation: {type(e).__name__}: {e}".splitlines()[0]
+            traceback.print_exc()
+            del engines[path]
+
+
 def check_method(args, method: str, device: torch.device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     ref, ref_opt = reference(args, method, device)
@@ -164,6 +184,7 @@ def check_method(args, method: str, device: torch.device) -> dict:
             for engine in engines.values():
                 for n, p in trainable_parameters(engine.model):
                     p.copy_(updated[n])
+    evaluated(ref, engines, errors, failed, args, device, gen)
     out = {"paths": {}, "failed": failed, "plans": plans}
     if FLOOR not in engines:
         return out
@@ -172,6 +193,7 @@ def check_method(args, method: str, device: torch.device) -> dict:
         if path == FLOOR:
             continue
         out["paths"][path] = {**verdict(errors[path], floor, args.precision), "loss_error": loss_errors[path],
+                              "eval_error": errors[path].get(EVAL), "floor_eval_error": floor.get(EVAL),
                               **graphs.get(path, {})}
     out["floor"] = {"path": FLOOR, "worst_error": max(floor.values()), "loss_error": loss_errors[FLOOR]}
     return out
@@ -230,6 +252,7 @@ def main(argv=None) -> int:
             over = f"OVER THE BOUND: {', '.join(p['over_bound'][:5])}" if p["over_bound"] else "within the bound"
             print(f"{method}+{path}: worst {p['worst_ratio']:.3f} of its bound ({p['worst_tensor']}: error "
                   f"{p['worst_error']:.3g}, {FLOOR} {p['floor_error']:.3g}), loss error {p['loss_error']:.3g}, "
+                  f"eval logits error {p['eval_error']:.3g} ({FLOOR} {p['floor_eval_error']:.3g}), "
                   f"{p.get('graphs', 0)} graph(s), {p.get('graph_breaks', 0)} break(s): {over}")
         for path, error in r["failed"].items():
             print(f"{method}+{path}: FAILED {error}")

@@ -17,12 +17,13 @@ from the same weights (drop path off: its random draws differ between paths), th
 forward's logits. After each step every path takes the reference's AdamW update, so each step is
 compared on its own, and the second and later steps show a graph that reads last step's memory.
 
-The bound comes from the arithmetic: the eager step with torch's ops in the same precision (bf16
-autocast, or fp32) has its own error against float64 on each tensor, from its roundings; a compiled or
-fused step rounds at other points and sums in other orders, so it may err by a few times as much, not
-by orders of magnitude. Error = max |g - g_ref| / max |g_ref| per tensor; a path passes where every
-tensor's error is at most 8x eager's plus two unit roundoffs of the precision (bf16: 2^-7, fp32: 2^-23).
-A gradient left unwritten, stale or read from overwritten memory is off by O(1).
+The bound comes from the arithmetic: the eager step with torch's ops in the same precision (bf16 or
+fp16 autocast, fp16's gradients unscaled, or fp32) has its own error against float64 on each tensor,
+from its roundings; a compiled or fused step rounds at other points and sums in other orders, so it may
+err by a few times as much, not by orders of magnitude. Error = max |g - g_ref| / max |g_ref| per
+tensor; a path passes where every tensor's error is at most 8x eager's plus two unit roundoffs of the
+precision (bf16: 2^-7, fp16: 2^-10, fp32: 2^-23). A gradient left unwritten, stale or read from
+overwritten memory is off by O(1).
 
 Paths as tools/benchmark.py names them: eager (model.kernel auto: the Triton kernels on CUDA), fused
 (model.kernel triton), compiled and cudagraphs (the whole model; cudagraphs is a one-process run's
@@ -55,7 +56,7 @@ PATHS = {  # path -> the run config it takes (train.compile, train.cuda_graphs, 
     "cudagraphs-blocks": ["train.compile=true", "train.cuda_graphs=true", "train.compile_scope=blocks"],
 }
 FLOOR = "torch"  # eager torch ops in the precision under test: the errors its roundings make set the bound
-UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp32": 2.0 ** -24}
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "fp32": 2.0 ** -24}
 FACTOR = 8.0  # how many times eager's error a reordered, differently rounded step may make
 
 
@@ -171,6 +172,8 @@ def check_method(args, method: str, device: torch.device) -> dict:
                 loss_errors[path] = max(loss_errors[path], relative_error(loss, ref_loss.detach()))
                 for n, p in trainable_parameters(engine.model):
                     grad = torch.zeros_like(p) if p.grad is None else p.grad
+                    if engine.scaler.is_enabled():  # fp16: the gradients of the loss times the scaler's scale
+                        grad = grad / engine.scaler.get_scale()
                     errors[path][n] = max(errors[path][n], relative_error(grad, ref_grads[n]))
                 engine.discard()
             except Exception as e:  # the other paths still run; this one is listed with its error

@@ -37,6 +37,7 @@ import time
 import traceback
 
 import torch
+from torch._dynamo.utils import counters
 
 from rlrr.adapter import trainable_parameters
 from rlrr.atomic import write_json_atomic
@@ -140,6 +141,21 @@ def evaluated(ref, engines: dict, errors: dict, failed: dict, args, device, gen)
             del engines[path]
 
 
+def compared_step(engine, images, labels, ref_loss, ref_grads: dict) -> tuple[float, dict]:
+    """One training forward and backward of ``engine`` (float32 inputs, as the loop hands them over): the
+    loss's error and each trainable tensor's gradient error against the reference's; the gradients are
+    then dropped (the step itself is the reference's)."""
+    loss, _ = engine.backward(images.float(), labels, last_micro=True)
+    errors = {}
+    for n, p in trainable_parameters(engine.model):
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        if engine.scaler.is_enabled():  # fp16: the gradients of the loss times the scaler's scale
+            grad = grad / engine.scaler.get_scale()
+        errors[n] = relative_error(grad, ref_grads[n])
+    engine.discard()
+    return relative_error(loss, ref_loss.detach()), errors
+
+
 def check_method(args, method: str, device: torch.device) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     ref, ref_opt = reference(args, method, device)
@@ -151,7 +167,7 @@ def check_method(args, method: str, device: torch.device) -> dict:
             plans[path] = plan.to_dict()
         except (ConfigError, ValueError, RuntimeError) as e:
             failed[path] = f"{type(e).__name__}: {e}".splitlines()[0]
-    errors = {path: {n: 0.0 for n in names} for path in engines}  # the largest over the steps
+    errors = {path: dict.fromkeys(names, 0.0) for path in engines}  # each tensor's largest over the steps
     loss_errors = {path: 0.0 for path in engines}
     gen = torch.Generator().manual_seed(1)
     graphs = {}
@@ -164,18 +180,12 @@ def check_method(args, method: str, device: torch.device) -> dict:
         ref_grads = {n: p.grad for n, p in trainable_parameters(ref)}
         for path, engine in list(engines.items()):
             try:
-                from torch._dynamo.utils import counters
                 counters.clear()
-                loss, _ = engine.backward(images.float(), labels, last_micro=True)
+                loss_error, step_errors = compared_step(engine, images, labels, ref_loss, ref_grads)
                 graphs.setdefault(path, {"graphs": counters["stats"]["unique_graphs"],
                                          "graph_breaks": sum(counters["graph_break"].values())})
-                loss_errors[path] = max(loss_errors[path], relative_error(loss, ref_loss.detach()))
-                for n, p in trainable_parameters(engine.model):
-                    grad = torch.zeros_like(p) if p.grad is None else p.grad
-                    if engine.scaler.is_enabled():  # fp16: the gradients of the loss times the scaler's scale
-                        grad = grad / engine.scaler.get_scale()
-                    errors[path][n] = max(errors[path][n], relative_error(grad, ref_grads[n]))
-                engine.discard()
+                loss_errors[path] = max(loss_errors[path], loss_error)
+                errors[path] = {n: max(e, step_errors[n]) for n, e in errors[path].items()}
             except Exception as e:  # the other paths still run; this one is listed with its error
                 failed[path] = f"step {step}: {type(e).__name__}: {e}".splitlines()[0]
                 traceback.print_exc()

@@ -98,12 +98,24 @@ def _prepare(model: torch.nn.Module, seed: int) -> None:
         p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def build(args, method: str, path: str, precision: str, device: torch.device):
-    """(engine, the run config's compile plan) for one path, as launch/train.py builds them."""
+def _model(args, method: str, path: str, precision: str):
+    """(run config, model): the same weights on every path (the config's seed, then _prepare)."""
     cfg = _config(args, method, path, precision)
-    info = DistInfo(device=device)
     model = build_model(cfg.model, args.num_classes, seed=cfg.train.seed)
     _prepare(model, cfg.train.seed)
+    return cfg, model
+
+
+def _batch(args, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Random float64 images on ``device`` (each path gets them as float32, as the loop hands them over)."""
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen, dtype=torch.float64)
+    return images.to(device)
+
+
+def build(args, method: str, path: str, precision: str, device: torch.device):
+    """(engine, the run config's compile plan) for one path, as launch/train.py builds them."""
+    cfg, model = _model(args, method, path, precision)
+    info = DistInfo(device=device)
     store_frozen_weights_as_configured(model, cfg.train)
     plan = compile_plan(cfg, info)
     for note in plan.notes:
@@ -113,9 +125,7 @@ def build(args, method: str, path: str, precision: str, device: torch.device):
 
 def reference(args, method: str, device: torch.device):
     """The eager float64 model (torch's ops) and its optimizer."""
-    cfg = _config(args, method, FLOOR, "fp32")
-    model = build_model(cfg.model, args.num_classes, seed=cfg.train.seed)
-    _prepare(model, cfg.train.seed)
+    _, model = _model(args, method, FLOOR, "fp32")
     model = model.to(device, torch.float64).train()
     params = [p for _, p in trainable_parameters(model)]
     return model, torch.optim.AdamW(params, lr=args.lr, foreach=False)
@@ -128,8 +138,7 @@ EVAL = "eval logits"  # the evaluation forward's output, checked beside the grad
 def evaluated(ref, engines: dict, errors: dict, failed: dict, args, device, gen) -> None:
     """The evaluation forward (eval mode, no autograd: what rlrr.evaluate runs, a graph of its own when
     compiled) on one more batch, its logits against the reference's as entry EVAL of ``errors``."""
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen, dtype=torch.float64)
-    images = images.to(device)
+    images = _batch(args, gen, device)
     want = ref.eval()(images)
     for path, engine in list(engines.items()):
         try:
@@ -157,7 +166,6 @@ def compared_step(engine, images, labels, ref_loss, ref_grads: dict) -> tuple[fl
 
 
 def check_method(args, method: str, device: torch.device) -> dict:
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     ref, ref_opt = reference(args, method, device)
     names = [n for n, _ in trainable_parameters(ref)]
     engines, failed, plans = {}, {}, {}
@@ -172,9 +180,8 @@ def check_method(args, method: str, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(1)
     graphs = {}
     for step in range(args.steps):
-        images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen, dtype=torch.float64)
-        labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)
-        images, labels = images.to(device), labels.to(device)
+        images = _batch(args, gen, device)
+        labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(device)
         ref_loss = torch.nn.functional.cross_entropy(ref(images), labels)
         ref_loss.backward()
         ref_grads = {n: p.grad for n, p in trainable_parameters(ref)}
@@ -247,6 +254,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"check_gradients: error: {e}", file=sys.stderr)
         return 2
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     t0 = time.perf_counter()
     results = {"config": {k: getattr(args, k) for k in ("config", "set", "precision", "batch_size", "steps", "lr")},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
